@@ -1,0 +1,193 @@
+"""Data-flow facts over one fx graph: ancestry, input dependence, compute weight, node locators.
+
+A small pure pass (in the spirit of ``torch.fx.passes.shape_prop``): it reads a graph and answers
+questions about it, and never edits it. Ancestor sets are Python ints used as bitsets indexed by
+topological position, so "common ancestors of a and b" is one ``&``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DataFlow", "is_add", "node_key", "locate"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+# Reading a tensor's metadata does not make the result depend on the tensor's values: a mask
+# built from ``x.shape`` is a constant for analysis purposes, not a data path from the input.
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "nelement"}
+
+# Calls that carry learned or input-dependent linear maps: what makes a branch "heavy".
+_MATMUL_FUNCTIONS = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.scaled_dot_product_attention,
+    torch.matmul,
+    torch.bmm,
+    torch.mm,
+    torch.einsum,
+    torch.baddbmm,
+    torch.addmm,
+    operator.matmul,
+}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+
+
+def is_add(node: fx.Node) -> bool:
+    """An addition of two values: ``a + b``, ``a += b``, ``torch.add``, ``Tensor.add(_)``."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
+def _module_weight(module: nn.Module) -> int:
+    """Learned linear maps inside a leaf module (convs, linears, attention projections)."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+            count += 1
+        elif isinstance(m, nn.MultiheadAttention):
+            count += 2  # in-projection and out-projection
+    if count == 0 and any(p.ndim >= 2 for p in module.parameters(recurse=True)):
+        count = 1  # a custom layer with a weight matrix or kernel of its own
+    return count
+
+
+def node_key(node: fx.Node) -> str:
+    """A name for "the same operation" that survives re-tracing the owning module on its own.
+
+    Adds of every spelling share one key, module calls are keyed by the called module's name
+    relative to the owner, functions and methods by their name.
+    """
+    if is_add(node):
+        return "add"
+    if node.op == "call_module":
+        owner = node.meta.get("owner_local", "")
+        target = str(node.target)
+        return "module:" + (
+            target[len(owner) + 1 :] if owner and target.startswith(owner + ".") else target
+        )
+    if node.op == "call_function":
+        return "function:" + getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return "method:" + str(node.target)
+    return node.op
+
+
+def locate(graph: fx.Graph, key: str, ordinal: int) -> fx.Node:
+    """The ``ordinal``-th node (0-based, topological order) of ``graph`` with ``node_key == key``."""
+    seen = 0
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node_key(node) == key:
+            if seen == ordinal:
+                return node
+            seen += 1
+    raise LookupError(f"no node #{ordinal} with key {key!r} in the re-traced graph")
+
+
+@dataclass
+class DataFlow:
+    """Ancestry and weights of every node of one graph."""
+
+    graph_module: fx.GraphModule
+    order: dict[fx.Node, int]
+    nodes: list[fx.Node]
+    ancestors: list[int]  # bitset of strict-or-self ancestors through data edges
+    inputs_mask: int  # bitset of placeholders
+    weights: list[int]
+    weighted_mask: int
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> DataFlow:
+        nodes = list(gm.graph.nodes)
+        order = {n: i for i, n in enumerate(nodes)}
+        ancestors: list[int] = []
+        weights: list[int] = []
+        inputs_mask = 0
+        weighted_mask = 0
+        modules = dict(gm.named_modules())
+        params = {name: p for name, p in gm.named_parameters()}
+        for i, node in enumerate(nodes):
+            bit = 1 << i
+            anc = bit
+            if not _is_metadata(node):
+                for inp in node.all_input_nodes:
+                    anc |= ancestors[order[inp]]
+            ancestors.append(anc)
+            if node.op == "placeholder":
+                inputs_mask |= bit
+            w = cls._weight(node, modules, params)
+            weights.append(w)
+            if w:
+                weighted_mask |= bit
+        return cls(gm, order, nodes, ancestors, inputs_mask, weights, weighted_mask)
+
+    @staticmethod
+    def _weight(node: fx.Node, modules: dict[str, nn.Module], params: dict) -> int:
+        if node.op == "call_module":
+            module = modules.get(str(node.target))
+            return _module_weight(module) if module is not None else 0
+        if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+            return 1
+        if node.op == "call_method" and node.target in _MATMUL_METHODS:
+            return 1
+        if node.op in ("call_function", "call_method"):
+            # A wrapped function fed weight tensors (torchvision's shifted_window_attention gets
+            # qkv and proj weights): one learned map per weight matrix it is given.
+            return sum(
+                1
+                for a in node.all_input_nodes
+                if a.op == "get_attr" and getattr(params.get(str(a.target)), "ndim", 0) >= 2
+            )
+        return 0
+
+    def depends_on_input(self, node: fx.Node) -> bool:
+        return bool(self.ancestors[self.order[node]] & self.inputs_mask)
+
+    def anc(self, node: fx.Node) -> int:
+        return self.ancestors[self.order[node]]
+
+    def bits(self, mask: int) -> Iterator[int]:
+        while mask:
+            low = mask & -mask
+            yield low.bit_length() - 1
+            mask ^= low
+
+    def weight(self, region: int) -> int:
+        return sum(self.weights[i] for i in self.bits(region & self.weighted_mask))
+
+    def depth(self, region: int) -> int:
+        """Longest chain of weighted operations inside ``region`` (parallel branches count once)."""
+        best: dict[int, int] = {}
+        longest = 0
+        for i in self.bits(region):  # ascending = topological order
+            node = self.nodes[i]
+            before = max((best.get(self.order[p], 0) for p in node.all_input_nodes), default=0)
+            best[i] = before + self.weights[i]
+            longest = max(longest, best[i])
+        return longest
+
+    def region_nodes(self, region: int) -> list[fx.Node]:
+        return [self.nodes[i] for i in self.bits(region)]

@@ -1,0 +1,221 @@
+"""Residual sites: the adds H = f(x) + shortcut(x) where stochastic depth belongs.
+
+Huang et al. 2016 drop the residual branch f_l of block l: H_l = ReLU(b_l·f_l(H_{l-1}) + id(H_{l-1})).
+Finding "the branch" in an arbitrary graph is the hard part. An add is a residual site when
+
+1. both operands are tensors computed from the model input (a positional embedding, an attention
+   bias or a mask read from parameters/buffers or from ``x.shape`` is not: shape reads cut data
+   dependence);
+2. they fork from a common input-dependent node (the latest common ancestor is the fork);
+3. one operand is a *shortcut*: identity (nothing learned between fork and add) or a light
+   projection (one learned map, e.g. a strided 1×1 conv + BN), and the other is a *branch* with
+   at least two learned maps (convs, linears, matmuls) — and, when the shortcut is a projection,
+   those maps are in sequence, not side by side.
+
+Rule 3 is what keeps the known false positives out: ConvNeXt-V2's GRN (``γ·(x·n) + β + x``: no
+learned map between fork and add), convolutional position encodings and focal modulation (one
+conv), RepVGG/MobileOne re-parameterisable branch sums (parallel single convs), while the sum of
+those branches plus the identity — where timm itself applies drop path — stays a site.
+
+Sites are grouped into blocks as the model defines them: the sites a module's own ``forward``
+owns share one depth index (a transformer block's attention and MLP residuals), unless each
+branch lives entirely inside its own child — a module applying a list of blocks in a loop
+(``for blk in self.blocks: x = x + blk(x)``) gives every add its own depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from retrofit.graph.dataflow import DataFlow, is_add, node_key
+from retrofit.graph.trace import TracedPart, TraceResult
+
+__all__ = ["ResidualSite", "find_residual_sites", "existing_drop_path"]
+
+# Existing drop-path slots: a site whose branch output goes through one of these reuses it.
+_DROP_PATH_NAMES = ("drop_path", "droppath", "stochastic_depth", "drop_path1", "drop_path2")
+
+
+@dataclass
+class ResidualSite:
+    """One residual add. Node names refer to the graph of the traced part that contains it."""
+
+    owner: str  # qualified name of the module whose forward performs the add
+    node: str  # fx node name of the add
+    key: str  # locator: node_key and ordinal among the owner's nodes with that key
+    ordinal: int
+    fork: str
+    branch: str  # the operand computed by the heavy branch f_l
+    shortcut: str  # identity or light projection operand
+    branch_arg: int  # position of the branch operand in the add's args
+    branch_weight: int
+    shortcut_weight: int
+    block: str  # module that defines the block (sites of one block share a depth)
+    source: str | None
+    existing: str | None = None  # qualified name of a drop-path module already on the branch
+    existing_type: str | None = None
+    position: int = 0  # topological position in its part, for ordering
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "position"}
+
+
+def _drop_path_kind(module: nn.Module, attr: str) -> str | None:
+    name = type(module).__name__
+    if name == "DropPath" and type(module).__module__.startswith("timm"):
+        return "timm.DropPath"
+    if name == "StochasticDepth" and type(module).__module__.startswith("torchvision"):
+        return "torchvision.StochasticDepth"
+    if name == "StochasticDepthGate":
+        return "retrofit.StochasticDepthGate"
+    if isinstance(module, nn.Identity) and attr.lower().startswith(_DROP_PATH_NAMES):
+        # timm writes ``self.drop_path = DropPath(r) if r > 0 else nn.Identity()``: the slot is
+        # there even when the rate is zero.
+        return "identity placeholder"
+    return None
+
+
+def existing_drop_path(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The drop-path module that produces ``node``, if any (its type name)."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    return _drop_path_kind(module, str(node.target).rsplit(".", 1)[-1])
+
+
+def _container_child(owner_local: str, paths: set[str]) -> str | None:
+    """The list element (``blocks.3``) of ``owner`` that holds every path, if there is one."""
+    if not paths:
+        return None
+    rel = []
+    for p in paths:
+        if owner_local and not p.startswith(owner_local + "."):
+            return None
+        rel.append((p[len(owner_local) + 1 :] if owner_local else p).split("."))
+    common: list[str] = []
+    for parts in zip(*rel, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    for i, part in enumerate(common):
+        if part.isdigit():
+            return ".".join(common[: i + 1])
+    return None
+
+
+def _single_child(owner_local: str, paths: set[str]) -> str | None:
+    """The one direct child of ``owner`` that holds every path, if there is one."""
+    children = set()
+    for p in paths:
+        if owner_local and not p.startswith(owner_local + "."):
+            return None
+        rel = p[len(owner_local) + 1 :] if owner_local else p
+        if not rel:
+            return None
+        children.add(rel.split(".")[0])
+    return children.pop() if len(children) == 1 else None
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else (a or b)
+
+
+def _module_path(node: fx.Node) -> str:
+    """Where a node's work happens, relative to the traced part: a module call's target, else its owner."""
+    return str(node.target) if node.op == "call_module" else node.meta.get("owner_local", "")
+
+
+def _sites_in_part(part: TracedPart) -> list[ResidualSite]:
+    gm = part.graph_module
+    flow = DataFlow.of(gm)
+    sites: list[ResidualSite] = []
+    ordinals: dict[tuple[str, str], int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        owner_local = node.meta.get("owner_local", "")
+        key = node_key(node)
+        ordinal = ordinals.get((owner_local, key), 0)
+        ordinals[(owner_local, key)] = ordinal + 1
+        if not is_add(node):
+            continue
+        operands = [(i, a) for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
+        if len(operands) != 2:
+            continue
+        (ia, a), (ib, b) = operands
+        if not (flow.depends_on_input(a) and flow.depends_on_input(b)):
+            continue
+        common = flow.anc(a) & flow.anc(b)
+        fork_index = common.bit_length() - 1
+        if fork_index < 0 or not (flow.ancestors[fork_index] & flow.inputs_mask):
+            continue
+        region_a = flow.anc(a) & ~flow.anc(b)
+        region_b = flow.anc(b) & ~flow.anc(a)
+        wa, wb = flow.weight(region_a), flow.weight(region_b)
+        if (wa, flow.depth(region_a) if wa == wb else 0) > (
+            wb,
+            flow.depth(region_b) if wa == wb else 0,
+        ):
+            branch, b_arg, b_region, b_weight, shortcut, s_weight = a, ia, region_a, wa, b, wb
+        else:
+            branch, b_arg, b_region, b_weight, shortcut, s_weight = b, ib, region_b, wb, a, wa
+        if b_weight < 2 or s_weight > 1:
+            continue
+        if s_weight == 1 and flow.depth(b_region) < 2:
+            continue  # parallel single maps summed (RepVGG/MobileOne), not a branch and a shortcut
+        region_nodes = flow.region_nodes(b_region)
+        weighted = {_module_path(n) for n in region_nodes if flow.weights[flow.order[n]]}
+        called = {
+            _module_path(n)
+            for n in region_nodes
+            if n.op == "call_module" or n.meta.get("owner_local", "") != owner_local
+        }
+        candidate = _container_child(owner_local, weighted) or _single_child(
+            owner_local, called | weighted
+        )
+        existing_type = existing_drop_path(branch, gm)
+        sites.append(
+            ResidualSite(
+                owner=_join(part.prefix, owner_local),
+                node=node.name,
+                key=key,
+                ordinal=ordinal,
+                fork=flow.nodes[fork_index].name,
+                branch=branch.name,
+                shortcut=shortcut.name,
+                branch_arg=b_arg,
+                branch_weight=b_weight,
+                shortcut_weight=s_weight,
+                block=_join(
+                    part.prefix, _join(owner_local, candidate) if candidate else owner_local
+                ),
+                source=node.meta.get("source"),
+                existing=_join(part.prefix, str(branch.target)) if existing_type else None,
+                existing_type=existing_type,
+                position=flow.order[node],
+            )
+        )
+    return sites
+
+
+def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:
+    """Every residual site of every traced part, in execution order."""
+    sites: list[ResidualSite] = []
+    for part in traced.parts:
+        sites.extend(_sites_in_part(part))
+    # ``block`` holds each site's candidate child so far. It stands only when every site of the
+    # owner sits in a different child (a loop over blocks, or a chain of distinct blocks);
+    # otherwise the owner itself is the block (a transformer block's attention + MLP residuals).
+    by_owner: dict[str, list[ResidualSite]] = {}
+    for site in sites:
+        by_owner.setdefault(site.owner, []).append(site)
+    for owner_sites in by_owner.values():
+        candidates = [s.block for s in owner_sites]
+        distinct = len(set(candidates)) == len(candidates) and len(candidates) > 1
+        for s in owner_sites:
+            if not distinct or s.block == s.owner:
+                s.block = s.owner
+    return sites

@@ -1,0 +1,264 @@
+"""Tracing any model with torch.fx, with the knowledge timm and torchvision give about their code.
+
+One job: turn an ``nn.Module`` into one or more fx graphs whose nodes know their owning module and
+their source line. Analyses (residual sites, stages, dropout→BN paths) read these graphs; nothing
+here rewrites a model.
+
+Three things make plain ``torch.fx.symbolic_trace`` fail or mislead on real zoo models:
+
+* timm marks modules and functions it knows are not symbolically traceable
+  (``timm.layers.get_notrace_modules`` / ``get_notrace_functions``); they must be leaves/wrapped.
+* Regularizers already in the model (Dropout*, timm ``DropPath``/``DropBlock2d``, torchvision
+  ``StochasticDepth``/``DropBlock2d``, our own layers) must stay single nodes so analyses can see
+  them and rewrites can reuse them.
+* Some forwards have data-dependent control flow. Then the module's children are traced instead
+  ("hierarchical fallback"), so its blocks still get instrumented, and the skipped forward is
+  reported with the reason.
+
+torchvision's ``torch.fx.wrap``-ed functions (``stochastic_depth``, ``shifted_window_attention``…)
+are honoured by ``torch.fx.Tracer`` itself once their modules are imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = [
+    "RetrofitTracer",
+    "Skipped",
+    "TraceResult",
+    "TracedPart",
+    "leaf_types",
+    "owner_of",
+    "trace",
+    "trace_module",
+]
+
+# Frames from these directories are the tracer's, not the model author's: a node's source line is
+# the innermost frame outside them.
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_RETROFIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _regularizer_types() -> tuple[type, ...]:
+    """Existing regularizer classes: kept as single leaf nodes (they are analysed, not traced)."""
+    types: list[type] = [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout]
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        types += [DropPath, DropBlock2d]
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable without
+        pass
+    try:
+        from torchvision.ops import DropBlock2d as TvDropBlock2d
+        from torchvision.ops import DropBlock3d, StochasticDepth
+
+        types += [StochasticDepth, TvDropBlock2d, DropBlock3d]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from retrofit import layers as rf_layers
+
+        types += [
+            getattr(rf_layers, n)
+            for n in ("StochasticDepthGate", "DropBlock", "Uout", "BatchCutout")
+            if hasattr(rf_layers, n)
+        ]
+    except ImportError:  # pragma: no cover - layers land with their own change
+        pass
+    return tuple(types)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        import timm.models  # noqa: F401  (importing the models registers their no-trace entries)
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover
+        return (), ()
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    return modules, functions
+
+
+def leaf_types() -> tuple[type, ...]:
+    """Module classes every retrofit trace keeps as leaves (timm no-trace + regularizers)."""
+    return _timm_notrace()[0] + _regularizer_types()
+
+
+class RetrofitTracer(fx.Tracer):
+    """An fx tracer that honours timm's no-trace registry and keeps regularizers as leaves.
+
+    With ``shallow=True`` every child of the traced root is a leaf: the graph is exactly the
+    root's own ``forward`` body. That is what a rewrite needs (it edits one module's code and
+    leaves its children, their classes and hooks, untouched).
+
+    Every node gets ``meta["source"]`` ("file:line" of the model code that created it); fx's own
+    ``record_stack_traces`` would do it too, but formats a whole traceback per node and doubles
+    tracing time.
+    """
+
+    def __init__(self, *, shallow: bool = False, extra_leaves: tuple[type, ...] = ()):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=notrace_functions)
+        self.shallow = shallow
+        self._leaves = notrace_modules + _regularizer_types() + tuple(extra_leaves)
+        self._root: nn.Module | None = None
+
+    def trace(self, root, concrete_args=None):  # type: ignore[override]
+        self._root = root if isinstance(root, nn.Module) else None
+        return super().trace(root, concrete_args)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.shallow and m is not self._root:
+            return True
+        if isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["source"] = _user_source()
+        return node
+
+
+def _user_source() -> str | None:
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith((_TORCH_DIR, _RETROFIT_DIR)) and not filename.startswith("<"):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def default_args(module: nn.Module) -> dict[str, Any]:
+    """Forward parameters with a plain default (None, a bool, a number, a string), traced as that constant.
+
+    fx makes every parameter a proxy, so ``if mask is not None`` or ``if is_causal`` would fail
+    or trace a branch callers never take. Tracing the defaults gives the graph callers actually
+    run; a rewritten forward falls back to the original code when a caller passes another value.
+    """
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        name: p.default
+        for name, p in sig.parameters.items()
+        if p.kind in kinds
+        and p.default is not inspect.Parameter.empty
+        and (p.default is None or isinstance(p.default, bool | int | float | str))
+    }
+
+
+def trace_module(module: nn.Module, *, shallow: bool = False) -> fx.GraphModule:
+    """Trace one module (raises whatever fx raises when it cannot)."""
+    tracer = RetrofitTracer(shallow=shallow)
+    graph = tracer.trace(module, concrete_args=default_args(module) or None)
+    for node in graph.nodes:
+        node.meta["owner_local"] = owner_of(node)
+    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+
+
+@dataclass
+class TracedPart:
+    """A traced module: ``prefix`` is its qualified name in the model ("" for the root)."""
+
+    prefix: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.graph_module.graph.nodes)
+
+
+@dataclass
+class Skipped:
+    """A module whose own forward could not be traced; its children were traced instead."""
+
+    module: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"module": self.module, "reason": self.reason}
+
+
+@dataclass
+class TraceResult:
+    parts: list[TracedPart] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.skipped
+
+
+def owner_of(node: fx.Node, prefix: str = "") -> str:
+    """Qualified name of the module whose forward code created ``node``.
+
+    For a ``call_module`` node that is the caller, not the called module: the innermost entry of
+    ``nn_module_stack`` other than the call target itself.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    names = [qual for qual, _ in stack.values()]
+    if node.op == "call_module" and names and names[-1] == node.target:
+        names = names[:-1]
+    return _join(prefix, names[-1]) if names else prefix
+
+
+def _join(prefix: str, name: str) -> str:
+    if not name:
+        return prefix
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _annotate(part: TracedPart) -> None:
+    for node in part.graph_module.graph.nodes:
+        node.meta["owner"] = _join(part.prefix, node.meta["owner_local"])
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def trace(model: nn.Module) -> TraceResult:
+    """Trace ``model``; where a forward cannot be traced, trace its children instead.
+
+    Every node of every part carries ``meta["owner"]`` (qualified module name in ``model``) and
+    ``meta["source"]`` ("file:line").
+    """
+    result = TraceResult()
+    leaf = RetrofitTracer()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        try:
+            gm = trace_module(module)
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError…)
+            children = [
+                (name, child)
+                for name, child in module.named_children()
+                if not leaf.is_leaf_module(child, _join(prefix, name))
+            ]
+            what = "traced its children instead" if children else "nothing below it to trace"
+            result.skipped.append(Skipped(prefix or "<root>", f"{_short(exc)}; {what}"))
+            for name, child in children:
+                visit(child, _join(prefix, name))
+            return
+        part = TracedPart(prefix, module, gm)
+        _annotate(part)
+        result.parts.append(part)
+
+    visit(model, "")
+    return result

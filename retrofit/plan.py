@@ -1,0 +1,255 @@
+"""Sites + recipe → a Plan: the list of edits a rewrite will make. The dry run is a plan.
+
+Each technique has a planner: a function ``(analysis, spec) -> list[Edit]`` registered in
+``PLANNERS`` under its recipe section name. Planners read the analysis (traced graphs and the
+sites found in them) and never touch the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+from torch import nn
+
+from retrofit.graph.residual import ResidualSite, find_residual_sites
+from retrofit.graph.trace import Skipped, TraceResult, trace
+from retrofit.recipe import Recipe, load_recipe
+
+__all__ = ["Analysis", "Edit", "Plan", "PLANNERS", "plan", "survival"]
+
+
+@dataclass
+class Edit:
+    """One change to the model.
+
+    ``kind`` names the regularizer (``"stochastic_depth"``, ``"dropblock"``, ``"uout"`` …),
+    ``module`` the module whose forward owns the site (``""`` for the root), ``node`` the fx node
+    at the site. ``action`` says how the rewrite makes it:
+
+    * ``"wrap_arg"``: wrap argument ``arg`` of the located node with a new module (a gate on the
+      branch operand of a residual add);
+    * ``"insert_after"``: feed the located node's output through a new module (DropBlock after a
+      stage);
+    * ``"replace_call"``: call a new module instead of the located function node;
+    * ``"replace_module"``: swap the child module ``target`` for a new one (an ``nn.Identity``
+      drop-path placeholder, a misplaced Dropout);
+    * ``"set_rate"``: set the rate of the existing regularizer ``target`` (timm's DropPath,
+      torchvision's StochasticDepth) — no second gate.
+
+    ``key``/``ordinal`` locate the node again when the owner is re-traced on its own.
+    """
+
+    kind: str
+    module: str
+    node: str
+    action: str
+    key: str = ""
+    ordinal: int = 0
+    arg: int | None = None
+    target: str | None = None
+    source: str | None = None
+    depth: int | None = None
+    survival: float | None = None
+    block: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+
+
+@dataclass
+class Analysis:
+    """What planners read: the traced model, lazily computed site lists."""
+
+    model: nn.Module
+    traced: TraceResult
+
+    @cached_property
+    def residual_sites(self) -> list[ResidualSite]:
+        return find_residual_sites(self.traced)
+
+
+def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
+    """Survival probability of block ``depth`` (1-based) of ``num_blocks``.
+
+    Huang et al. 2016, linear decay rule: p_l = 1 − (l/L)(1 − p_L), so p_0 = 1 (the input is
+    always kept) and the last block survives with p_L. ``uniform`` gives every block p_L.
+    """
+    if schedule == "uniform":
+        return p_L
+    return 1.0 - (depth / num_blocks) * (1.0 - p_L)
+
+
+def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
+    sites = analysis.residual_sites
+    blocks = list(dict.fromkeys(s.block for s in sites))  # first-seen order = execution order
+    depth_of = {b: i + 1 for i, b in enumerate(blocks)}
+    edits = []
+    for site in sites:
+        depth = depth_of[site.block]
+        p = survival(depth, len(blocks), spec.p_L, spec.schedule)
+        params = {"mode": spec.mode, "scaling": spec.scaling}
+        common = dict(
+            kind="stochastic_depth",
+            module=site.owner,
+            node=site.node,
+            key=site.key,
+            ordinal=site.ordinal,
+            source=site.source,
+            depth=depth,
+            survival=p,
+            block=site.block,
+            params=params,
+        )
+        reuse_rate = (
+            site.existing_type in ("timm.DropPath", "torchvision.StochasticDepth")
+            and spec.mode == "row"
+            and spec.scaling == "inverted"
+        )
+        if reuse_rate:
+            edits.append(
+                Edit(
+                    **common,
+                    action="set_rate",
+                    target=site.existing,
+                    note=f"reused {site.existing_type}",
+                )
+            )
+        elif site.existing_type:
+            edits.append(
+                Edit(
+                    **common,
+                    action="replace_module",
+                    target=site.existing,
+                    note=f"reused the {site.existing_type} slot",
+                )
+            )
+        else:
+            edits.append(Edit(**common, action="wrap_arg", arg=site.branch_arg))
+    return edits
+
+
+Planner = Callable[[Analysis, Any], list[Edit]]
+PLANNERS: dict[str, Planner] = {"stochastic_depth": plan_stochastic_depth}
+
+
+@dataclass
+class Plan:
+    model: str
+    edits: list[Edit]
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def by_kind(self, kind: str) -> list[Edit]:
+        return [e for e in self.edits if e.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "edits": [e.to_dict() for e in self.edits],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "notes": list(self.notes),
+            "recipe": self.recipe,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for e in self.edits:
+            counts[e.kind] = counts.get(e.kind, 0) + 1
+        parts = [f"{n} {k}" for k, n in counts.items()] or ["no edits"]
+        sd = self.by_kind("stochastic_depth")
+        if sd:
+            blocks = len({e.block for e in sd})
+            reused = sum(1 for e in sd if e.action in ("set_rate", "replace_module"))
+            parts.append(f"{blocks} blocks (L={blocks}), {reused} existing drop-path slots reused")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} module(s) not traceable (see skipped)")
+        return f"{self.model}: " + ", ".join(parts)
+
+    def table(self) -> str:
+        """A readable table, one row per edit."""
+        header = ("kind", "l", "module", "node", "p_l / params", "action", "source")
+        rows = []
+        for e in self.edits:
+            value = f"{e.survival:.4f}" if e.survival is not None else _fmt_params(e.params)
+            source = _short_source(e.source)
+            action = e.action + (f" {e.target}" if e.target and e.action != "wrap_arg" else "")
+            rows.append(
+                (
+                    e.kind,
+                    "" if e.depth is None else str(e.depth),
+                    e.module or "<root>",
+                    e.node,
+                    value,
+                    action,
+                    source,
+                )
+            )
+        widths = [
+            max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(header)
+        ]
+        line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+        out = [line, "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        for s in self.skipped:
+            out.append(f"skipped {s.module}: {s.reason}")
+        out += [f"note: {n}" for n in self.notes]
+        out.append(self.summary())
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _short_source(source: str | None) -> str:
+    if not source:
+        return ""
+    path, _, line = source.rpartition(":")
+    parts = path.split("/")
+    return "/".join(parts[-2:]) + ":" + line
+
+
+def analyse(model: nn.Module) -> Analysis:
+    return Analysis(model, trace(model))
+
+
+def plan(
+    model: nn.Module, recipe: Recipe | dict | str | None, *, analysis: Analysis | None = None
+) -> Plan:
+    """What ``apply`` would do to ``model`` with ``recipe``, without doing it.
+
+    Works on the meta device: tracing and site finding need no weights.
+    """
+    recipe = load_recipe(recipe)
+    analysis = analysis or analyse(model)
+    edits: list[Edit] = []
+    notes: list[str] = []
+    for section, planner in PLANNERS.items():
+        spec = getattr(recipe, section, None)
+        if spec is None:
+            continue
+        found = planner(analysis, spec)
+        if not found:
+            notes.append(f"{section}: no sites found in {type(model).__name__}")
+        edits.extend(found)
+    return Plan(
+        model=type(model).__name__,
+        edits=edits,
+        skipped=list(analysis.traced.skipped),
+        notes=notes,
+        recipe=recipe.to_dict(),
+    )

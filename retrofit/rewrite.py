@@ -1,0 +1,267 @@
+"""Execute a Plan on a model, in place, keeping the model itself.
+
+Every edit is made on the smallest module that owns its site, and nothing else changes:
+
+* module swaps (a drop-path ``nn.Identity`` placeholder → a gate, a misplaced Dropout → Uout) and
+  rate changes of existing regularizers touch only that child;
+* graph edits (a gate on a residual branch, DropBlock after a stage) re-trace the owner's own
+  ``forward`` with every child as a leaf, edit that small graph, generate Python from it and
+  install it as the owner's *instance* ``forward``. The owner keeps its class, methods, hooks and
+  children; the root model keeps ``forward_features``, ``reset_classifier``, ``pretrained_cfg``.
+
+The owner is traced twice, in training and in eval mode, and the installed forward dispatches on
+``self.training``: fx bakes ``self.training`` reads (``F.dropout(x, p, self.training)``) into the
+graph as constants, and a single trace would freeze one mode into both.
+
+Inserted modules hold no parameters or buffers, so ``state_dict`` keys and values are unchanged.
+Everything done is recorded on the touched module (``_retrofit_state``), which is how
+:func:`strip` undoes it exactly and how applying twice leaves one gate per site.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import linecache
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from retrofit.graph.dataflow import locate
+from retrofit.graph.trace import trace_module
+from retrofit.layers import StochasticDepthGate
+from retrofit.plan import Edit, Plan
+
+__all__ = ["LAYER_FACTORIES", "RewriteError", "applied_plan", "is_retrofitted", "rewrite", "strip"]
+
+_STATE = "_retrofit_state"
+_PLAN = "_retrofit_plan"
+_GRAPH_ACTIONS = ("wrap_arg", "insert_after", "replace_call")
+_counter = itertools.count()
+
+
+class RewriteError(RuntimeError):
+    """A planned edit could not be made (the owner's code no longer matches the plan)."""
+
+
+@dataclass
+class _State:
+    """What retrofit changed on one module, so that strip can undo exactly that."""
+
+    added: list[str] = field(default_factory=list)
+    replaced: dict[str, nn.Module] = field(default_factory=dict)
+    rates: dict[str, Any] = field(default_factory=dict)
+    forward: bool = False
+
+
+def _state(module: nn.Module) -> _State:
+    state = module.__dict__.get(_STATE)
+    if state is None:
+        state = _State()
+        module.__dict__[_STATE] = state
+    return state
+
+
+def _gate(edit: Edit) -> nn.Module:
+    return StochasticDepthGate(
+        survival=edit.survival if edit.survival is not None else 1.0,
+        mode=edit.params.get("mode", "row"),
+        scaling=edit.params.get("scaling", "inverted"),
+        depth=edit.depth,
+    )
+
+
+# kind → factory building the module an edit inserts. Techniques register theirs here.
+LAYER_FACTORIES: dict[str, Callable[[Edit], nn.Module]] = {"stochastic_depth": _gate}
+
+# Existing regularizers whose rate a stochastic-depth edit sets instead of adding a gate:
+# type name → (attribute holding the drop probability, extra attributes to set).
+_RATE_ATTRS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DropPath": ("drop_prob", {"scale_by_keep": True}),
+    "StochasticDepth": ("p", {"mode": "row"}),
+}
+
+
+def _layer(edit: Edit) -> nn.Module:
+    try:
+        factory = LAYER_FACTORIES[edit.kind]
+    except KeyError:
+        raise RewriteError(f"no layer registered for edit kind {edit.kind!r}") from None
+    return factory(edit)
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, attr = name.rpartition(".")
+    return parent, attr
+
+
+def _set_rate(model: nn.Module, edit: Edit) -> None:
+    module = model.get_submodule(edit.target or "")
+    attr, extra = _RATE_ATTRS[type(module).__name__]
+    state = _state(module)
+    for name, value in {attr: 1.0 - float(edit.survival or 1.0), **extra}.items():
+        state.rates.setdefault(name, getattr(module, name))
+        setattr(module, name, value)
+
+
+def _replace_module(model: nn.Module, edit: Edit) -> None:
+    parent_name, attr = _split(edit.target or "")
+    parent = model.get_submodule(parent_name)
+    state = _state(parent)
+    state.replaced.setdefault(attr, getattr(parent, attr))
+    setattr(parent, attr, _layer(edit))
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or type(value) is not type(default):
+        return False
+    return value == default
+
+
+def _compile(gm: fx.GraphModule, label: str) -> Callable[..., Any]:
+    """Python source of ``gm``'s graph as a function of ``self`` (the owner, not a GraphModule)."""
+    code = gm.graph.python_code(root_module="self")
+    filename = f"<retrofit {label} #{next(_counter)}>"
+    # Registered with linecache so tracebacks through the generated forward show its code.
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)
+    return namespace["forward"]
+
+
+def _edit_graph(gm: fx.GraphModule, edits: list[tuple[Edit, str]]) -> None:
+    graph = gm.graph
+    located = [(edit, name, locate(graph, edit.key, edit.ordinal)) for edit, name in edits]
+    for edit, _, node in located:
+        src = node.meta.get("source")
+        if edit.source and src and src != edit.source:
+            raise RewriteError(
+                f"{edit.kind} edit in {edit.module or '<root>'}: node {edit.node} re-traced at {src}, "
+                f"planned at {edit.source}"
+            )
+    for edit, name, node in located:
+        if edit.action == "wrap_arg":
+            assert edit.arg is not None
+            with graph.inserting_before(node):
+                new = graph.create_node("call_module", name, (node.args[edit.arg],))
+            node.update_arg(edit.arg, new)
+        elif edit.action == "insert_after":
+            with graph.inserting_after(node):
+                new = graph.create_node("call_module", name, (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        elif edit.action == "replace_call":
+            with graph.inserting_before(node):
+                new = graph.create_node("call_module", name, (node.args[0],))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    for _, name in edits:
+        gm.add_submodule(name, nn.Identity())  # stands in for the real layer so lint can resolve it
+    graph.lint()
+
+
+def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> None:
+    functions = {}
+    concrete: dict[str, Any] = {}
+    for training in (True, False):
+        saved = owner.training
+        owner.training = training  # only the owner's own flag: its children are leaves here
+        try:
+            gm = trace_module(owner, shallow=True)
+        finally:
+            owner.training = saved
+        _edit_graph(gm, edits)
+        functions[training] = _compile(
+            gm,
+            f"{type(owner).__name__}.forward {name or '<root>'} {'train' if training else 'eval'}",
+        )
+    from retrofit.graph.trace import default_args
+
+    concrete = default_args(owner)
+    original = type(owner).forward
+    signature = inspect.signature(original)
+    params = list(signature.parameters)[1:]
+    if any(
+        p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    ):
+        raise RewriteError(f"{name or '<root>'}: forward(*args/**kwargs) cannot be rewritten")
+    traced = [p for p in params if p not in concrete]
+    train_fn, eval_fn = functions[True], functions[False]
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs and len(args) == len(traced):
+            return (train_fn if self.training else eval_fn)(self, *args)
+        bound = signature.bind(self, *args, **kwargs)
+        for param, default in concrete.items():
+            if param in bound.arguments and not _same(bound.arguments[param], default):
+                # The rewrite specialised this argument to its default; honour the caller.
+                return original(self, *args, **kwargs)
+        values = [bound.arguments.get(p, signature.parameters[p].default) for p in traced]
+        return (train_fn if self.training else eval_fn)(self, *values)
+
+    owner.forward = forward.__get__(owner)  # instance attribute: the class is untouched
+    _state(owner).forward = True
+
+
+def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
+    """Make every edit of ``plan`` on ``model`` (in place) and return it."""
+    graph_edits: dict[str, list[Edit]] = {}
+    for edit in plan.edits:
+        if edit.action == "set_rate":
+            _set_rate(model, edit)
+        elif edit.action == "replace_module":
+            _replace_module(model, edit)
+        elif edit.action in _GRAPH_ACTIONS:
+            graph_edits.setdefault(edit.module, []).append(edit)
+        else:
+            raise RewriteError(f"unknown edit action {edit.action!r}")
+    for owner_name, edits in graph_edits.items():
+        owner = model.get_submodule(owner_name)
+        state = _state(owner)
+        named = []
+        for edit in edits:
+            attr = f"retrofit_{edit.kind}{len(state.added)}"
+            owner.add_module(attr, _layer(edit))
+            state.added.append(attr)
+            named.append((edit, attr))
+        _install_forward(owner, owner_name, named)
+    model.__dict__[_PLAN] = plan
+    return model
+
+
+def is_retrofitted(model: nn.Module) -> bool:
+    return any(_STATE in m.__dict__ for m in model.modules())
+
+
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan last applied to ``model`` (None if it is not retrofitted)."""
+    return model.__dict__.get(_PLAN)
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Undo every retrofit edit: the original architecture, same object, same weights.
+
+    The result's ``state_dict`` loads into a fresh instance of the original class with
+    ``strict=True`` (it always could: inserted modules hold no state), and its forward is the
+    class's own again.
+    """
+    for module in list(model.modules()):
+        state: _State | None = module.__dict__.pop(_STATE, None)
+        if state is None:
+            continue
+        if state.forward:
+            module.__dict__.pop("forward", None)
+        for attr in state.added:
+            delattr(module, attr)
+        for attr, original in state.replaced.items():
+            setattr(module, attr, original)
+        for attr, value in state.rates.items():
+            setattr(module, attr, value)
+    model.__dict__.pop(_PLAN, None)
+    return model
