@@ -43,9 +43,12 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Analyses with heavier imports load on first use.
     if name in ("lint", "Finding", "recalibrate_bn", "measure_variance_shift"):
-        from retrofit import lint as _lint
+        # import_module, not ``from retrofit import lint``: that form looks the name up on this
+        # package first, which lands back here and recurses. Once imported, ``retrofit.lint`` is
+        # the submodule, which is callable (it calls lint()), so both spellings keep working.
+        import importlib
 
-        return getattr(_lint, name)
+        return getattr(importlib.import_module("retrofit.lint"), name)
     if name in ("stages", "Stage"):
         from retrofit.graph import stages as _stages
 

@@ -15,8 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from retrofit.fixes import plan_dropout_fix, plan_uout
 from retrofit.graph.residual import ResidualSite, find_residual_sites
 from retrofit.graph.trace import Skipped, TraceResult, trace
+from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
 
 __all__ = ["Analysis", "Edit", "Plan", "PLANNERS", "plan", "survival"]
@@ -135,7 +137,12 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
 
 
 Planner = Callable[[Analysis, Any], list[Edit]]
-PLANNERS: dict[str, Planner] = {"stochastic_depth": plan_stochastic_depth}
+PLANNERS: dict[str, Planner] = {
+    "stochastic_depth": plan_stochastic_depth,
+    "dropblock": plan_dropblock,
+    "uout": plan_uout,
+    "dropout_fix": plan_dropout_fix,
+}
 
 
 @dataclass

@@ -31,9 +31,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.dataflow import locate
 from retrofit.graph.trace import trace_module
 from retrofit.layers import StochasticDepthGate
+from retrofit.placement import dropblock_layer
 from retrofit.plan import Edit, Plan
 
 __all__ = ["LAYER_FACTORIES", "RewriteError", "applied_plan", "is_retrofitted", "rewrite", "strip"]
@@ -76,7 +78,12 @@ def _gate(edit: Edit) -> nn.Module:
 
 
 # kind → factory building the module an edit inserts. Techniques register theirs here.
-LAYER_FACTORIES: dict[str, Callable[[Edit], nn.Module]] = {"stochastic_depth": _gate}
+LAYER_FACTORIES: dict[str, Callable[[Edit], nn.Module]] = {
+    "stochastic_depth": _gate,
+    "dropblock": dropblock_layer,
+    "uout": uout_layer,
+    "dropout_fix": dropout_fix_layer,
+}
 
 # Existing regularizers whose rate a stochastic-depth edit sets instead of adding a gate:
 # type name → (attribute holding the drop probability, extra attributes to set).

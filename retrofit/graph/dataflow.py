@@ -60,17 +60,30 @@ def _is_metadata(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
-def _module_weight(module: nn.Module) -> int:
-    """Learned linear maps inside a leaf module (convs, linears, attention projections)."""
+def _is_map(param: torch.Tensor | None) -> bool:
+    """A weight matrix or kernel (two or more non-singleton dims), not a per-channel scale:
+    a layer scale shaped (1, C, 1, 1) multiplies, it does not mix."""
+    return param is not None and sum(1 for d in param.shape if d > 1) >= 2
+
+
+def _module_weight(module: nn.Module) -> tuple[int, bool]:
+    """Learned maps inside a leaf module (convs, linears, attention projections), and whether
+    one of them is dense (mixes channels: a linear, or a conv with groups=1)."""
     count = 0
+    dense = False
     for m in module.modules():
-        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+        if isinstance(m, nn.modules.conv._ConvNd):
             count += 1
+            dense = dense or m.groups == 1
+        elif isinstance(m, nn.Linear):
+            count += 1
+            dense = True
         elif isinstance(m, nn.MultiheadAttention):
             count += 2  # in-projection and out-projection
-    if count == 0 and any(p.ndim >= 2 for p in module.parameters(recurse=True)):
-        count = 1  # a custom layer with a weight matrix or kernel of its own
-    return count
+            dense = True
+    if count == 0 and any(_is_map(p) for p in module.parameters(recurse=True)):
+        count, dense = 1, True  # a custom layer with a weight matrix of its own
+    return count, dense
 
 
 def node_key(node: fx.Node) -> str:
@@ -118,6 +131,7 @@ class DataFlow:
     inputs_mask: int  # bitset of placeholders
     weights: list[int]
     weighted_mask: int
+    dense_mask: int  # nodes with a dense learned map (channel mixing), see _module_weight
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> DataFlow:
@@ -127,6 +141,7 @@ class DataFlow:
         weights: list[int] = []
         inputs_mask = 0
         weighted_mask = 0
+        dense_mask = 0
         modules = dict(gm.named_modules())
         params = {name: p for name, p in gm.named_parameters()}
         for i, node in enumerate(nodes):
@@ -138,30 +153,36 @@ class DataFlow:
             ancestors.append(anc)
             if node.op == "placeholder":
                 inputs_mask |= bit
-            w = cls._weight(node, modules, params)
+            # A weight reshaped or standardised on its own (timm's StdConv2d) is not a map
+            # applied to data: only ops that see the input can carry weight.
+            w, dense = cls._weight(node, modules, params) if anc & inputs_mask else (0, False)
             weights.append(w)
             if w:
                 weighted_mask |= bit
-        return cls(gm, order, nodes, ancestors, inputs_mask, weights, weighted_mask)
+            if dense:
+                dense_mask |= bit
+        return cls(gm, order, nodes, ancestors, inputs_mask, weights, weighted_mask, dense_mask)
 
     @staticmethod
-    def _weight(node: fx.Node, modules: dict[str, nn.Module], params: dict) -> int:
+    def _weight(node: fx.Node, modules: dict[str, nn.Module], params: dict) -> tuple[int, bool]:
         if node.op == "call_module":
             module = modules.get(str(node.target))
-            return _module_weight(module) if module is not None else 0
+            return _module_weight(module) if module is not None else (0, False)
         if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
-            return 1
+            groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
+            return 1, groups == 1
         if node.op == "call_method" and node.target in _MATMUL_METHODS:
-            return 1
+            return 1, True
         if node.op in ("call_function", "call_method"):
             # A wrapped function fed weight tensors (torchvision's shifted_window_attention gets
             # qkv and proj weights): one learned map per weight matrix it is given.
-            return sum(
+            n = sum(
                 1
                 for a in node.all_input_nodes
-                if a.op == "get_attr" and getattr(params.get(str(a.target)), "ndim", 0) >= 2
+                if a.op == "get_attr" and _is_map(params.get(str(a.target)))
             )
-        return 0
+            return n, n > 0
+        return 0, False
 
     def depends_on_input(self, node: fx.Node) -> bool:
         return bool(self.ancestors[self.order[node]] & self.inputs_mask)

@@ -9,12 +9,13 @@ Finding "the branch" in an arbitrary graph is the hard part. An add is a residua
 2. they fork from a common input-dependent node (the latest common ancestor is the fork);
 3. one operand is a *shortcut*: identity (nothing learned between fork and add) or a light
    projection (one learned map, e.g. a strided 1×1 conv + BN), and the other is a *branch* with
-   at least two learned maps (convs, linears, matmuls) — and, when the shortcut is a projection,
-   those maps are in sequence, not side by side.
+   at least two learned maps (convs, linears, matmuls) — in sequence, not side by side, when
+   the shortcut is a projection — or, against an identity shortcut, one dense map (a conv with
+   groups=1 or a linear: EfficientNetV2's conv-bn-act blocks).
 
 Rule 3 is what keeps the known false positives out: ConvNeXt-V2's GRN (``γ·(x·n) + β + x``: no
 learned map between fork and add), convolutional position encodings and focal modulation (one
-conv), RepVGG/MobileOne re-parameterisable branch sums (parallel single convs), while the sum of
+depthwise conv), RepVGG/MobileOne re-parameterisable branch sums (parallel single convs), while the sum of
 those branches plus the identity — where timm itself applies drop path — stays a site.
 
 Sites are grouped into blocks as the model defines them: the sites a module's own ``forward``
@@ -128,7 +129,25 @@ def _module_path(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.meta.get("owner_local", "")
 
 
-def _sites_in_part(part: TracedPart) -> list[ResidualSite]:
+def _maps_after(add: fx.Node, owner_local: str, flow: DataFlow) -> bool:
+    """Whether a learned map consumes ``add``'s result inside the same owning module."""
+    inside = (owner_local, owner_local + ".")
+    stack, seen = list(add.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        where = node.meta.get("owner_local", "")
+        if not (where == owner_local or where.startswith(inside[1])):
+            continue
+        if flow.weights[flow.order[node]]:
+            return True
+        stack.extend(node.users)
+    return False
+
+
+def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     gm = part.graph_module
     flow = DataFlow.of(gm)
     sites: list[ResidualSite] = []
@@ -162,7 +181,12 @@ def _sites_in_part(part: TracedPart) -> list[ResidualSite]:
             branch, b_arg, b_region, b_weight, shortcut, s_weight = a, ia, region_a, wa, b, wb
         else:
             branch, b_arg, b_region, b_weight, shortcut, s_weight = b, ib, region_b, wb, a, wa
-        if b_weight < 2 or s_weight > 1:
+        if s_weight > 1 or b_weight == 0:
+            continue
+        if b_weight == 1 and (s_weight or not b_region & flow.dense_mask):
+            # One learned map is a block only when it is dense and the shortcut is the identity
+            # (EfficientNetV2's conv-bn-act block); a depthwise conv added to its input is a
+            # convolutional position encoding (CPVT/DaViT/CoaT), not a residual block.
             continue
         if s_weight == 1 and flow.depth(b_region) < 2:
             continue  # parallel single maps summed (RepVGG/MobileOne), not a branch and a shortcut
@@ -198,14 +222,39 @@ def _sites_in_part(part: TracedPart) -> list[ResidualSite]:
                 position=flow.order[node],
             )
         )
-    return sites
+    return sites, flow
+
+
+def _internal(site: ResidualSite, sites: list[ResidualSite], flow: DataFlow, prefix: str) -> bool:
+    """A residual add inside a layer rather than around a block.
+
+    A block's residual add ends it: what follows in the same module is an activation, or the
+    next residual branch, forking from this add (a transformer block's MLP after its attention).
+    When a learned map consumes the add's result inside the same module and no later residual
+    forks from it, the add is internal to a layer: SwiftFormer's ``final(proj(g·k) + q)``,
+    MViTv2's residual pooling ``proj(attn + q)``. The model's own forward is exempt (its head
+    follows the last block), and so are sites whose block is a child (a loop over blocks).
+    """
+    if site.block != site.owner or site.owner == prefix:
+        return False
+    gm = flow.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    add = nodes[site.node]
+    owner_local = add.meta.get("owner_local", "")
+    if not _maps_after(add, owner_local, flow):
+        return False
+    bit = 1 << flow.order[add]
+    return not any(
+        other.owner == site.owner and flow.anc(nodes[other.fork]) & bit
+        for other in sites
+        if other is not site
+    )
 
 
 def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:
     """Every residual site of every traced part, in execution order."""
-    sites: list[ResidualSite] = []
-    for part in traced.parts:
-        sites.extend(_sites_in_part(part))
+    found = [(part, *_sites_in_part(part)) for part in traced.parts]
+    sites = [site for _, part_sites, _ in found for site in part_sites]
     # ``block`` holds each site's candidate child so far. It stands only when every site of the
     # owner sits in a different child (a loop over blocks, or a chain of distinct blocks);
     # otherwise the owner itself is the block (a transformer block's attention + MLP residuals).
@@ -218,4 +267,9 @@ def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:
         for s in owner_sites:
             if not distinct or s.block == s.owner:
                 s.block = s.owner
-    return sites
+    return [
+        site
+        for part, part_sites, flow in found
+        for site in part_sites
+        if not _internal(site, part_sites, flow, part.prefix)
+    ]

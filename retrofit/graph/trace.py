@@ -119,7 +119,9 @@ class RetrofitTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.shallow and m is not self._root:
-            return True
+            # Children are leaves, except pass-through containers, whose chaining is inlined
+            # so the owner's graph reaches the modules they hold (is_passthrough).
+            return not is_passthrough(m)
         if isinstance(m, self._leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -134,10 +136,22 @@ def _user_source() -> str | None:
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith((_TORCH_DIR, _RETROFIT_DIR)) and not filename.startswith("<"):
+        if filename.startswith(_RETROFIT_DIR):
+            # Reached the tracer's caller: the op was made by torch's own code (a root that is
+            # a plain nn.Sequential), which has no model source line of its own.
+            return None
+        if not filename.startswith(_TORCH_DIR) and not filename.startswith("<"):
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return None
+
+
+def is_passthrough(module: nn.Module | type) -> bool:
+    """A container whose forward only chains its children (``nn.Sequential`` and subclasses
+    that keep its forward). It owns no code of its own: its ops belong to whoever calls it,
+    and a rewrite must never add children to it (``len`` and indexing would change)."""
+    cls = module if isinstance(module, type) else type(module)
+    return getattr(cls, "forward", None) is nn.Sequential.forward
 
 
 def default_args(module: nn.Module) -> dict[str, Any]:
@@ -207,12 +221,15 @@ def owner_of(node: fx.Node, prefix: str = "") -> str:
     """Qualified name of the module whose forward code created ``node``.
 
     For a ``call_module`` node that is the caller, not the called module: the innermost entry of
-    ``nn_module_stack`` other than the call target itself.
+    ``nn_module_stack`` other than the call target itself. Pass-through containers
+    (``nn.Sequential``) are skipped: a call of ``features.5`` belongs to the model that runs
+    ``self.features(x)``.
     """
     stack = node.meta.get("nn_module_stack") or {}
-    names = [qual for qual, _ in stack.values()]
-    if node.op == "call_module" and names and names[-1] == node.target:
-        names = names[:-1]
+    entries = list(stack.values())
+    if node.op == "call_module" and entries and entries[-1][0] == node.target:
+        entries = entries[:-1]
+    names = [qual for qual, cls in entries if not (isinstance(cls, type) and is_passthrough(cls))]
     return _join(prefix, names[-1]) if names else prefix
 
 

@@ -1,0 +1,514 @@
+"""The stages of a CNN: where DropBlock goes.
+
+Ghiasi et al. 2018 ("DropBlock: A regularization method for convolutional networks", NeurIPS)
+apply DropBlock to ResNet-50's groups 3 and 4, the runs of blocks at reductions 16 and 32. For
+any CNN, a *stage* is such a run: the feature maps at one spatial resolution after the stem,
+ending at the last node before the next downsampling. Stage ``i`` (1-based) is what a recipe's
+``dropblock: {stages: [3, 4]}`` names; its ``module`` is the name a recipe may use instead.
+
+How stages are found (one pure analysis over the traced graph; nothing is rewritten here):
+
+1. Every node's output shape, by shape propagation on the meta device (``graph/shapes.py``) for
+   a probe input: ``example_input``, else (1, *timm's ``pretrained_cfg["input_size"]``), else
+   1×3×224×224.
+2. *Main-path* nodes: nodes no data edge jumps over (every value computed before them is used by
+   them or before them). A block's interior is not on the main path (its shortcut jumps over it),
+   its output is. This keeps channels-last interiors (ConvNeXt's ``permute`` → LayerNorm → MLP),
+   attention maps and squeeze-excite vectors out of the picture.
+3. A main-path node with an NCHW map gets a *reduction* r = input size / map size, rounded to a
+   power of two and equal along H and W (an NHWC map, (N, H, W, C), fails that test: Swin's
+   stages are not conv stages). 1×1 maps (global pooling) are not feature maps. A resolution is a
+   *level* only if a conv runs inside it (a weighted op with an input and its output at that
+   resolution): a ViT's patch embedding produces a 4-D map, but nothing convolves it.
+4. **The stem.** In a network that reaches reduction 16 or more (every ImageNet CNN), the levels
+   at reductions 1 and 2 are the stem: the stages are the levels at 4, 8, 16, 32 — the C2–C5
+   convention of feature pyramids, and timm's ``feature_info`` without its reduction-2 entry.
+   So ``stages: [3, 4]`` means reductions 16 and 32 in a ResNet, a ConvNeXt, an EfficientNet
+   and a MobileNet alike (EfficientNet's and MobileNet's thin first block at reduction 2 counts
+   as stem, as ResNet's conv1 + max-pool does). A small-image network (deepest level below 16,
+   e.g. a CIFAR ResNet with a stride-1 stem) keeps all its levels: its stem is the start of
+   stage 1, as ConvNeXt's patchify stem is.
+5. The stage's end inside a level: among its main-path nodes, the last one at the shallowest
+   module nesting, mapped to the outermost module whose output it is (``layer3``,
+   ``features.5``). "Shallowest" keeps a downsampling layer's leading norm (ConvNeXt's
+   ``features.2.0`` LayerNorm runs at the old resolution) out of the previous stage.
+
+When the model has timm's ``feature_info``, its module names choose the stages (timm's own
+``layer3``, ``stages.2``, ``blocks.4``), with the same stem rule, keeping only entries whose
+output is an NCHW map with the listed channel count (a ViT's or Swin's are not).
+
+Each stage also carries where a rewrite inserts a layer after it: the module whose ``forward``
+calls the stage module (``""``: the root ``ResNet`` calling ``layer3``), and the locator
+(``key``, ``ordinal``, see ``graph/dataflow.py``) of that call in the caller's own graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from retrofit.errors import ModelError, TraceError
+from retrofit.graph.dataflow import DataFlow, node_key
+from retrofit.graph.shapes import meta_like, propagate_shapes, shape_of
+from retrofit.graph.trace import (
+    TraceResult,
+    _regularizer_types,
+    is_passthrough,
+    trace,
+    trace_module,
+)
+from retrofit.verify import probe_size
+
+__all__ = [
+    "CallSite",
+    "NoConvStagesError",
+    "Stage",
+    "StageAnalysis",
+    "analyse_stages",
+    "stages",
+]
+
+# Below this deepest reduction a network is a small-image design whose first level is a stage.
+_IMAGENET_DEPTH = 16
+# Reductions that are stem in an ImageNet-style network.
+_STEM_REDUCTION = 4
+
+
+class NoConvStagesError(ModelError):
+    """The model has no convolutional feature maps: DropBlock does not apply to it."""
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where a rewrite can insert a module after a node: the node in ``owner``'s own graph.
+
+    ``owner`` is the qualified name of the module whose ``forward`` produces the value (``""``:
+    the root); ``node``/``key``/``ordinal``/``source`` locate it when ``owner`` is re-traced
+    on its own with every child as a leaf (what ``rewrite`` does).
+    """
+
+    owner: str
+    node: str
+    key: str
+    ordinal: int
+    source: str | None
+
+
+@dataclass
+class Stage:
+    """One stage of a CNN (see the module docstring for the definition).
+
+    Attributes:
+        index: 1-based position, what ``dropblock: {stages: [...]}`` lists.
+        module: qualified name of the module whose output ends the stage (``layer3``); a recipe
+            may name it instead of the index. ``""`` only for a stage that ends in the root's own
+            code (a functional op in ``forward``).
+        shape: the stage output's shape for the probe input, e.g. (1, 1024, 14, 14).
+        reduction: input size / feature map size (4, 8, 16, 32).
+        node: the fx node producing the stage output in the model's full graph.
+        site: where a layer "after the stage" goes (None if that call cannot be located).
+        found_by: ``"feature_info"`` (timm's) or ``"shapes"`` (shape propagation).
+    """
+
+    index: int
+    module: str
+    shape: tuple[int, ...]
+    reduction: int
+    node: str = ""
+    site: CallSite | None = None
+    found_by: str = "shapes"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def spatial(self) -> tuple[int, int]:
+        return self.shape[2], self.shape[3]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "index": self.index,
+            "module": self.module,
+            "shape": list(self.shape),
+            "reduction": self.reduction,
+            "node": self.node,
+            "found_by": self.found_by,
+        }
+        if self.site is not None:
+            out["owner"] = self.site.owner
+        return out
+
+
+@dataclass
+class StageAnalysis:
+    """The stages plus the facts the DropBlock planner needs about the full graph."""
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    stages: list[Stage]
+    probe_shape: tuple[int, ...]
+    position: dict[fx.Node, int]
+    module_output: dict[str, fx.Node]  # module qualified name → last node computed inside it
+    _shallow: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
+
+    def reduction_of(self, node: fx.Node) -> int | None:
+        """Reduction of ``node``'s output if it is an NCHW feature map, else None."""
+        n, _, h, w = self.probe_shape
+        return _reduction(shape_of(node), (h, w), n)
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.graph_module.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def call_site(self, module: str) -> CallSite:
+        """Where the output of ``module`` leaves it: its call in the caller's own graph."""
+        out = self.module_output.get(module)
+        if out is None:
+            raise LookupError(f"module {module!r} does not run in the traced forward")
+        caller = _caller(out, module)
+        # Pass-through containers (nn.Sequential) are inlined into their caller's graph
+        # (trace.is_passthrough): the call to find is the container's last child, made by the
+        # nearest ancestor that has code of its own.
+        stack = _stack(out)
+        while caller and is_passthrough(self.model.get_submodule(caller)):
+            caller = _caller(out, caller) if caller in stack else ""
+        while is_passthrough(container := self.model.get_submodule(module)) and len(container):
+            module = f"{module}.{list(container._modules)[-1]}"
+        gm = self._shallow_graph(caller)
+        target = module[len(caller) + 1 :] if caller else module
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == target]
+        if not calls:
+            raise LookupError(f"{caller or '<root>'} does not call {module!r} in its own forward")
+        # A module called more than once: the stage output is its last call.
+        return _site_of(gm, calls[-1], caller, self.model.get_submodule(caller))
+
+    def functional_site(self, node: fx.Node) -> CallSite:
+        """The call site of a node computed by ``owner``'s own code (not a child's output)."""
+        owner = node.meta.get("owner", "")
+        key = node_key(node)
+        ordinal = sum(
+            1
+            for n in self.graph_module.graph.nodes
+            if self.position[n] < self.position[node]
+            and n.op not in ("placeholder", "output", "get_attr")
+            and n.meta.get("owner", "") == owner
+            and node_key(n) == key
+        )
+        gm = self._shallow_graph(owner)
+        same = [
+            n
+            for n in gm.graph.nodes
+            if n.op not in ("placeholder", "output", "get_attr") and node_key(n) == key
+        ]
+        if ordinal >= len(same) or same[ordinal].meta.get("source") != node.meta.get("source"):
+            raise LookupError(
+                f"node {node.name} cannot be located in {owner or '<root>'}'s forward"
+            )
+        source = _own_source(self.model.get_submodule(owner), node.meta.get("source"))
+        return CallSite(owner, same[ordinal].name, key, ordinal, source)
+
+    def _shallow_graph(self, owner: str) -> fx.GraphModule:
+        if owner not in self._shallow:
+            self._shallow[owner] = trace_module(self.model.get_submodule(owner), shallow=True)
+        return self._shallow[owner]
+
+
+def _site_of(gm: fx.GraphModule, node: fx.Node, owner: str, module: nn.Module) -> CallSite:
+    key = node_key(node)
+    ordinal = 0
+    for n in gm.graph.nodes:
+        if n is node:
+            break
+        if n.op not in ("placeholder", "output", "get_attr") and node_key(n) == key:
+            ordinal += 1
+    return CallSite(owner, node.name, key, ordinal, _own_source(module, node.meta.get("source")))
+
+
+def _own_source(module: nn.Module, source: str | None) -> str | None:
+    """``source`` if it is a line of ``module``'s own class, else None.
+
+    The tracer attributes code that lives in torch (``nn.Sequential.forward``) to the first frame
+    outside torch and retrofit: whoever called ``plan`` or ``apply``. That line is not the
+    owner's code and differs between planning and rewriting, so it must not be used to check
+    that a re-traced node is the planned one.
+    """
+    if source is None:
+        return None
+    try:
+        own = inspect.getsourcefile(type(module))
+    except (TypeError, OSError):
+        return None
+    path = source.rpartition(":")[0]
+    return source if own and os.path.abspath(path) == os.path.abspath(own) else None
+
+
+def _stack(node: fx.Node) -> list[str]:
+    """Qualified names of the modules ``node`` runs inside, outermost first."""
+    return [qual for qual, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _caller(node: fx.Node, module: str) -> str:
+    """The module whose forward called ``module`` on the way to ``node``: the entry before it."""
+    stack = _stack(node)
+    i = stack.index(module)
+    return stack[i - 1] if i > 0 else ""
+
+
+def _depth(name: str) -> int:
+    return name.count(".") + 1 if name else 0
+
+
+def _reduction(shape: tuple[int, ...] | None, size: tuple[int, int], batch: int) -> int | None:
+    """Power-of-two reduction of an NCHW map relative to the input, or None if it is not one."""
+    if shape is None or len(shape) != 4 or shape[0] != batch:
+        return None
+    h, w = shape[2], shape[3]
+    if h * w <= 1 or h > 2 * size[0] or w > 2 * size[1]:
+        return None
+    # Rounded in log space: Inception's unpadded 149/147/73/71… maps are reductions 2, 2, 4, 4.
+    eh, ew = round(math.log2(size[0] / h)), round(math.log2(size[1] / w))
+    if eh != ew or eh < 0:
+        return None  # an NHWC map (N, H, W, C) or a token tensor, not an NCHW feature map
+    return 2**eh
+
+
+def _main_path(nodes: list[fx.Node], flow: DataFlow) -> set[fx.Node]:
+    """Nodes no data edge jumps over: every earlier tensor is consumed at or before them."""
+    position = {n: i for i, n in enumerate(nodes)}
+    main: set[fx.Node] = set()
+    open_until = -1
+    for i, node in enumerate(nodes):
+        carries = shape_of(node) is not None and flow.depends_on_input(node)
+        if carries and open_until <= i:
+            main.add(node)
+        if carries:
+            open_until = max(open_until, *(position[u] for u in node.users), i)
+    return main
+
+
+def _module_outputs(nodes: Iterable[fx.Node]) -> dict[str, fx.Node]:
+    last: dict[str, fx.Node] = {}
+    for node in nodes:
+        for qual in _stack(node):
+            last[qual] = node
+    return last
+
+
+def _probe(model: nn.Module, example_input: Any) -> Any:
+    if example_input is not None:
+        return meta_like(example_input)
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    return torch.empty(1, *probe_size(model), dtype=dtype, device="meta")
+
+
+def _root_graph(model: nn.Module, traced: TraceResult) -> fx.GraphModule:
+    if traced.parts and traced.parts[0].prefix == "":
+        return traced.parts[0].graph_module
+    reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
+    raise TraceError(
+        f"stages of {type(model).__name__} need its forward as one fx graph, and it could not "
+        f"be traced: {reason}"
+    )
+
+
+def _is_regularizer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and isinstance(
+        gm.get_submodule(str(node.target)), _regularizer_types()
+    )
+
+
+def _levels(
+    gm: fx.GraphModule,
+    main: set[fx.Node],
+    flow: DataFlow,
+    size: tuple[int, int],
+    batch: int,
+) -> list[tuple[int, list[fx.Node]]]:
+    """(reduction, main-path nodes at it) for every level, in execution order."""
+    nodes = list(gm.graph.nodes)
+    reduction = {n: _reduction(shape_of(n), size, batch) for n in nodes}
+    # A conv "inside" a level reads and writes maps at that reduction; a patch embedding
+    # (image → r16 tokens-to-be) does not make r16 a level.
+    convolved = {
+        reduction[n]
+        for n in nodes
+        if reduction[n] is not None
+        and flow.weights[flow.order[n]]
+        and any(reduction.get(a) == reduction[n] for a in n.all_input_nodes)
+    }
+    levels: list[tuple[int, list[fx.Node]]] = []
+    for node in nodes:
+        r = reduction[node]
+        if node not in main or r is None or r not in convolved:
+            continue
+        if _is_regularizer(node, gm):
+            continue  # a Dropout or an earlier DropBlock passes the stage output through
+        if levels and r < levels[-1][0]:
+            break  # upsampling: a decoder follows the encoder whose stages these are
+        if not levels or r != levels[-1][0]:
+            levels.append((r, []))
+        levels[-1][1].append(node)
+    if levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
+        levels = [(r, ns) for r, ns in levels if r >= _STEM_REDUCTION]
+    return levels
+
+
+def _stage_end(
+    level: list[fx.Node], module_output: dict[str, fx.Node], earlier: set[str]
+) -> tuple[fx.Node, str]:
+    """The last node of the level at the shallowest module nesting, and its stage module.
+
+    The stage module is the outermost module whose output the node is, among those that hold no
+    earlier stage: ConvNeXt's last stage is ``features.7``, not the ``features`` Sequential
+    that ends with it.
+    """
+    best: tuple[int, int, fx.Node, str] | None = None
+    for i, node in enumerate(level):
+        if node.op == "placeholder":
+            continue  # the input image is not the end of a stage
+        module = next(
+            (q for q in _stack(node) if module_output.get(q) is node and q not in earlier), None
+        )
+        # A functional op nests like a child call of the module whose code runs it.
+        owner = node.meta.get("owner", "")
+        depth = _depth(module) if module is not None else _depth(owner) + 1
+        if best is None or (depth, -i) < (best[0], -best[1]):
+            best = (depth, i, node, module if module is not None else owner)
+    if best is None:
+        raise NoConvStagesError("a level holds nothing but the model input")
+    return best[2], best[3]
+
+
+def _from_shapes(
+    gm: fx.GraphModule,
+    main: set[fx.Node],
+    flow: DataFlow,
+    module_output: dict[str, fx.Node],
+    size: tuple[int, int],
+    batch: int,
+) -> list[tuple[str, fx.Node, int]]:
+    out = []
+    earlier: set[str] = set()  # modules that hold an earlier stage's end
+    for r, level in _levels(gm, main, flow, size, batch):
+        node, module = _stage_end(level, module_output, earlier)
+        out.append((module, node, r))
+        earlier.update(_stack(node))
+    return out
+
+
+def _feature_info(model: nn.Module) -> list[dict[str, Any]]:
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return []
+    entries = getattr(info, "info", info)  # timm's FeatureInfo wraps the list of dicts
+    try:
+        return [dict(e) for e in entries if isinstance(e, dict) and "module" in e]
+    except TypeError:
+        return []
+
+
+def _from_feature_info(
+    model: nn.Module,
+    module_output: dict[str, fx.Node],
+    size: tuple[int, int],
+    batch: int,
+) -> list[tuple[str, fx.Node, int]] | None:
+    entries = _feature_info(model)
+    if not entries:
+        return None
+    out = []
+    for entry in entries:
+        node = module_output.get(entry["module"])
+        if node is None:
+            return None  # feature_info names a module the traced forward does not run
+        shape = shape_of(node)
+        r = _reduction(shape, size, batch)
+        if r is None or shape is None or shape[1] != entry.get("num_chs", shape[1]):
+            continue  # tokens (ViT) or NHWC (Swin): not a conv feature map
+        out.append((entry["module"], node, int(entry.get("reduction", r))))
+    if out and max(r for _, _, r in out) >= _IMAGENET_DEPTH:
+        out = [e for e in out if e[2] >= _STEM_REDUCTION]
+    return out
+
+
+def analyse_stages(
+    model: nn.Module, traced: TraceResult | None = None, example_input: Any = None
+) -> StageAnalysis:
+    """Find the stages of ``model`` (see the module docstring); meta device only, no real compute.
+
+    Raises:
+        NoConvStagesError: the model has no convolutional feature maps (a ViT, a Swin, an MLP).
+        TraceError: the model's forward could not be traced as one graph.
+        ShapePropError: an operation cannot run on meta tensors.
+    """
+    traced = traced if traced is not None else trace(model)
+    gm = _root_graph(model, traced)
+    probe = _probe(model, example_input)
+    # As in verify.eval_output: a tuple is the forward's positional arguments, image first.
+    args = probe if isinstance(probe, tuple) else (probe,)
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise NoConvStagesError(
+            f"DropBlock does not apply: no conv feature maps in {type(model).__name__} "
+            f"(its input is not an image batch: {getattr(x, 'shape', type(x).__name__)})"
+        )
+    propagate_shapes(gm, *args)
+    nodes = list(gm.graph.nodes)
+    flow = DataFlow.of(gm)
+    main = _main_path(nodes, flow)
+    module_output = _module_outputs(nodes)
+    size, batch = (int(x.shape[2]), int(x.shape[3])), int(x.shape[0])
+
+    found, found_by = _from_feature_info(model, module_output, size, batch), "feature_info"
+    if not found:
+        found, found_by = _from_shapes(gm, main, flow, module_output, size, batch), "shapes"
+    if not found:
+        raise NoConvStagesError(
+            f"DropBlock does not apply: no conv feature maps in {type(model).__name__}"
+        )
+    analysis = StageAnalysis(
+        model=model,
+        graph_module=gm,
+        stages=[],
+        probe_shape=tuple(int(s) for s in x.shape),
+        position={n: i for i, n in enumerate(nodes)},
+        module_output=module_output,
+    )
+    for index, (module, node, r) in enumerate(found, start=1):
+        try:
+            if module and module_output.get(module) is node:
+                site = analysis.call_site(module)
+            else:
+                site = analysis.functional_site(node)
+        except Exception:  # listing stages must not fail on a caller fx cannot re-trace alone
+            site = None
+        shape = shape_of(node)
+        assert shape is not None
+        analysis.stages.append(Stage(index, module, shape, r, node.name, site, found_by))
+    return analysis
+
+
+def stages(model: nn.Module, example_input: Any = None) -> list[Stage]:
+    """The stages of a CNN, 1-based, for the probe input (``example_input`` or the model's size).
+
+    >>> [(s.index, s.module, s.reduction) for s in stages(torchvision.models.resnet50())]
+    [(1, 'layer1', 4), (2, 'layer2', 8), (3, 'layer3', 16), (4, 'layer4', 32)]
+
+    These are the stages ``dropblock: {stages: [3, 4]}`` refers to (Ghiasi et al. 2018 put
+    DropBlock in ResNet-50's groups 3 and 4). Works on the meta device; the model is not run.
+
+    Raises:
+        NoConvStagesError: "DropBlock does not apply: no conv feature maps in VisionTransformer".
+    """
+    return analyse_stages(model, example_input=example_input).stages

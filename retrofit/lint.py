@@ -1,0 +1,465 @@
+"""Lint for Dropout before BatchNorm, and the variance-shift measurement (Li et al., CVPR 2019).
+
+Li, Chen, Hu & Yang, "Understanding the Disharmony between Dropout and Batch Normalization by
+Variance Shift", CVPR 2019 (arXiv:1801.05134). In training, Dropout with keep rate q scales the
+variance it passes on by about 1/q, and a BatchNorm after it stores that variance in
+``running_var``; at test time Dropout is off, the variance BN sees is lower than the one it
+normalises by, and the error compounds through the layers after it.
+
+    findings = retrofit.lint(model)                      # graph only: the meta device is fine
+    print(retrofit.lint.format_report(findings))         # dropout → victim BN, paths, file:line
+    shifts = retrofit.lint.measure_variance_shift(model, batches)   # the paper's Figure 1 ratio
+    retrofit.recalibrate_bn(model, train_batches)        # fix a model already trained with it
+
+The rule itself (what is a dropout site, what is a victim) lives in
+``retrofit.graph.dropout_bn``; this module turns it into findings, reports and measurements. The
+recipe fixes (``uout``, ``dropout_fix: after_last_bn``) are planned in ``retrofit.fixes``.
+
+``retrofit.lint`` is both this module and, called, the :func:`lint` function: importing the
+submodule replaces the package's lazy ``lint`` attribute with the module, so the module itself
+is made callable and ``retrofit.lint(model)`` keeps working.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from retrofit.errors import TraceError
+from retrofit.fixes import recalibrate_bn, run_batches
+from retrofit.graph.dropout_bn import (
+    DropoutBNPair,
+    find_dropout_bn,
+    is_running_stat_norm,
+    short_source,
+    trace_training,
+)
+
+__all__ = [
+    "Finding",
+    "LintResult",
+    "format_report",
+    "lint",
+    "measure_variance_shift",
+    "recalibrate_bn",
+]
+
+_FIXES = (
+    "recipe 'uout: {beta: 0.1}' (recipes/uout.yaml) replaces it with Uout; "
+    "'dropout_fix: after_last_bn' moves it after the last BN; "
+    "a model already trained with it: retrofit.recalibrate_bn(model, batches)"
+)
+
+
+@dataclass
+class Finding:
+    """One Dropout → BatchNorm pair: ``dropout``'s output reaches ``norm`` through ``path``
+    without passing through another BN, so ``norm.running_var`` stores a variance inflated by
+    dropout that inference never sees (Li et al. 2019).
+
+    Attributes:
+        dropout: the dropout module's qualified name, or ``owner:F.dropout`` for a functional
+            call (the module whose forward makes it; ``#k`` for its k-th such call).
+        norm: the victim BatchNorm's qualified name.
+        path: node/module names from the dropout to the norm, both included.
+        source: ``file:line`` of the dropout in the model's code.
+        norm_source: ``file:line`` where the norm is called.
+        p: the drop probability (None when the code computes it).
+        kind: ``module``, ``function`` or ``inside`` (a dropout inside a module fx cannot trace).
+        op: the dropout's class or function (``Dropout``, ``F.dropout``…).
+        downstream_norms: running-stat norms after ``norm``: the shift propagates into them.
+        note: anything that qualifies the finding.
+    """
+
+    dropout: str
+    norm: str
+    path: list[str]
+    source: str | None = None
+    norm_source: str | None = None
+    p: float | None = None
+    kind: str = "module"
+    op: str = "Dropout"
+    downstream_norms: tuple[str, ...] = field(default=(), repr=False)
+    note: str | None = None
+
+    @property
+    def downstream(self) -> int:
+        """How many BNs lie further downstream of the victim."""
+        return len(self.downstream_norms)
+
+    @property
+    def hint(self) -> str:
+        """How to fix it."""
+        where = f" (at {short_source(self.source)})" if self.source else ""
+        if self.kind == "inside" and self.op == "MultiheadAttention.dropout":
+            return f"set dropout=0 on {self.dropout}{where}, or put a norm without running stats after it"
+        return f"{self.op} {self.dropout}{where}: {_FIXES}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every attribute, ``downstream`` as a count, and the ``hint``."""
+        out: dict[str, Any] = {
+            "dropout": self.dropout,
+            "norm": self.norm,
+            "path": list(self.path),
+            "source": self.source,
+            "norm_source": self.norm_source,
+            "p": self.p,
+            "kind": self.kind,
+            "op": self.op,
+            "downstream": self.downstream,
+            "hint": self.hint,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_pair(cls, pair: DropoutBNPair) -> Finding:
+        site = pair.site
+        return cls(
+            dropout=site.name,
+            norm=pair.norm,
+            path=list(pair.path),
+            source=site.source,
+            norm_source=pair.norm_source,
+            p=site.p,
+            kind=site.kind,
+            op=site.op,
+            downstream_norms=pair.downstream,
+            note=pair.note,
+        )
+
+
+class LintResult(list):
+    """The findings (a plain ``list[Finding]``) plus what the lint could not check.
+
+    Attributes:
+        model: the model's class name.
+        dropouts: every active dropout site found, flagged or not.
+        notes: modules that could not be traced and dropouts whose output left a traced part:
+            the lint is only as complete as the graph.
+    """
+
+    def __init__(
+        self,
+        findings: Iterable[Finding] = (),
+        *,
+        model: str = "",
+        dropouts: Sequence[str] = (),
+        notes: Sequence[str] = (),
+    ):
+        super().__init__(findings)
+        self.model = model
+        self.dropouts = list(dropouts)
+        self.notes = list(notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "findings": [f.to_dict() for f in self],
+            "dropouts": self.dropouts,
+            "notes": self.notes,
+        }
+
+
+def lint(
+    model: nn.Module, example_input: Any = None, *, include_structured: bool = False
+) -> LintResult:
+    """Find every Dropout whose output reaches a BatchNorm before another BN (Li et al. 2019).
+
+    Reads the model's torch.fx graph, traced with every module in training mode (so
+    ``F.dropout(x, p, self.training)`` counts and a literal ``training=False`` does not); the
+    model's flags are restored and its weights are never touched, so the meta device is fine.
+
+    Args:
+        model: any ``nn.Module`` (torchvision, timm or your own).
+        example_input: accepted so that lint and ``apply`` share a signature; the graph analysis
+            needs no input.
+        include_structured: also treat stochastic depth / DropPath and DropBlock as dropout sites
+            (the paper's rule is about element-wise dropout; these drop whole branches/blocks).
+
+    Returns:
+        A :class:`LintResult`: a list of :class:`Finding`, one per (dropout, victim BN) pair, in
+        graph order, with ``notes`` on anything that could not be checked.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        TraceError: no part of the model could be traced.
+    """
+    del example_input  # see Args
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lint expects an nn.Module, but got {type(model).__name__}")
+    traced = trace_training(model)
+    if not traced.parts:
+        reasons = "; ".join(f"{s.module}: {s.reason}" for s in traced.skipped)
+        raise TraceError(
+            f"no part of {type(model).__name__} could be traced with torch.fx ({reasons})"
+        )
+    result = find_dropout_bn(traced, include_structured=include_structured)
+    return LintResult(
+        (Finding.from_pair(pair) for pair in result.pairs),
+        model=type(model).__name__,
+        dropouts=list(dict.fromkeys(site.name for site in result.sites)),
+        notes=result.notes,
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _path(path: Sequence[str], limit: int = 8) -> str:
+    items = list(path)
+    if len(items) > limit:
+        items = [*items[: limit // 2], f"… {len(items) - limit} more …", *items[-limit // 2 :]]
+    return " → ".join(items)
+
+
+def format_report(
+    findings: Sequence[Finding],
+    shifts: dict[str, float] | None = None,
+    *,
+    max_victims: int = 8,
+) -> str:
+    """A readable report: per dropout, its victims with paths and source lines, and the fixes.
+
+    Args:
+        findings: what :func:`lint` returned (a plain list of findings works too).
+        shifts: optional :func:`measure_variance_shift` result, shown beside each victim.
+        max_victims: victims listed per dropout (the rest are counted; JSON has them all).
+    """
+    notes = list(getattr(findings, "notes", []))
+    dropouts = list(getattr(findings, "dropouts", []))
+    lines: list[str] = []
+    if not findings:
+        if dropouts:
+            lines.append(
+                f"clean: {len(dropouts)} dropout(s), none reaches a BatchNorm before the output "
+                "or a norm without running statistics"
+            )
+        else:
+            lines.append("clean: no active dropout in the graph")
+    else:
+        by_dropout: dict[str, list[Finding]] = {}
+        for f in findings:
+            by_dropout.setdefault(f.dropout, []).append(f)
+        lines.append(
+            f"{len(findings)} finding(s): {len(by_dropout)} dropout(s) reach a BatchNorm "
+            "(variance shift, Li et al. CVPR 2019)"
+        )
+        for name, group in by_dropout.items():
+            first = group[0]
+            p = "p=?" if first.p is None else f"p={first.p:g}"
+            src = short_source(first.source) or "source unknown"
+            lines.append("")
+            lines.append(f"{name}  [{first.op}, {p}]  {src}")
+            if first.note:
+                lines.append(f"  note: {first.note}")
+            for f in group[:max_victims]:
+                shift = ""
+                if shifts and f.norm in shifts:
+                    shift = f"  shift ×{shifts[f.norm]:.3f}"
+                lines.append(f"  → {f.norm}{shift}  ({short_source(f.norm_source) or '?'})")
+                lines.append(f"      path: {_path(f.path)}")
+            if len(group) > max_victims:
+                lines.append(f"  … and {len(group) - max_victims} more victim BN(s)")
+            victims = {f.norm for f in group}
+            further = set().union(*(f.downstream_norms for f in group)) - victims
+            if further:
+                lines.append(f"  the shift then carries into {len(further)} more BN(s) downstream")
+        lines.append("")
+        lines.append(
+            "why: in training the dropout inflates the variance these BNs store in running_var; "
+            "at test dropout is off and the real variance is lower."
+        )
+        lines.append(f"fix: {_FIXES}.")
+    if shifts and not findings:
+        lines += [f"  {k}: shift ×{v:.3f}" for k, v in shifts.items()]
+    for note in notes:
+        lines.append(f"not checked: {note}")
+    return "\n".join(lines)
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+def _probe_batches(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    data: str | os.PathLike[str] | None,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+) -> list[Any]:
+    if batches is not None and data is not None:
+        raise ValueError("give either batches or data, not both")
+    if batches is not None:
+        out = []
+        for batch in batches:
+            if len(out) >= num_batches:
+                break
+            out.append(batch)
+        return out
+    if data is not None:
+        from retrofit.train.data import build_data  # lazy: the trainer's data stack
+
+        bundle = build_data(data, model)
+        out = []
+        for batch in bundle.train.iter_epoch(0):
+            if len(out) >= num_batches:
+                break
+            out.append(batch)
+        return out
+    try:
+        from retrofit.models import probe_input_size
+
+        size = probe_input_size(model)
+    except ImportError:  # pragma: no cover - models.py ships with the CLI
+        from retrofit.verify import probe_size
+
+        size = probe_size(model)
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch_size, *size, generator=generator) for _ in range(num_batches)]
+
+
+class _InputStats:
+    """Per-channel sum and sum of squares of a norm's input, in float64 (channels on dim 1)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().to(torch.float64)
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        total, squares = flat.sum(1), (flat * flat).sum(1)
+        if self.total is None:
+            self.total, self.squares = total, squares
+        else:
+            self.total += total
+            self.squares += squares
+        self.n += flat.shape[1]
+
+    def variance(self) -> torch.Tensor:
+        assert self.total is not None and self.squares is not None
+        mean = self.total / self.n
+        # Unbiased, as BN's running_var is (the batch variance it averages is unbiased).
+        return (self.squares - self.n * mean * mean) / max(self.n - 1, 1)
+
+
+def measure_variance_shift(
+    model: nn.Module,
+    batches: Iterable[Any] | None = None,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    findings: Sequence[Finding] | None = None,
+    norms: Iterable[str] | None = None,
+    fill: bool = True,
+    num_batches: int = 8,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The variance shift of each victim BN: how far ``running_var`` is from the variance of
+    its input at test time (Li et al. 2019, Figure 1).
+
+    For each BN the ratio is ``max(running_var/real_var, real_var/running_var)`` per channel
+    (each with the BN's eps added, as BN itself normalises by ``var + eps``), averaged over
+    channels: 1.0 means no shift; Dropout(p) right before a BN gives about 1/(1−p) on a linear
+    path. Works on a deep copy: the model, its weights and statistics are untouched.
+
+    1. ``fill=True`` (default): reset the running statistics and re-estimate them from the probe
+       batches with the whole model in training mode — dropout on, as during training — using
+       the cumulative average. ``fill=False`` keeps the model's own statistics (to measure a
+       trained or recalibrated model as it is).
+    2. Run the batches again in eval mode and record the real per-channel variance of each BN's
+       input.
+
+    Args:
+        model: the model, with real weights (not on the meta device).
+        batches: probe batches (tensors or ``(input, target)`` pairs); at most ``num_batches``
+            are used.
+        data: instead of batches, a ``--data`` value the trainer reads (``digits``, an
+            ImageFolder or CIFAR directory…). Neither: random normal images at the model's
+            input size.
+        findings: the lint findings whose norms to measure (default: lint the model).
+        norms: measure these norms (qualified names) instead of the findings' victims.
+        fill: re-estimate running statistics with dropout on first (see above).
+        num_batches, batch_size: the probe (``batch_size`` only for random batches).
+        seed: seeds the random batches and dropout's masks while filling.
+
+    Returns:
+        ``{norm name: shift ratio}``, in graph order; a victim that is not a module (a
+        functional batch_norm) is left out.
+
+    Raises:
+        ValueError: the model is on the meta device, or no batch was given.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "meta":
+            raise ValueError(
+                "measure_variance_shift runs batches, so it needs real weights; the model is on "
+                "the meta device"
+            )
+        break
+    work = copy.deepcopy(model)
+    if norms is not None:
+        names = list(dict.fromkeys(norms))
+    else:
+        found = findings if findings is not None else lint(work)
+        names = list(dict.fromkeys(f.norm for f in found))
+    modules = dict(work.named_modules())
+    targets = {n: modules[n] for n in names if n in modules and is_running_stat_norm(modules[n])}
+    if not targets:
+        return {}
+    probe = _probe_batches(work, batches, data, num_batches, batch_size, seed)
+    if not probe:
+        raise ValueError("measure_variance_shift needs at least one probe batch")
+    device = next((t.device for t in work.parameters()), torch.device("cpu"))
+    # Seeded and forked: the same model and batches give the same figures, and the caller's
+    # global RNG stream is left where it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if fill:
+            for m in work.modules():
+                m.training = True  # the whole model as in training: dropout on
+                if is_running_stat_norm(m):
+                    m.reset_running_stats()
+                    m.momentum = None  # cumulative average: every probe batch counts equally
+            run_batches(work, probe)
+        for m in work.modules():
+            m.training = False
+        stats = {name: _InputStats() for name in targets}
+        handles = [m.register_forward_pre_hook(stats[name]) for name, m in targets.items()]
+        try:
+            run_batches(work, probe)
+        finally:
+            for h in handles:
+                h.remove()
+    out: dict[str, float] = {}
+    for name, m in targets.items():
+        if stats[name].n == 0:
+            continue  # not on the path these inputs take
+        eps = float(m.eps)
+        real = stats[name].variance() + eps
+        running = m.running_var.detach().to(torch.float64) + eps
+        ratio = torch.maximum(running / real, real / running)
+        out[name] = float(ratio.mean())
+    return out
+
+
+class _CallableModule(types.ModuleType):
+    """``retrofit.lint(model)`` calls :func:`lint` even once the submodule shadows it."""
+
+    def __call__(self, model: nn.Module, example_input: Any = None, **kwargs: Any) -> LintResult:
+        return lint(model, example_input, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,233 @@
+"""DropBlock placement: stages (graph/stages.py) + a ``dropblock:`` recipe section → edits.
+
+Ghiasi et al. 2018 ("DropBlock: A regularization method for convolutional networks", NeurIPS)
+apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped linearly from 1 to
+0.9 over training. For any CNN retrofit offers two placements:
+
+* ``placement: stages`` (default): one DropBlock on each chosen stage's output. The edit is an
+  ``insert_after`` on the call of the stage module in the module whose forward calls it — the
+  root ``ResNet`` calling ``layer3``, torchvision ConvNeXt's ``features`` Sequential calling
+  ``features.5``. The stage's next consumer (the next stage's first block, both its branch and
+  its shortcut) sees the masked map.
+* ``placement: blocks``: one DropBlock after every residual block of the chosen stages — after the
+  block's output, i.e. after its add *and* the activation that follows it. The paper applies
+  DropBlock after the convolutions and on the skip connection of each block; masking every
+  block's output is the placement a rewrite can make in any CNN without editing block code,
+  and it masks what both the next block's branch and its skip connection read. A residual add
+  in the model's own ``forward`` (no block module) gets its DropBlock right after the add:
+  masking with non-negative scale commutes with a following ReLU, so it is the same thing.
+  A chosen stage without residual blocks (VGG) gets one DropBlock on its output, and a note.
+
+"The residual blocks of a stage" are the residual sites (graph/residual.py) whose block output is
+an NCHW map at the stage's reduction, computed after the previous stage's end and no later than
+this stage's end. So for ResNet-50, stages [3, 4] give 6 + 3 DropBlocks.
+
+The block_size of an edit is clamped to its feature map at the probe input (a 9 on ResNet's 7×7
+``layer4`` becomes 7) and the edit's note says so; at run time ``drop_block`` clamps to the map it
+actually sees. Every inserted DropBlock starts at keep_prob 1.0 and ramps to the recipe's target
+through ``retrofit.schedule.update(model, t)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+
+from retrofit.errors import RecipeError, TraceError
+from retrofit.graph.residual import ResidualSite
+from retrofit.graph.shapes import shape_of
+from retrofit.graph.stages import CallSite, Stage, StageAnalysis, analyse_stages
+from retrofit.layers import DropBlock
+
+if TYPE_CHECKING:
+    from retrofit.plan import Analysis, Edit
+    from retrofit.recipe import DropBlockSpec
+
+__all__ = ["dropblock_layer", "plan_dropblock", "select_stages", "stage_analysis"]
+
+_FIELD = "dropblock.stages"
+
+
+def stage_analysis(analysis: Analysis) -> StageAnalysis:
+    """The stages of ``analysis.model``, computed once per Analysis (reusing its trace)."""
+    cached = analysis.__dict__.get("_stage_analysis")
+    if cached is None:
+        cached = analyse_stages(analysis.model, analysis.traced)
+        analysis.__dict__["_stage_analysis"] = cached
+    return cached
+
+
+def select_stages(found: list[Stage], wanted: tuple[int | str, ...]) -> list[Stage]:
+    """The stages a recipe names (1-based indices or stage module names), in model order.
+
+    Raises:
+        RecipeError: on ``dropblock.stages`` for an index out of range or an unknown name.
+    """
+    names = [s.module for s in found if s.module]
+    allowed = f"1..{len(found)} or one of [{', '.join(names)}]"
+    chosen: dict[int, Stage] = {}
+    for item in wanted:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 1 <= item <= len(found):
+                raise RecipeError(_FIELD, item, allowed, f"the model has {len(found)} stages")
+            stage = found[item - 1]
+        else:
+            match = [s for s in found if s.module and s.module == item]
+            if not match:
+                raise RecipeError(_FIELD, item, allowed, "not a stage module of this model")
+            stage = match[0]
+        chosen[stage.index] = stage
+    return [chosen[i] for i in sorted(chosen)]
+
+
+def _hw(shape: tuple[int, ...] | None) -> tuple[int, int]:
+    assert shape is not None and len(shape) == 4
+    return shape[2], shape[3]
+
+
+def _edit(
+    spec: DropBlockSpec,
+    site: CallSite,
+    shape: tuple[int, ...] | None,
+    probe: tuple[int, ...],
+    *,
+    target: str,
+    where: str,
+    block: str | None = None,
+    extra_note: str | None = None,
+) -> Edit:
+    from retrofit.plan import Edit  # plan.py registers this planner: import it lazily
+
+    h, w = _hw(shape)
+    block_size = spec.block_size
+    notes = [where]
+    if block_size > min(h, w):
+        block_size = min(h, w)
+        notes.append(
+            f"block_size {spec.block_size} clamped to {block_size}: larger than the {h}×{w} "
+            f"map at the {probe[2]}×{probe[3]} probe input"
+        )
+    if extra_note:
+        notes.append(extra_note)
+    return Edit(
+        kind="dropblock",
+        module=site.owner,
+        node=site.node,
+        action="insert_after",
+        key=site.key,
+        ordinal=site.ordinal,
+        source=site.source,
+        target=target or None,
+        block=block,
+        params={
+            "block_size": block_size,
+            "keep_prob": spec.keep_prob,
+            "per_channel": spec.per_channel,
+            "ramp": spec.ramp,
+        },
+        note="; ".join(notes),
+    )
+
+
+def _stage_site(stage: Stage) -> CallSite:
+    if stage.site is None:
+        raise TraceError(
+            f"cannot place DropBlock after stage {stage.index} ({stage.module or '<root>'}): the "
+            "module that calls it cannot be re-traced on its own"
+        )
+    return stage.site
+
+
+def _block_outputs(
+    sa: StageAnalysis, sites: list[ResidualSite]
+) -> list[tuple[str, fx.Node, ResidualSite]]:
+    """(block module, node of its output, one of its sites) per residual block, in order."""
+    seen: dict[str, tuple[str, fx.Node, ResidualSite]] = {}
+    for site in sites:
+        if site.block in seen:
+            continue
+        # A block module ends at its output; an add in the root's own code is its own output.
+        node = sa.module_output.get(site.block) if site.block else sa.node(site.node)
+        if node is not None:
+            seen[site.block] = (site.block, node, site)
+    return sorted(seen.values(), key=lambda item: sa.position[item[1]])
+
+
+def _blocks_in(
+    sa: StageAnalysis, stage: Stage, blocks: list[tuple[str, fx.Node, ResidualSite]]
+) -> list[tuple[str, fx.Node, ResidualSite]]:
+    end = sa.position[sa.node(stage.node)]
+    start = -1
+    if stage.index > 1:
+        start = sa.position[sa.node(sa.stages[stage.index - 2].node)]
+    return [
+        b
+        for b in blocks
+        if start < sa.position[b[1]] <= end and sa.reduction_of(b[1]) == stage.reduction
+    ]
+
+
+def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
+    """Planner for the recipe's ``dropblock:`` section (registered in ``plan.PLANNERS``).
+
+    Raises:
+        NoConvStagesError: the model has no conv feature maps (a ViT).
+        RecipeError: ``dropblock.stages`` names a stage the model does not have.
+    """
+    sa = stage_analysis(analysis)
+    chosen = select_stages(sa.stages, spec.stages)
+    probe = sa.probe_shape
+    edits: list[Edit] = []
+    blocks = _block_outputs(sa, analysis.residual_sites) if spec.placement == "blocks" else []
+    for stage in chosen:
+        label = f"stage {stage.index} ({stage.module or '<root>'}, reduction {stage.reduction})"
+        in_stage = _blocks_in(sa, stage, blocks) if spec.placement == "blocks" else []
+        if not in_stage:
+            extra = None
+            if spec.placement == "blocks":
+                extra = "no residual blocks in this stage: placed on the stage output"
+            edits.append(
+                _edit(
+                    spec,
+                    _stage_site(stage),
+                    stage.shape,
+                    probe,
+                    target=stage.module,
+                    where=f"after {label}",
+                    extra_note=extra,
+                )
+            )
+            continue
+        for i, (block, node, site) in enumerate(in_stage, start=1):
+            if block and sa.module_output.get(block) is node:
+                call = sa.call_site(block)
+            else:
+                call = CallSite(site.owner, site.node, site.key, site.ordinal, site.source)
+            edits.append(
+                _edit(
+                    spec,
+                    call,
+                    shape_of(node),
+                    probe,
+                    target=block,
+                    where=f"after block {i}/{len(in_stage)} of {label}",
+                    block=block or None,
+                )
+            )
+    return edits
+
+
+def dropblock_layer(edit: Edit) -> DropBlock:
+    """The layer a ``dropblock`` edit inserts (registered in ``rewrite.LAYER_FACTORIES``).
+
+    It starts at keep_prob 1.0; ``retrofit.schedule.update(model, t)`` ramps it to
+    ``params["keep_prob"]``.
+    """
+    params: dict[str, Any] = edit.params
+    return DropBlock(
+        keep_prob=params["keep_prob"],
+        block_size=params["block_size"],
+        per_channel=params.get("per_channel", False),
+        ramp=params.get("ramp", 1.0),
+    )

@@ -1,0 +1,38 @@
+"""The fine-tuning trainer: ``fit(model, recipe, data)`` after the model surgery.
+
+Modules, one job each:
+
+- ``config``       the recipe's ``train:`` section (:class:`TrainConfig`) and its validation
+- ``data``         ``--data`` → train/val batches (embedded digits, synthetic, ImageFolder, CIFAR)
+- ``sampler``      data order as a function of (seed, epoch, rank): the basis of exact resume
+- ``classifier``   resize the head to the data's classes (timm ``reset_classifier`` / last Linear)
+- ``prepare``      resize → plan → ``retrofit.apply`` → lint, and the run's preamble files
+- ``precision``    autocast dtype, grad scaler, channels_last per device
+- ``distributed``  torchrun: process group, DDP flags, SyncBatchNorm, collectives
+- ``checkpoint``   atomic checkpoints, RNG state, safetensors export, ``load_weights``
+- ``metrics``      accuracy counts and ``metrics.jsonl``
+- ``plots``        curves and the survival schedule as PNGs
+- ``interrupt``    SIGINT/SIGTERM → save and stop after the current step
+- ``loop``         ``fit`` itself
+"""
+
+from retrofit.train.checkpoint import load_weights, read_weights
+from retrofit.train.config import TrainConfig
+from retrofit.train.data import DataBundle, DataError, build_data
+from retrofit.train.loop import RunResult, evaluate, fit
+from retrofit.train.metrics import read_metrics
+from retrofit.train.prepare import LintFindingsError
+
+__all__ = [
+    "DataBundle",
+    "DataError",
+    "LintFindingsError",
+    "RunResult",
+    "TrainConfig",
+    "build_data",
+    "evaluate",
+    "fit",
+    "load_weights",
+    "read_metrics",
+    "read_weights",
+]

@@ -1,0 +1,266 @@
+"""Checkpoints, RNG state and weight files: written atomically, read without executing code.
+
+Atomic write: serialise into a temporary file in the *same directory*, flush and ``fsync`` it,
+then ``os.replace`` it over the target (a rename is atomic within one filesystem) and ``fsync``
+the directory so the rename itself survives a power loss. A process killed at any point leaves
+either the old file or the new one, never a torn one; the temp file is removed on error.
+
+Reading: checkpoints with ``torch.load(..., weights_only=True)`` (no pickled code runs), weights
+from safetensors or such a state_dict. To keep checkpoints loadable that way, RNG states are
+stored as tensors and plain tuples, never as numpy objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrofit.errors import ModelError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "retrofit-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "num_classes", "per_rank")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temp file beside ``path``, then atomically move it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: a KeyboardInterrupt mid-write must not leave the temp file behind either.
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _serialize(obj: Any, f: IO[bytes]) -> None:
+    torch.save(obj, f)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Atomically write a training checkpoint (see :func:`make_checkpoint`)."""
+    return atomic_write(path, lambda f: _serialize(dict(state), f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (weights_only: no code executes).
+
+    Raises:
+        ModelError: the file is missing, unreadable, or not a retrofit training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(
+            f"checkpoint {str(path)!r} cannot be read as a weights-only torch file ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ModelError(
+            f"checkpoint {str(path)!r} is not a retrofit training checkpoint (no format={FORMAT!r}); "
+            "to start from plain weights, load them into the model instead of resuming"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ModelError(f"checkpoint {str(path)!r} is incomplete: no {', '.join(missing)}")
+    return state
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """The RNG states a training step can draw from: torch CPU (+ CUDA), numpy, Python."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": _plain(random.getstate()),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(_plain(v) for v in x)
+    return x
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj["model"]
+    elif isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"weights {str(path)!r}: not a state_dict (a mapping of names to tensors)")
+    # Wrappers prefix keys: DDP with "module.", torch.compile with "_orig_mod.".
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.safetensors`` file or a weights-only torch file.
+
+    Raises:
+        ModelError: missing file or a file that is neither.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights {str(path)!r}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    is_safetensors = path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
+    try:
+        if is_safetensors:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(
+            f"weights {str(path)!r}: cannot be read as safetensors or a weights-only torch state_dict "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return _unwrap_state(obj, path)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load ``path`` (safetensors, a state_dict, or a retrofit checkpoint) into ``model``; in place.
+
+    Raises:
+        ModelError: unreadable file, or (``strict``) keys or shapes that do not match the model;
+            the message lists the first differences and, for a classifier size mismatch, the
+            ``num_classes`` to build the model with.
+    """
+    path = Path(path)
+    state = read_weights(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        (k, tuple(state[k].shape), tuple(own[k].shape))
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {missing[:4]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {unexpected[:4]}")
+        if shapes:
+            k, theirs, ours = shapes[0]
+            parts.append(
+                f"{len(shapes)} shape mismatch(es), first {k}: {theirs} in the file, {ours} in the model"
+            )
+        hint = _num_classes_hint(path, shapes)
+        raise ModelError(
+            f"weights {str(path)!r} do not fit {type(model).__name__}: "
+            + "; ".join(parts)
+            + (f" ({hint})" if hint else "")
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _num_classes_hint(path: Path, shapes: list) -> str | None:
+    meta = path.with_name("model.json")
+    if meta.is_file():
+        try:
+            n = json.loads(meta.read_text()).get("num_classes")
+        except (OSError, ValueError):
+            n = None
+        if n:
+            return f"these weights are for num_classes={n}: build the model with that"
+    if shapes:
+        return "a classifier of another size? build the model with the num_classes the weights were trained for"
+    return None
+
+
+def export_weights(
+    model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any], name: str = WEIGHTS_NAME
+) -> Path:
+    """Write ``model``'s state_dict as safetensors (+ ``model.json`` with ``meta``), atomically."""
+    from safetensors.torch import save
+
+    out_dir = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for k, v in model.state_dict().items():
+        # safetensors refuses tensors that share storage; copy tied weights so each key stands alone.
+        v = v.detach().cpu()
+        key = v.untyped_storage().data_ptr() if v.numel() else -1
+        tensors[k] = v.clone().contiguous() if key in seen else v.contiguous()
+        if v.numel():
+            seen[key] = k
+    str_meta = {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
+    path = atomic_write(out_dir / name, lambda f: f.write(save(tensors, metadata=str_meta)))
+    if name == WEIGHTS_NAME:
+        atomic_write(
+            out_dir / "model.json", lambda f: f.write(json.dumps(dict(meta), indent=2).encode())
+        )
+    return path

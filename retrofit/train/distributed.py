@@ -1,0 +1,179 @@
+"""torchrun support: process group, device per rank, DDP wrapping, SyncBatchNorm and collectives.
+
+Everything here is PyTorch's own machinery (``torch.distributed``, ``DistributedDataParallel``);
+this module only decides the flags and hides the single-process case behind the same calls, so
+the loop reads the same with one process or many.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("retrofit.train")
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands: rank, world size, its device, and whether we own the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | torch.device | None = None) -> DistEnv:
+    """Join torchrun's process group when launched by it (``RANK``/``WORLD_SIZE`` set).
+
+    The backend is NCCL on CUDA and gloo on CPU. A group the caller already initialised is reused
+    and left for the caller to destroy.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv, *, find_unused_parameters: bool) -> nn.Module:
+    """DDP-wrap ``model`` (it broadcasts rank 0's parameters and buffers on construction)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
+    """True when some parameters may get no gradient in a step.
+
+    A stochastic-depth gate in *batch* mode drops the whole residual branch for the whole batch,
+    so that branch's parameters take no part in the graph; DDP must then be told to look for
+    unused parameters or it waits for their gradients forever. Row mode (per-sample masks) keeps
+    every branch in the graph, and the search has a cost, so it is off otherwise.
+    """
+    sd = getattr(recipe, "stochastic_depth", None) if recipe is not None else None
+    if sd is not None and getattr(sd, "mode", None) == "batch":
+        return True
+    for m in model.modules():
+        if type(m).__module__.startswith("retrofit.layers") and getattr(m, "mode", None) == "batch":
+            return True
+    return False
+
+
+def convert_sync_bn(model: nn.Module) -> dict[str, type[nn.Module]]:
+    """Replace BatchNorm layers by SyncBatchNorm; return the original classes to undo it later."""
+    originals = {
+        name: type(m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    # convert_sync_batchnorm swaps children in place and returns the root (a new object only when
+    # the root itself is a BatchNorm, which is not a classifier we could train).
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return originals
+
+
+def revert_sync_bn(model: nn.Module, originals: dict[str, type[nn.Module]]) -> None:
+    """Undo :func:`convert_sync_bn`, so the returned model is of the original architecture."""
+    for name, cls in originals.items():
+        if not name:
+            continue
+        m = model.get_submodule(name)
+        if not isinstance(m, nn.SyncBatchNorm) or cls is nn.SyncBatchNorm:
+            continue
+        bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        state = m.state_dict()
+        bn.load_state_dict(state)
+        ref = next(iter(state.values()), None)
+        if ref is not None:
+            bn.to(device=ref.device)
+        bn.train(m.training)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, bn)
+
+
+def sync_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Broadcast rank 0's buffers (BatchNorm statistics).
+
+    DDP broadcasts buffers at the *start* of each forward, so after the last training forward the
+    ranks' running statistics differ by one batch; evaluation and the saved weights use rank 0's.
+    """
+    if not env.distributed:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, 0)
+
+
+def broadcast_state(module: nn.Module, env: DistEnv) -> None:
+    """Make every rank hold rank 0's parameters and buffers.
+
+    DDP does this when it wraps the model, but the EMA copy is taken before that and a freshly
+    resized classifier differs per rank; one broadcast up front keeps all ranks identical.
+    """
+    if not env.distributed:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True if ``flag`` is set on any rank (so all ranks stop at the same step)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

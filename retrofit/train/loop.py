@@ -1,0 +1,793 @@
+"""``fit``: fine-tune a model with a recipe's regularizers, on one device or under torchrun.
+
+One optimizer step, in order::
+
+    retrofit.schedule.update(model, step / total_steps)      # regularizer rates for this step
+    grad_accum × [cutout → forward (autocast) → loss / grad_accum → backward]   (DDP syncs on the last)
+    [unscale → clip] → optimizer.step (via the scaler for fp16) → zero_grad
+    lr_scheduler.step_update(step + 1) → ema.update
+
+Exact resume rests on three things: the data order is a function of ``(seed, epoch)`` and skips
+the batches already consumed (:mod:`retrofit.train.sampler`); every RNG a step draws from (torch
+CPU/CUDA, numpy, Python, per rank) is saved with the checkpoint and restored; cutout draws from a
+private generator seeded by ``(seed, rank, step, micro-batch)``. Running averages that span the
+interruption (the log window, the epoch's training loss) are saved too. Nothing else in a step
+reads the wall clock or an unsaved state, so on CPU a resumed run logs exactly the numbers an
+uninterrupted one does (timing fields aside).
+
+Loss values stay on the device between log steps: a ``.item()`` per step would synchronise CUDA
+and cost throughput.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit.errors import ModelError
+from retrofit.train import distributed as D
+from retrofit.train.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    VERSION,
+    capture_rng,
+    export_weights,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from retrofit.train.classifier import resize_classifier
+from retrofit.train.config import TrainConfig
+from retrofit.train.data import DataBundle, DataError, build_data
+from retrofit.train.interrupt import StopRequest
+from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
+from retrofit.train.plots import plot_curves, plot_survival
+from retrofit.train.precision import Precision, resolve_precision
+from retrofit.train.prepare import core, prepare_model, recipe_dict, resolve_recipe, train_config_of
+
+log = logging.getLogger("retrofit.train")
+
+# Re-plot after every epoch only when epochs are long: a plot costs ~1 s, a toy epoch less.
+LIVE_PLOT_EPOCH_S = 30.0
+
+
+@dataclass
+class RunResult:
+    """What a call to :func:`fit` did.
+
+    Attributes:
+        model: the trained model; stripped back to its original architecture when the run ended
+            normally or at ``max_steps``, still instrumented when it stopped on a signal.
+        out: the run directory (None when nothing was written).
+        num_classes: classes of the (possibly resized) classifier; build the original class with
+            this ``num_classes`` to load ``weights``.
+        step: optimizer steps done; ``total_steps`` for the whole schedule.
+        epoch: completed epochs.
+        completed: every epoch ran.
+        stop_reason: None, ``"max_steps"``, ``"SIGINT"`` or ``"SIGTERM"``.
+        metrics: the last evaluation (``val_top1``, ``val_top5``, ``val_loss``, …), {} if none ran.
+        history: every ``metrics.jsonl`` record of the run.
+        weights: the stripped ``model.safetensors`` (None when not written).
+        checkpoint: the last checkpoint (resume from it with ``resume=True``).
+        findings: lint findings (dicts) on the model as trained.
+        plan: the plan that was applied, as a dict.
+    """
+
+    model: nn.Module
+    out: Path | None
+    num_classes: int
+    step: int
+    total_steps: int
+    epoch: int
+    completed: bool
+    stop_reason: str | None
+    config: TrainConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    weights: Path | None = None
+    checkpoint: Path | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
+
+
+def fit(
+    model: nn.Module,
+    recipe: Any = None,
+    data: str | Path | DataBundle | None = None,
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    strict_lint: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+    config: TrainConfig | None = None,
+    model_name: str | None = None,
+    apply: bool = True,
+) -> RunResult:
+    """Retrofit ``model`` with ``recipe`` and fine-tune it on ``data``.
+
+    The model is edited in place: classifier resized to the data's classes, then
+    ``retrofit.apply(model, recipe)``, then training, then ``retrofit.strip(model)``. Under torchrun
+    (``RANK``/``WORLD_SIZE`` in the environment) each process calls ``fit`` alike; rank 0 writes.
+
+    Args:
+        model: an unmodified model (pretrained or not); pass ``apply=False`` if it was already
+            retrofitted.
+        recipe: a Recipe, a recipe path or dict, or None (plain fine-tuning). Its ``train:``
+            section is the :class:`TrainConfig` unless ``config`` is given.
+        data: see :func:`retrofit.train.data.build_data`; None = embedded digits. A prebuilt
+            :class:`DataBundle` is used as is.
+        out: run directory (recipe.yaml, plan.json, lint.json, metrics.jsonl, plots, checkpoint.pt,
+            model.safetensors, model.json); None writes nothing.
+        device: ``"cuda"``, ``"cpu"``, … (default: CUDA when available; ``cuda:LOCAL_RANK`` under torchrun).
+        resume: continue from ``out/checkpoint.pt`` if it exists (else start from step 0).
+        strict_lint: refuse to train when the lint reports findings.
+        progress: show a tqdm bar (only on a terminal, only on rank 0).
+        max_steps: stop after this many optimizer steps in total (checkpoint saved, resumable).
+        config: training settings overriding the recipe's ``train:`` section.
+        model_name: architecture name recorded in ``model.json`` (default: timm's, else the class).
+        apply: run ``retrofit.apply`` (set False for a model that is already retrofitted).
+
+    Raises:
+        DataError: ``data`` names nothing readable, or holds fewer images than one optimizer step.
+        RecipeError: invalid recipe or train settings.
+        ModelError: ``resume`` found a checkpoint that is unreadable or does not fit this model.
+        LintFindingsError: ``strict_lint`` and findings.
+    """
+    env = D.setup(device)
+    try:
+        return _fit(model, recipe, data, env=env, out=Path(out) if out is not None else None, resume=resume,
+                    strict_lint=strict_lint, progress=progress, max_steps=max_steps, config=config,
+                    model_name=model_name, apply=apply)  # fmt: skip
+    finally:
+        D.teardown(env)
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _mix(*parts: int) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def architecture_name(model: nn.Module) -> str:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        arch = (getattr(model, attr, None) or {}).get("architecture")
+        if arch:
+            return str(arch)
+    cls = type(model)
+    if cls.__module__.startswith("torchvision.models"):
+        # torchvision's builders are named like the class in lower case for most models.
+        return cls.__name__.lower()
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Any, env: D.DistEnv, precision: Precision
+) -> dict[str, float]:
+    """Top-1/top-5 (%) and mean cross-entropy (no label smoothing) over the whole val split."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1, top5, n
+    for x, y in batches.iter_epoch():
+        x, y = _to_device(x, y, env.device, precision)
+        with precision.autocast():
+            logits = model(x)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
+        sums[1:3] += correct_counts(logits, y, (1, 5)).to(sums.dtype)
+        sums[3] += y.numel()
+    D.all_reduce_sum(sums, env)
+    model.train(was_training)
+    loss, c1, c5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
+
+
+def _to_device(
+    x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)
+    if precision.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
+    """Mean kept fraction of the stochastic-depth gates, mean DropBlock keep_prob, and per layer
+    only the values that move during training (the rest is in plan.json)."""
+    kept = [
+        float(r["kept_fraction"]) for r in rates.values() if r.get("kind") == "stochastic_depth"
+    ]
+    keep_prob = [float(r["keep_prob"]) for r in rates.values() if r.get("kind") == "dropblock"]
+    moving = ("kept_fraction", "keep_prob")
+    return {
+        "sd_kept": sum(kept) / len(kept) if kept else None,
+        "keep_prob": sum(keep_prob) / len(keep_prob) if keep_prob else None,
+        "rates": {
+            name: {k: r[k] for k in moving if k in r}
+            for name, r in rates.items()
+            if any(k in r for k in moving)
+        },
+    }
+
+
+def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
+    """Kept/calls counters of the stochastic-depth gates (they feed ``kept_fraction``)."""
+    return {
+        name: [int(m.calls), int(m.kept)]
+        for name, m in model.named_modules()
+        if callable(getattr(m, "reset_stats", None)) and hasattr(m, "calls") and hasattr(m, "kept")
+    }
+
+
+def _private_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """Generators that layers hold themselves (e.g. gates seeded by the recipe): their state is
+    RNG state too, and must travel with the checkpoint like the global one."""
+    out = {}
+    for name, m in model.named_modules():
+        for attr in ("generator", "_generator"):
+            g = m.__dict__.get(attr)
+            if isinstance(g, torch.Generator):
+                out[f"{name}.{attr}"] = g
+    return out
+
+
+def _reset_gate_counters(model: nn.Module) -> None:
+    for m in model.modules():
+        if callable(getattr(m, "reset_stats", None)) and hasattr(m, "calls"):
+            m.reset_stats()
+
+
+def _show_progress(progress: bool, env: D.DistEnv) -> bool:
+    return progress and env.is_main and sys.stderr.isatty()
+
+
+def _fit(
+    model: nn.Module,
+    recipe: Any,
+    data: Any,
+    *,
+    env: D.DistEnv,
+    out: Path | None,
+    resume: bool,
+    strict_lint: bool,
+    progress: bool,
+    max_steps: int | None,
+    config: TrainConfig | None,
+    model_name: str | None,
+    apply: bool,
+) -> RunResult:
+    recipe = resolve_recipe(recipe)
+    cfg = config if config is not None else train_config_of(recipe)
+    if resume and out is None:
+        raise ValueError("resume=True needs the run directory (out=) that holds checkpoint.pt")
+    if cfg.tensorboard and env.is_main and out is not None:
+        require_tensorboard()
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    writes = env.is_main and out is not None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    ckpt = None
+    if resume and ckpt_path is not None:
+        if ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            log.info("resuming from %s at step %d", ckpt_path, ckpt["step"])
+        else:
+            log.info("no checkpoint at %s: starting from step 0", ckpt_path)
+    cuda = env.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    # Seeded before anything random happens: the new classifier's init, apply's verification.
+    seed_all(cfg.seed + env.rank)
+    model.to(env.device)
+    arch = model_name or architecture_name(model)
+    bundle = (
+        data
+        if isinstance(data, DataBundle)
+        else build_data(
+            data, model, cfg, rank=env.rank, world_size=env.world_size, device=env.device
+        )
+    )
+    # Each rank seeds with seed + rank so that dropout masks and gates differ between ranks; the
+    # heads they initialise differ too, until broadcast_state below hands everyone rank 0's.
+    resize_classifier(model, bundle.num_classes)
+    model.to(env.device)
+    prep = prepare_model(
+        model, recipe, cfg, bundle.input_size, device=env.device,
+        out=out if writes else None, strict_lint=strict_lint, apply=apply,
+    )  # fmt: skip
+    strip = core("strip")
+
+    D.broadcast_state(model, env)
+    precision = resolve_precision(cfg, env.device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    sync_bn = {}
+    if cfg.sync_bn and env.distributed:
+        if cuda:
+            sync_bn = D.convert_sync_bn(model)
+        else:
+            log.warning("sync_bn ignored: SyncBatchNorm needs CUDA")
+
+    steps_per_epoch = bundle.train.num_batches // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise DataError(
+            f"data {bundle.source!r}: {bundle.train.num_batches} batch(es) per rank per epoch, fewer than "
+            f"grad_accum={cfg.grad_accum}; lower train.batch_size ({cfg.batch_size}) or grad_accum"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.resolved_warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    scaler = precision.make_scaler()
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+
+    step = epoch = batch_in_epoch = 0
+    meters = {"window_loss": torch.zeros((), device=env.device), "window_n": 0,
+              "epoch_loss": torch.zeros((), device=env.device), "epoch_n": 0}  # fmt: skip
+    if ckpt is not None:
+        _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg)
+        step, epoch, batch_in_epoch = (
+            int(ckpt["step"]),
+            int(ckpt["epoch"]),
+            int(ckpt["batch_in_epoch"]),
+        )
+
+    train_model: nn.Module = model
+    if env.distributed:
+        train_model = D.wrap_ddp(
+            model, env, find_unused_parameters=D.needs_find_unused(model, recipe)
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    schedule = core("schedule")
+    schedule_update = getattr(schedule, "update", None)
+    current_rates = getattr(schedule, "current_rates", None)
+    cutout_cfg = getattr(recipe, "cutout", None) if recipe is not None else None
+    cutout = None
+    if cutout_cfg is not None:
+        layers = core("layers")
+        cutout = getattr(layers, "cutout", None)
+        if cutout is None:
+            raise RuntimeError(
+                "the recipe asks for cutout but retrofit.layers.cutout is not available"
+            )
+    cut_gen = torch.Generator(device=env.device) if cutout is not None else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    metrics = MetricsLog(
+        out / "metrics.jsonl" if writes else None,
+        resume_step=step if ckpt is not None else None,
+        tensorboard_dir=out / "tensorboard" if writes and cfg.tensorboard else None,
+    )
+    if writes:
+        plot_survival(prep.plan, out / "survival.png")
+    images_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
+    log.info(
+        "training %s on %s: %d epochs × %d steps, %d image(s)/step, %s, %s%s",
+        arch, bundle.source, cfg.epochs, steps_per_epoch, images_per_step, env.device, precision.name,
+        f", {env.world_size} processes" if env.distributed else "",
+    )  # fmt: skip
+
+    # The RNG stream of training starts here, identically for fresh and resumed runs.
+    if ckpt is not None:
+        _restore_rank_state(ckpt, meters, model, env)
+    else:
+        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
+
+    stop_reason: str | None = None
+    # A resumed run reports the last evaluation even if it ends before evaluating again.
+    last_eval: dict[str, Any] = next(
+        (r for r in reversed(metrics.records) if r.get("kind") == "epoch"), {}
+    )
+    window_t0 = time.perf_counter()
+    window_steps = 0
+    stop = StopRequest()
+    with stop:
+        while epoch < cfg.epochs and stop_reason is None:
+            epoch_t0 = time.perf_counter()
+            batches: Iterator = bundle.train.iter_epoch(epoch, batch_in_epoch)
+            step_in_epoch = batch_in_epoch // cfg.grad_accum
+            bar = _progress_bar(
+                _show_progress(progress, env), steps_per_epoch, step_in_epoch, epoch, cfg.epochs
+            )
+            train_model.train()
+            while step_in_epoch < steps_per_epoch:
+                if max_steps is not None and step >= max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if schedule_update is not None:
+                    schedule_update(model, step / total_steps)
+                loss_sum = _train_step(
+                    train_model, batches, cfg, env, precision, criterion, optimizer, scaler,
+                    cutout, cutout_cfg, cut_gen, step,
+                )  # fmt: skip
+                step += 1
+                step_in_epoch += 1
+                window_steps += 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=step)
+                if ema is not None:
+                    ema.update(model, step=step)
+                meters["window_loss"] += loss_sum
+                meters["window_n"] += 1
+                meters["epoch_loss"] += loss_sum
+                meters["epoch_n"] += 1
+                if bar is not None:
+                    bar.update(1)
+                check_stop = not env.distributed or step % cfg.log_every == 0
+                if step % cfg.log_every == 0:
+                    rec = _log_step(metrics, meters, env, optimizer, model, current_rates, step, epoch,
+                                    step_in_epoch / steps_per_epoch, window_steps * images_per_step,
+                                    window_t0)  # fmt: skip
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}"
+                        )
+                    window_t0, window_steps = time.perf_counter(), 0
+                if check_stop and D.any_rank(stop.requested, env):
+                    stop_reason = stop.signal_name or "signal"
+                    break
+                if (
+                    cfg.checkpoint_every
+                    and step % cfg.checkpoint_every == 0
+                    and step_in_epoch < steps_per_epoch
+                ):
+                    _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
+                                bundle, step, epoch, step_in_epoch * cfg.grad_accum, writes)  # fmt: skip
+            if bar is not None:
+                bar.close()
+            if stop_reason is not None:
+                _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
+                            bundle, step, epoch, step_in_epoch * cfg.grad_accum, writes)  # fmt: skip
+                if writes:
+                    plot_curves(metrics.records, out / "curves.png")
+                break
+            epoch += 1
+            batch_in_epoch = 0
+            last_eval = _end_epoch(metrics, meters, env, model, ema, bundle, precision, optimizer, step, epoch,
+                                   time.perf_counter() - epoch_t0)  # fmt: skip
+            _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
+                        bundle, step, epoch, 0, writes)  # fmt: skip
+            if writes and time.perf_counter() - epoch_t0 > LIVE_PLOT_EPOCH_S:
+                plot_curves(metrics.records, out / "curves.png")  # live curves for long epochs
+            window_t0, window_steps = time.perf_counter(), 0
+
+    completed = epoch >= cfg.epochs
+    metrics.close()
+    if stop_reason is not None and stop_reason != "max_steps":
+        log.warning(
+            "stopped by %s at step %d; resume with resume=True (--resume)", stop_reason, step
+        )
+        return RunResult(model=model, out=out, num_classes=bundle.num_classes, step=step, total_steps=total_steps,
+                         epoch=epoch, completed=False, stop_reason=stop_reason, config=cfg, metrics=last_eval,
+                         history=metrics.records, checkpoint=ckpt_path, findings=prep.findings, plan=prep.plan)  # fmt: skip
+
+    # Done (or at max_steps): hand back the original architecture with the trained weights.
+    D.sync_buffers(model, env)
+    if ema is not None:
+        D.sync_buffers(ema.module, env)
+    for m in (model, ema.module if ema is not None else None):
+        if m is None:
+            continue
+        if sync_bn:
+            D.revert_sync_bn(m, sync_bn)
+        if strip is not None:
+            strip(m)  # a no-op on a model that was never retrofitted
+        if precision.channels_last:
+            m.to(memory_format=torch.contiguous_format)
+    weights = None
+    if writes:
+        meta = {
+            "architecture": arch,
+            "num_classes": bundle.num_classes,
+            "input_size": list(bundle.input_size),
+            "mean": list(bundle.mean),
+            "std": list(bundle.std),
+            "class_names": list(bundle.class_names),
+            "data": bundle.source,
+            "step": step,
+            "epoch": epoch,
+            "completed": completed,
+            "recipe": recipe_dict(recipe, cfg),
+            "metrics": last_eval,
+        }
+        weights = export_weights(model, out, meta)
+        if ema is not None:
+            export_weights(ema.module, out, meta, name="model_ema.safetensors")
+        plot_curves(metrics.records, out / "curves.png")
+    D.barrier(env)
+    return RunResult(model=model, out=out, num_classes=bundle.num_classes, step=step, total_steps=total_steps,
+                     epoch=epoch, completed=completed, stop_reason=stop_reason, config=cfg, metrics=last_eval,
+                     history=metrics.records, weights=weights, checkpoint=ckpt_path if out is not None else None,
+                     findings=prep.findings, plan=prep.plan)  # fmt: skip
+
+
+def _progress_bar(show: bool, total: int, initial: int, epoch: int, epochs: int) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _train_step(
+    train_model: nn.Module,
+    batches: Iterator,
+    cfg: TrainConfig,
+    env: D.DistEnv,
+    precision: Precision,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    cutout: Any,
+    cutout_cfg: Any,
+    cut_gen: torch.Generator | None,
+    step: int,
+) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on device)."""
+    loss_sum = torch.zeros((), device=env.device)
+    for micro in range(cfg.grad_accum):
+        x, y = next(batches)
+        x, y = _to_device(x, y, env.device, precision)
+        if cutout is not None:
+            cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
+            x = cutout(x, cutout_cfg.n_holes, cutout_cfg.length, generator=cut_gen)
+        # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
+        last = micro == cfg.grad_accum - 1
+        sync = (
+            nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
+        )
+        with sync:
+            with precision.autocast():
+                loss = criterion(train_model(x), y)
+            scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+    if cfg.clip_grad is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / cfg.grad_accum if cfg.grad_accum > 1 else loss_sum
+
+
+def _log_step(
+    metrics: MetricsLog,
+    meters: dict[str, Any],
+    env: D.DistEnv,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    current_rates: Any,
+    step: int,
+    epoch: int,
+    epoch_frac: float,
+    images: int,
+    window_t0: float,
+) -> dict[str, Any]:
+    loss = D.all_reduce_sum(meters["window_loss"].detach().clone(), env).item() / (
+        meters["window_n"] * env.world_size
+    )
+    # Read the clock after .item(): it waits for the device, so the window's time is the GPU's too.
+    seconds = time.perf_counter() - window_t0
+    meters["window_loss"].zero_()
+    meters["window_n"] = 0
+    rec: dict[str, Any] = {
+        "kind": "step",
+        "step": step,
+        "epoch": epoch + epoch_frac,
+        "loss": loss,
+        "lr": max(g["lr"] for g in optimizer.param_groups),
+        "images_per_s": images / max(seconds, 1e-9),
+    }
+    if current_rates is not None:
+        rates = current_rates(model)
+        if rates:
+            # kept_fraction is per log window: the gates count from the previous log step.
+            rec.update(_rate_summary(rates))
+            _reset_gate_counters(model)
+    return metrics.write(rec)
+
+
+def _end_epoch(
+    metrics: MetricsLog,
+    meters: dict[str, Any],
+    env: D.DistEnv,
+    model: nn.Module,
+    ema: Any,
+    bundle: DataBundle,
+    precision: Precision,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    epoch: int,
+    seconds: float,
+) -> dict[str, Any]:
+    train_loss = D.all_reduce_sum(meters["epoch_loss"].detach().clone(), env).item() / max(
+        meters["epoch_n"] * env.world_size, 1
+    )
+    meters["epoch_loss"].zero_()
+    meters["epoch_n"] = 0
+    D.sync_buffers(model, env)
+    ev = evaluate(model, bundle.val, env, precision)
+    rec: dict[str, Any] = {
+        "kind": "epoch",
+        "step": step,
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": ev["loss"],
+        "val_top1": ev["top1"],
+        "val_top5": ev["top5"],
+        "lr": max(g["lr"] for g in optimizer.param_groups),
+        "epoch_time": seconds,
+    }
+    if ema is not None:
+        D.sync_buffers(ema.module, env)
+        ev_ema = evaluate(ema.module, bundle.val, env, precision)
+        rec.update(
+            ema_val_loss=ev_ema["loss"], ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"]
+        )
+    log.info(
+        "epoch %d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%",
+        epoch, train_loss, ev["loss"], ev["top1"], ev["top5"],
+    )  # fmt: skip
+    return metrics.write(rec)
+
+
+def _checkpoint(
+    path: Path | None,
+    env: D.DistEnv,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    ema: Any,
+    meters: dict[str, Any],
+    cfg: TrainConfig,
+    bundle: DataBundle,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    writes: bool,
+) -> None:
+    if path is None:
+        return
+    # Every rank's RNG and running sums are gathered (a collective: all ranks call this).
+    per_rank = D.gather_objects(
+        {
+            "rng": capture_rng(env.device),
+            "meters": {
+                k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in meters.items()
+            },
+            "gates": _gate_counters(model),
+            "generators": {k: g.get_state() for k, g in _private_generators(model).items()},
+        },
+        env,
+    )
+    if writes:
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "per_rank": per_rank,
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "world_size": env.world_size,
+            "num_classes": bundle.num_classes,
+            "config": cfg.to_dict(),
+        }
+        save_checkpoint(state, path)
+    D.barrier(env)
+
+
+def _load_training_state(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    ema: Any,
+    bundle: DataBundle,
+    cfg: TrainConfig,
+) -> None:
+    if ckpt.get("num_classes") != bundle.num_classes:
+        raise ModelError(
+            f"checkpoint was trained for {ckpt.get('num_classes')} classes, the data has {bundle.num_classes}"
+        )
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise ModelError(
+            f"checkpoint does not fit {type(model).__name__} with this recipe: {e}"
+        ) from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+    changed = {
+        k: (v, getattr(cfg, k, None))
+        for k, v in ckpt.get("config", {}).items()
+        if getattr(cfg, k, None) != v
+    }
+    if changed:
+        log.warning(
+            "resuming with changed train settings (the run will not match the original): %s",
+            changed,
+        )
+
+
+def _restore_rank_state(
+    ckpt: dict[str, Any], meters: dict[str, Any], model: nn.Module, env: D.DistEnv
+) -> None:
+    per_rank = ckpt.get("per_rank") or []
+    if len(per_rank) != env.world_size:
+        # Another world size: data shards and RNG streams cannot continue; reseed deterministically.
+        log.warning(
+            "checkpoint from %d process(es), resuming with %d: not bit-exact",
+            len(per_rank),
+            env.world_size,
+        )
+        seed_all(_mix(int(ckpt["step"]), env.rank, "resume") % 2**31)
+        return
+    mine = per_rank[env.rank]
+    restore_rng(mine["rng"], env.device)
+    for k, v in mine["meters"].items():
+        meters[k] = v.to(env.device) if isinstance(v, torch.Tensor) else v
+    generators = _private_generators(model)
+    for key, state in mine.get("generators", {}).items():
+        if key in generators:
+            generators[key].set_state(state)
+    for name, (calls, kept) in mine.get("gates", {}).items():
+        gate = model.get_submodule(name)
+        gate.calls, gate.kept = calls, kept

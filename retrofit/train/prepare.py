@@ -1,0 +1,196 @@
+"""Everything between "a model and a recipe" and "a model ready to train".
+
+Order matters and is fixed here: resize the classifier first (so the plan, the rewrite and the
+saved weights all see the final head), then plan, then ``retrofit.apply``, then lint the model
+that will actually be trained (a recipe's Uout/dropout fix may already have cleared a finding).
+The run directory gets the resolved recipe, the plan and the lint report before the first step.
+
+The core API (``retrofit.apply``, ``plan``, ``lint``, ``load_recipe``, ``schedule``) is imported
+lazily: the trainer is usable without regularizers while those modules are absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from retrofit.train.config import TrainConfig
+
+log = logging.getLogger("retrofit.train")
+
+MODEL_SECTIONS = ("stochastic_depth", "dropblock", "uout", "dropout_fix")
+
+
+class LintFindingsError(RuntimeError):
+    """``strict_lint`` was set and the lint found Dropout→BatchNorm variance-shift sites.
+
+    The CLI maps it to exit code 1 (lint findings), like ``retrofit-cli lint``.
+    """
+
+    def __init__(self, findings: list[dict[str, Any]]) -> None:
+        self.findings = findings
+        first = "; ".join(_finding_line(f) for f in findings[:3])
+        super().__init__(
+            f"strict lint: {len(findings)} finding(s), refusing to train: {first}. Fix them with the "
+            "recipe (uout: or dropout_fix:) or train without strict lint"
+        )
+
+
+def _finding_line(f: dict[str, Any]) -> str:
+    if "dropout" in f and "norm" in f:
+        return f"dropout {f['dropout']} reaches BatchNorm {f['norm']}"
+    return json.dumps(f, default=str)
+
+
+def core(name: str) -> Any:
+    """``retrofit.<name>`` if it exists yet, else None (the core is written alongside the trainer)."""
+    try:
+        mod = importlib.import_module("retrofit")
+        obj = getattr(mod, name, None)
+    except Exception:
+        # A lazy ``retrofit.__getattr__`` whose target module is missing may raise anything.
+        obj = None
+    if obj is None:
+        try:
+            obj = importlib.import_module(f"retrofit.{name}")
+        except ImportError:
+            return None
+    return obj
+
+
+def resolve_recipe(recipe: Any) -> Any:
+    """A Recipe object (or None) from a Recipe, a path, or a dict."""
+    if recipe is None:
+        return None
+    if isinstance(recipe, (str, Path, dict)):
+        load = core("load_recipe")
+        if load is not None:
+            return load(recipe)
+        if isinstance(recipe, dict) and not any(recipe.get(k) for k in (*MODEL_SECTIONS, "cutout")):
+            # Until recipe.py lands a train-only dict is still usable.
+            return SimpleNamespace(train=recipe.get("train"))
+        raise RuntimeError("retrofit.load_recipe is not available in this installation")
+    return recipe
+
+
+def train_config_of(recipe: Any) -> TrainConfig:
+    """The recipe's ``train:`` section as a TrainConfig (defaults when absent)."""
+    section = getattr(recipe, "train", None) if recipe is not None else None
+    return section if isinstance(section, TrainConfig) else TrainConfig.from_dict(section)
+
+
+def has_model_edits(recipe: Any) -> bool:
+    return recipe is not None and any(getattr(recipe, k, None) for k in MODEL_SECTIONS)
+
+
+def recipe_dict(recipe: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe as a plain dict, with the resolved train section (defaults filled in)."""
+    d: dict[str, Any] = {}
+    if recipe is not None:
+        if hasattr(recipe, "to_dict"):
+            d = dict(recipe.to_dict())
+        elif dataclasses.is_dataclass(recipe):
+            d = dataclasses.asdict(recipe)
+        else:
+            d = {k: v for k, v in vars(recipe).items() if not k.startswith("_")}
+    d = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in d.items() if v is not None}
+    d["train"] = cfg.to_dict()
+    return d
+
+
+def example_input(
+    input_size: tuple[int, ...], device: torch.device, batch: int = 2
+) -> torch.Tensor:
+    """A random input for tracing/verification, from a private generator (global RNG untouched)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(batch, *input_size, generator=g).to(device)
+
+
+@dataclasses.dataclass
+class Prepared:
+    plan: dict[str, Any] | None
+    findings: list[dict[str, Any]]
+    lint_skipped: str | None
+
+
+def prepare_model(
+    model: nn.Module,
+    recipe: Any,
+    cfg: TrainConfig,
+    input_size: tuple[int, int, int],
+    *,
+    device: torch.device,
+    out: Path | None,
+    strict_lint: bool,
+    apply: bool = True,
+) -> Prepared:
+    """Plan and apply the recipe to ``model`` (in place), lint it, write the run's preamble files.
+
+    ``out`` is None on non-zero ranks: every rank edits its model, only rank 0 writes.
+
+    Raises:
+        LintFindingsError: ``strict_lint`` and the lint reported findings.
+    """
+    example = example_input(input_size, device)
+    plan_dict = None
+    if apply and has_model_edits(recipe):
+        apply_fn = core("apply")
+        if apply_fn is None:
+            raise RuntimeError("the recipe edits the model but retrofit.apply is not available")
+        was_training = model.training
+        apply_fn(model, recipe, example_input=example)
+        model.train(was_training)
+        # The plan apply executed (planning again would trace the model a second time).
+        applied = core("applied_plan")
+        the_plan = applied(model) if applied is not None else None
+        if the_plan is None and core("plan") is not None:
+            the_plan = core("plan")(model, recipe)
+        plan_dict = the_plan.to_dict() if the_plan is not None else None
+
+    findings: list[dict[str, Any]] = []
+    skipped = None
+    lint_fn = core("lint")
+    if lint_fn is not None and not callable(lint_fn):  # the module retrofit.lint, not the function
+        lint_fn = getattr(lint_fn, "lint", None)
+    if not callable(lint_fn):
+        skipped = "retrofit.lint is not available in this installation"
+        log.info("lint skipped: %s", skipped)
+    else:
+        was_training = model.training
+        try:
+            findings = [
+                f.to_dict() if hasattr(f, "to_dict") else dict(f)
+                for f in lint_fn(model, example_input=example)
+            ]
+        except Exception as e:
+            # A lint crash must not cost a training run, unless the caller asked to be strict.
+            if strict_lint:
+                raise
+            skipped = f"lint failed: {type(e).__name__}: {e}"
+            log.warning("%s", skipped)
+        finally:
+            model.train(was_training)
+        for f in findings:
+            log.warning("lint: %s", _finding_line(f))
+
+    if out is not None:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False))
+        if plan_dict is not None:
+            (out / "plan.json").write_text(json.dumps(plan_dict, indent=2, default=str))
+        (out / "lint.json").write_text(
+            json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str)
+        )
+    if strict_lint and findings:
+        raise LintFindingsError(findings)
+    return Prepared(plan=plan_dict, findings=findings, lint_skipped=skipped)

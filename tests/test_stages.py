@@ -1,0 +1,287 @@
+"""Stage analysis (retrofit.stages) and the meta-device shape propagation it rests on.
+
+Every zoo model is built on the meta device: finding stages needs shapes, not weights. The
+expected tables are what the analysis gives, written down exactly (index, module, shape for the
+probe input, reduction, how it was found) so any change in the definition shows up here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import retrofit
+from retrofit.errors import TraceError
+from retrofit.graph.shapes import SHAPE, ShapePropError, propagate_shapes
+from retrofit.graph.stages import NoConvStagesError, Stage, stages
+from retrofit.graph.trace import trace_module
+from tests.user_models import TinyResNet
+
+
+def tv(name: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return getattr(torchvision.models, name)(**kwargs)
+
+
+def tm(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name)
+
+
+def table(found: list[Stage]) -> list[tuple]:
+    return [(s.index, s.module, s.shape, s.reduction, s.found_by) for s in found]
+
+
+# (index, module, shape at the 224×224 probe, reduction, found_by)
+ZOO = {
+    "tv.resnet50": (
+        lambda: tv("resnet50"),
+        [
+            (1, "layer1", (1, 256, 56, 56), 4, "shapes"),
+            (2, "layer2", (1, 512, 28, 28), 8, "shapes"),
+            (3, "layer3", (1, 1024, 14, 14), 16, "shapes"),
+            (4, "layer4", (1, 2048, 7, 7), 32, "shapes"),
+        ],
+    ),
+    # timm's feature_info also lists act1 at reduction 2: that is the stem.
+    "timm.resnet50": (
+        lambda: tm("resnet50"),
+        [
+            (1, "layer1", (1, 256, 56, 56), 4, "feature_info"),
+            (2, "layer2", (1, 512, 28, 28), 8, "feature_info"),
+            (3, "layer3", (1, 1024, 14, 14), 16, "feature_info"),
+            (4, "layer4", (1, 2048, 7, 7), 32, "feature_info"),
+        ],
+    ),
+    # features.0 is the 4×4 patchify stem, features.2/4/6 the downsampling layers (LayerNorm at
+    # the old resolution, then a stride-2 conv): the stages are the block groups between them.
+    "tv.convnext_tiny": (
+        lambda: tv("convnext_tiny"),
+        [
+            (1, "features.1", (1, 96, 56, 56), 4, "shapes"),
+            (2, "features.3", (1, 192, 28, 28), 8, "shapes"),
+            (3, "features.5", (1, 384, 14, 14), 16, "shapes"),
+            (4, "features.7", (1, 768, 7, 7), 32, "shapes"),
+        ],
+    ),
+    # Channels-last inside the blocks, NCHW at every stage boundary.
+    "timm.convnext_tiny": (
+        lambda: tm("convnext_tiny"),
+        [
+            (1, "stages.0", (1, 96, 56, 56), 4, "feature_info"),
+            (2, "stages.1", (1, 192, 28, 28), 8, "feature_info"),
+            (3, "stages.2", (1, 384, 14, 14), 16, "feature_info"),
+            (4, "stages.3", (1, 768, 7, 7), 32, "feature_info"),
+        ],
+    ),
+    # features.0 (stem conv) and features.1 (the 16-channel block) run at reduction 2: stem.
+    # The reduction-32 level ends after the 1×1 head conv features.8, the last node before the
+    # global pool.
+    "tv.efficientnet_b0": (
+        lambda: tv("efficientnet_b0"),
+        [
+            (1, "features.2", (1, 24, 56, 56), 4, "shapes"),
+            (2, "features.3", (1, 40, 28, 28), 8, "shapes"),
+            (3, "features.5", (1, 112, 14, 14), 16, "shapes"),
+            (4, "features.8", (1, 1280, 7, 7), 32, "shapes"),
+        ],
+    ),
+    "timm.efficientnet_b0": (
+        lambda: tm("efficientnet_b0"),
+        [
+            (1, "blocks.1", (1, 24, 56, 56), 4, "feature_info"),
+            (2, "blocks.2", (1, 40, 28, 28), 8, "feature_info"),
+            (3, "blocks.4", (1, 112, 14, 14), 16, "feature_info"),
+            (4, "blocks.6", (1, 320, 7, 7), 32, "feature_info"),
+        ],
+    ),
+    # A flat Sequential of 17 layers: each stage module is the last block at its resolution.
+    "tv.mobilenet_v3_large": (
+        lambda: tv("mobilenet_v3_large"),
+        [
+            (1, "features.3", (1, 24, 56, 56), 4, "shapes"),
+            (2, "features.6", (1, 40, 28, 28), 8, "shapes"),
+            (3, "features.12", (1, 112, 14, 14), 16, "shapes"),
+            (4, "features.16", (1, 960, 7, 7), 32, "shapes"),
+        ],
+    ),
+    "timm.mobilenetv3_large_100": (
+        lambda: tm("mobilenetv3_large_100"),
+        [
+            (1, "blocks.1", (1, 24, 56, 56), 4, "feature_info"),
+            (2, "blocks.2", (1, 40, 28, 28), 8, "feature_info"),
+            (3, "blocks.4", (1, 112, 14, 14), 16, "feature_info"),
+            (4, "blocks.6", (1, 960, 7, 7), 32, "feature_info"),
+        ],
+    ),
+    # No conv runs at reduction 32 (features.20 is the last max-pool): three stages.
+    "tv.vgg11": (
+        lambda: tv("vgg11"),
+        [
+            (1, "features.9", (1, 256, 56, 56), 4, "shapes"),
+            (2, "features.14", (1, 512, 28, 28), 8, "shapes"),
+            (3, "features.19", (1, 512, 14, 14), 16, "shapes"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_stages(name):
+    factory, expected = ZOO[name]
+    assert table(stages(factory())) == expected
+
+
+def test_resnet50_stage_calls_are_located_in_the_root_forward():
+    found = stages(tv("resnet50"))
+    sites = [(s.site.owner, s.site.node, s.site.key, s.site.ordinal) for s in found]
+    assert sites == [("", f"layer{i}", f"module:layer{i}", 0) for i in range(1, 5)]
+    assert all(
+        s.site.source.endswith(("resnet.py:273", "resnet.py:274", "resnet.py:275", "resnet.py:276"))
+        for s in found
+    )
+    assert [s.node for s in found] == [
+        "layer1_2_relu_2",
+        "layer2_3_relu_2",
+        "layer3_5_relu_2",
+        "layer4_2_relu_2",
+    ]
+
+
+def test_sequential_caller_is_the_owner():
+    found = stages(tv("mobilenet_v3_large"))
+    assert [(s.site.owner, s.site.node, s.site.key) for s in found] == [
+        ("features", "_3", "module:3"),
+        ("features", "_6", "module:6"),
+        ("features", "_12", "module:12"),
+        ("features", "_16", "module:16"),
+    ]
+    # nn.Sequential.forward is torch's code: its nodes get no source line to check against.
+    assert all(s.site.source is None for s in found)
+
+
+def test_example_input_sets_the_shapes():
+    found = stages(tv("resnet50"), torch.empty(2, 3, 64, 96))
+    assert [(s.module, s.shape, s.reduction) for s in found] == [
+        ("layer1", (2, 256, 16, 24), 4),
+        ("layer2", (2, 512, 8, 12), 8),
+        ("layer3", (2, 1024, 4, 6), 16),
+        ("layer4", (2, 2048, 2, 3), 32),
+    ]
+
+
+def test_probe_size_follows_pretrained_cfg():
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", pretrained_cfg_overlay={"input_size": (3, 160, 160)})
+    assert [s.shape for s in stages(model)] == [
+        (1, 64, 40, 40),
+        (1, 128, 20, 20),
+        (1, 256, 10, 10),
+        (1, 512, 5, 5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "cls"),
+    [
+        (lambda: tv("vit_b_16"), "VisionTransformer"),
+        (lambda: tm("vit_tiny_patch16_224"), "VisionTransformer"),
+        (lambda: tv("swin_t"), "SwinTransformer"),
+    ],
+)
+def test_transformers_have_no_conv_stages(model, cls):
+    # A ViT's patch embedding is a conv producing a 4-D map, but nothing convolves that map;
+    # Swin's stages are NHWC.
+    with pytest.raises(NoConvStagesError) as info:
+        stages(model())
+    assert str(info.value) == f"DropBlock does not apply: no conv feature maps in {cls}"
+    assert isinstance(info.value, ValueError)
+
+
+def test_non_image_model_has_no_conv_stages():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(NoConvStagesError, match="no conv feature maps in Sequential"):
+        stages(model, torch.empty(1, 8))
+
+
+def test_small_image_network_keeps_its_first_level():
+    # A CIFAR-style stride-1 stem never leaves reduction 1: its first level is stage 1.
+    found = stages(TinyResNet(), torch.empty(1, 3, 32, 32))
+    assert table(found) == [(1, "blocks", (1, 8, 32, 32), 1, "shapes")]
+
+
+def test_real_weights_are_not_touched():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()  # training mode: BatchNorm would update its stats
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = stages(model)
+    assert [s.module for s in found] == ["layer1", "layer2", "layer3", "layer4"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(t.device.type == "cpu" for t in after.values())
+
+
+def test_untraceable_forward_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.conv(x)
+            return x
+
+    with pytest.raises(TraceError, match="stages of Branchy need its forward as one fx graph"):
+        stages(Branchy(), torch.empty(1, 3, 8, 8))
+
+
+def test_to_dict_is_json_ready():
+    found = stages(tv("resnet18"))
+    row = json.loads(json.dumps([s.to_dict() for s in found]))[2]
+    assert row == {
+        "index": 3,
+        "module": "layer3",
+        "shape": [1, 256, 14, 14],
+        "reduction": 16,
+        "node": "layer3_1_relu_1",
+        "found_by": "shapes",
+        "owner": "",
+    }
+
+
+def test_lazy_package_attributes():
+    assert retrofit.stages is stages
+    assert retrofit.Stage is Stage
+
+
+# --------------------------------------------------------------------------- shape propagation
+
+
+def test_shape_propagation_records_every_tensor_node():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten())
+    gm = trace_module(model)
+    out = propagate_shapes(gm, torch.randn(2, 3, 9, 9))
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 64)
+    assert {n.name: n.meta[SHAPE] for n in gm.graph.nodes} == {
+        "input_1": (2, 3, 9, 9),
+        "_0": (2, 4, 4, 4),
+        "_1": (2, 4, 4, 4),
+        "_2": (2, 64),
+        "output": (2, 64),
+    }
+
+
+def test_shape_propagation_names_the_node_that_needs_data():
+    class NeedsData(nn.Module):
+        def forward(self, x):
+            return x.tolist()
+
+    gm = trace_module(NeedsData())
+    with pytest.raises(ShapePropError, match="failed at node 'tolist'"):
+        propagate_shapes(gm, torch.randn(2))
