@@ -5,10 +5,15 @@ apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped li
 0.9 over training. For any CNN retrofit offers two placements:
 
 * ``placement: stages`` (default): one DropBlock on each chosen stage's output. The edit is an
-  ``insert_after`` on the call of the stage module in the module whose forward calls it — the
-  root ``ResNet`` calling ``layer3``, torchvision ConvNeXt's ``features`` Sequential calling
-  ``features.5``. The stage's next consumer (the next stage's first block, both its branch and
-  its shortcut) sees the masked map.
+  ``insert_after`` on the call that ends the stage, in the nearest module with a ``forward`` of
+  its own (``graph/stages.py:StageAnalysis.call_site``). A pass-through container
+  (``nn.Sequential``) owns no code, so for torchvision's ResNet-50 "after ``layer3``" is the root
+  ``ResNet``'s call of ``layer3.5`` (``layer3``'s last block), and for torchvision ConvNeXt
+  "after ``features.5``" the root's call of ``features.5.8``. A Sequential never gains a child
+  (its length, indexing and ``Sequential.forward`` stay as they were). The edit's ``target`` is
+  the stage module and its note says "after stage 3 (layer3, reduction 16)", so a plan's table
+  reads ``insert_after layer3`` on the row of node ``layer3_5``. The stage's next consumer (the
+  next stage's first block, both its branch and its shortcut) sees the masked map.
 * ``placement: blocks``: one DropBlock after every residual block of the chosen stages — after the
   block's output, i.e. after its add *and* the activation that follows it. The paper applies
   DropBlock after the convolutions and on the skip connection of each block; masking every
@@ -17,6 +22,11 @@ apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped li
   in the model's own ``forward`` (no block module) gets its DropBlock right after the add:
   masking with non-negative scale commutes with a following ReLU, so it is the same thing.
   A chosen stage without residual blocks (VGG) gets one DropBlock on its output, and a note.
+  The edit's ``target`` is the block module (``layer3.0``).
+
+A model that is itself a pass-through container (a bare ``nn.Sequential`` CNN) has no code to
+insert into: the only way would add a child to the Sequential, so planning raises
+:class:`SequentialOwnerError` instead.
 
 "The residual blocks of a stage" are the residual sites (graph/residual.py) whose block output is
 an NCHW map at the stage's reduction, computed after the previous stage's end and no later than
@@ -34,19 +44,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
-from retrofit.errors import RecipeError, TraceError
+from retrofit.errors import ModelError, RecipeError, TraceError
 from retrofit.graph.residual import ResidualSite
 from retrofit.graph.shapes import shape_of
 from retrofit.graph.stages import CallSite, Stage, StageAnalysis, analyse_stages
+from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
 
 if TYPE_CHECKING:
     from retrofit.plan import Analysis, Edit
     from retrofit.recipe import DropBlockSpec
 
-__all__ = ["dropblock_layer", "plan_dropblock", "select_stages", "stage_analysis"]
+__all__ = [
+    "SequentialOwnerError",
+    "dropblock_layer",
+    "plan_dropblock",
+    "select_stages",
+    "stage_analysis",
+]
 
 _FIELD = "dropblock.stages"
+
+
+class SequentialOwnerError(ModelError):
+    """DropBlock would have to be added to a pass-through container (``nn.Sequential``).
+
+    Only a model that is itself such a container gets here: every other call site belongs to the
+    nearest module with a ``forward`` of its own (``trace.is_passthrough``).
+    """
 
 
 def stage_analysis(analysis: Analysis) -> StageAnalysis:
@@ -130,6 +155,23 @@ def _edit(
     )
 
 
+def _checked(sa: StageAnalysis, site: CallSite, where: str) -> CallSite:
+    """``site``, unless its owner is a pass-through container (a model that is an nn.Sequential).
+
+    Rewriting such an owner would add the DropBlock as a child of the Sequential: ``len`` and
+    indexing would change and ``Sequential.forward`` would run it after the last layer.
+    """
+    owner = sa.model.get_submodule(site.owner)
+    if is_passthrough(owner):
+        name = site.owner or "the model"
+        raise SequentialOwnerError(
+            f"cannot place DropBlock {where}: {name} is a {type(owner).__name__}, whose forward "
+            "only chains its children, and a DropBlock inserted there would become one more "
+            "child; wrap it in a module with a forward of its own"
+        )
+    return site
+
+
 def _stage_site(stage: Stage) -> CallSite:
     if stage.site is None:
         raise TraceError(
@@ -190,7 +232,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
             edits.append(
                 _edit(
                     spec,
-                    _stage_site(stage),
+                    _checked(sa, _stage_site(stage), f"after {label}"),
                     stage.shape,
                     probe,
                     target=stage.module,
@@ -204,14 +246,15 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 call = sa.call_site(block)
             else:
                 call = CallSite(site.owner, site.node, site.key, site.ordinal, site.source)
+            where = f"after block {i}/{len(in_stage)} of {label}"
             edits.append(
                 _edit(
                     spec,
-                    call,
+                    _checked(sa, call, where),
                     shape_of(node),
                     probe,
                     target=block,
-                    where=f"after block {i}/{len(in_stage)} of {label}",
+                    where=where,
                     block=block or None,
                 )
             )

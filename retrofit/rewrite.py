@@ -33,7 +33,7 @@ from torch import nn
 
 from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.dataflow import locate
-from retrofit.graph.trace import trace_module
+from retrofit.graph.trace import is_passthrough, trace_graph
 from retrofit.layers import StochasticDepthGate
 from retrofit.placement import dropblock_layer
 from retrofit.plan import Edit, Plan
@@ -93,12 +93,13 @@ _RATE_ATTRS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _layer(edit: Edit) -> nn.Module:
+def _layer(edit: Edit, parent: nn.Module) -> nn.Module:
     try:
         factory = LAYER_FACTORIES[edit.kind]
     except KeyError:
         raise RewriteError(f"no layer registered for edit kind {edit.kind!r}") from None
-    return factory(edit)
+    # A new module starts in training mode; in a model already in eval() it must not.
+    return factory(edit).train(parent.training)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -120,7 +121,7 @@ def _replace_module(model: nn.Module, edit: Edit) -> None:
     parent = model.get_submodule(parent_name)
     state = _state(parent)
     state.replaced.setdefault(attr, getattr(parent, attr))
-    setattr(parent, attr, _layer(edit))
+    setattr(parent, attr, _layer(edit, parent))
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -131,9 +132,9 @@ def _same(value: Any, default: Any) -> bool:
     return value == default
 
 
-def _compile(gm: fx.GraphModule, label: str) -> Callable[..., Any]:
-    """Python source of ``gm``'s graph as a function of ``self`` (the owner, not a GraphModule)."""
-    code = gm.graph.python_code(root_module="self")
+def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
+    """Python source of ``graph`` as a function of ``self`` (the owner, not a GraphModule)."""
+    code = graph.python_code(root_module="self")
     filename = f"<retrofit {label} #{next(_counter)}>"
     # Registered with linecache so tracebacks through the generated forward show its code.
     linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
@@ -142,8 +143,7 @@ def _compile(gm: fx.GraphModule, label: str) -> Callable[..., Any]:
     return namespace["forward"]
 
 
-def _edit_graph(gm: fx.GraphModule, edits: list[tuple[Edit, str]]) -> None:
-    graph = gm.graph
+def _edit_graph(graph: fx.Graph, edits: list[tuple[Edit, str]]) -> None:
     located = [(edit, name, locate(graph, edit.key, edit.ordinal)) for edit, name in edits]
     for edit, _, node in located:
         src = node.meta.get("source")
@@ -167,24 +167,38 @@ def _edit_graph(gm: fx.GraphModule, edits: list[tuple[Edit, str]]) -> None:
                 new = graph.create_node("call_module", name, (node.args[0],))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-    for _, name in edits:
-        gm.add_submodule(name, nn.Identity())  # stands in for the real layer so lint can resolve it
     graph.lint()
 
 
+def _copy(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    return new
+
+
 def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> None:
+    if is_passthrough(owner):
+        raise RewriteError(
+            f"{name or '<root>'} is a plain nn.Sequential: it has no forward code of its own to "
+            "insert a layer into (wrap the model in a module with a forward)"
+        )
     functions = {}
-    concrete: dict[str, Any] = {}
+    pristine: fx.Graph | None = None
     for training in (True, False):
-        saved = owner.training
-        owner.training = training  # only the owner's own flag: its children are leaves here
-        try:
-            gm = trace_module(owner, shallow=True)
-        finally:
-            owner.training = saved
-        _edit_graph(gm, edits)
+        if pristine is not None:
+            graph = _copy(pristine)  # the forward never read self.training: one trace serves both
+        else:
+            saved = owner.training
+            owner.training = training  # only the owner's own flag: its children are leaves here
+            try:
+                graph, read_training = trace_graph(owner, shallow=True)
+            finally:
+                owner.training = saved
+            if not read_training:
+                pristine = _copy(graph)
+        _edit_graph(graph, edits)
         functions[training] = _compile(
-            gm,
+            graph,
             f"{type(owner).__name__}.forward {name or '<root>'} {'train' if training else 'eval'}",
         )
     from retrofit.graph.trace import default_args
@@ -234,7 +248,7 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
         named = []
         for edit in edits:
             attr = f"retrofit_{edit.kind}{len(state.added)}"
-            owner.add_module(attr, _layer(edit))
+            owner.add_module(attr, _layer(edit, owner))
             state.added.append(attr)
             named.append((edit, attr))
         _install_forward(owner, owner_name, named)

@@ -19,6 +19,7 @@ from retrofit import schedule
 from retrofit.errors import RecipeError
 from retrofit.graph.stages import NoConvStagesError
 from retrofit.layers import DropBlock, StochasticDepthGate
+from retrofit.placement import SequentialOwnerError
 from tests.user_models import TinyResNet
 
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -54,9 +55,11 @@ def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_stages_3_4_on_resnet50_go_after_layer3_and_layer4():
     plan = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [3, 4]}})
     edits = plan.by_kind("dropblock")
+    # layer3/layer4 are nn.Sequential (pass-through): the root ResNet owns the call of their last
+    # Bottleneck, layer3.5 (6 blocks) and layer4.2 (3 blocks); target names the stage.
     assert [(e.module, e.node, e.action, e.key, e.ordinal, e.target) for e in edits] == [
-        ("", "layer3", "insert_after", "module:layer3", 0, "layer3"),
-        ("", "layer4", "insert_after", "module:layer4", 0, "layer4"),
+        ("", "layer3_5", "insert_after", "module:layer3.5", 0, "layer3"),
+        ("", "layer4_2", "insert_after", "module:layer4.2", 0, "layer4"),
     ]
     assert [e.params for e in edits] == [
         {"block_size": 7, "keep_prob": 0.9, "per_channel": False, "ramp": 1.0}
@@ -77,25 +80,83 @@ def test_stages_by_name_and_index_are_the_same():
     assert by_name == by_index
     # The same stage named twice (by index and by name) gets one DropBlock.
     both = retrofit.plan(model, {"dropblock": {"stages": [3, "layer3"]}})
-    assert [e.node for e in both.edits] == ["layer3"]
+    assert [(e.node, e.target) for e in both.edits] == [("layer3_5", "layer3")]
 
 
 def test_timm_resnet50_uses_its_feature_info_names():
     with torch.device("meta"):
         model = timm.create_model("resnet50")
     plan = retrofit.plan(model, {"dropblock": {"stages": [3, 4], "keep_prob": 0.8}})
-    assert [(e.module, e.node, e.params["keep_prob"]) for e in plan.edits] == [
-        ("", "layer3", 0.8),
-        ("", "layer4", 0.8),
+    # timm's layer3/layer4 are nn.Sequential too (3, 4, 6, 3 Bottlenecks).
+    assert [(e.module, e.node, e.target, e.params["keep_prob"]) for e in plan.edits] == [
+        ("", "layer3_5", "layer3", 0.8),
+        ("", "layer4_2", "layer4", 0.8),
     ]
 
 
 def test_sequential_owned_stages():
+    # torchvision ConvNeXt: features and each stage features.N are nn.Sequential, so the root
+    # ConvNeXt owns the call of the stage's last CNBlock (convnext_tiny: 9 blocks in features.5,
+    # 3 in features.7), made by ``x = self.features(x)`` in its _forward_impl (line 171).
     plan = retrofit.plan(meta("convnext_tiny"), {"dropblock": {"stages": [3, 4]}})
-    assert [(e.module, e.node, e.target, e.source) for e in plan.edits] == [
-        ("features", "_5", "features.5", None),
-        ("features", "_7", "features.7", None),
+    assert [(e.module, e.node, e.key, e.target) for e in plan.edits] == [
+        ("", "features_5_8", "module:features.5.8", "features.5"),
+        ("", "features_7_2", "module:features.7.2", "features.7"),
     ]
+    assert [e.source.rpartition("/")[2] for e in plan.edits] == ["convnext.py:171"] * 2
+
+
+def table_rows(plan) -> list[list[str]]:
+    """The edit rows of ``plan.table()``, split into cells (cells hold no double space)."""
+    lines = plan.table().splitlines()
+    return [
+        [c.strip() for c in line.split("  ") if c.strip()]
+        for line in lines[2 : 2 + len(plan.edits)]
+    ]
+
+
+def test_plan_table_says_which_stage_each_dropblock_follows():
+    # The located node is the last Bottleneck's call; the table's action names the stage module
+    # the DropBlock follows, so the user sees "after layer3" without knowing the owner rule.
+    plan = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [3, 4]}})
+    rows = table_rows(plan)
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("dropblock", "<root>", "layer3_5", "insert_after layer3"),
+        ("dropblock", "<root>", "layer4_2", "insert_after layer4"),
+    ]
+    assert [e.note for e in plan.edits] == [
+        "after stage 3 (layer3, reduction 16)",
+        "after stage 4 (layer4, reduction 32)",
+    ]
+    # placement: blocks names each block.
+    blocks = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [4], "placement": "blocks"}})
+    assert [(r[2], r[4]) for r in table_rows(blocks)] == [
+        (f"layer4_{i}", f"insert_after layer4.{i}") for i in range(3)
+    ]
+
+
+def test_a_bare_sequential_cnn_cannot_take_a_dropblock():
+    # Its only code is nn.Sequential.forward: inserting would make the DropBlock one more layer.
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    with pytest.raises(SequentialOwnerError) as info:
+        retrofit.plan(model, {"dropblock": {"stages": [1]}})
+    assert str(info.value) == (
+        "cannot place DropBlock after stage 1 (1, reduction 1): the model is a Sequential, whose "
+        "forward only chains its children, and a DropBlock inserted there would become one more "
+        "child; wrap it in a module with a forward of its own"
+    )
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(SequentialOwnerError):
+        retrofit.apply(model, {"dropblock": {"stages": [1]}}, example_input=torch.randn(1, 3, 8, 8))
+    assert len(model) == 7 and dropblocks(model) == {}
 
 
 @pytest.mark.parametrize(
@@ -135,9 +196,16 @@ def test_block_size_larger_than_the_map_is_clamped_and_noted():
 def test_blocks_placement_on_resnet50_is_one_per_residual_block():
     plan = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [3, 4], "placement": "blocks"}})
     edits = plan.by_kind("dropblock")
-    assert [(e.module, e.node, e.block) for e in edits] == [
-        *[("layer3", f"_{i}", f"layer3.{i}") for i in range(6)],
-        *[("layer4", f"_{i}", f"layer4.{i}") for i in range(3)],
+    # Every Bottleneck is called from the root's code (layer3/layer4 are pass-through).
+    assert [(e.module, e.node, e.key, e.block, e.target) for e in edits] == [
+        *[
+            ("", f"layer3_{i}", f"module:layer3.{i}", f"layer3.{i}", f"layer3.{i}")
+            for i in range(6)
+        ],
+        *[
+            ("", f"layer4_{i}", f"module:layer4.{i}", f"layer4.{i}", f"layer4.{i}")
+            for i in range(3)
+        ],
     ]
     assert edits[0].note == "after block 1/6 of stage 3 (layer3, reduction 16)"
     assert edits[-1].note == "after block 3/3 of stage 4 (layer4, reduction 32)"
@@ -146,7 +214,9 @@ def test_blocks_placement_on_resnet50_is_one_per_residual_block():
 def test_blocks_placement_without_residual_blocks_falls_back_to_the_stage():
     plan = retrofit.plan(meta("vgg11"), {"dropblock": {"stages": [3], "placement": "blocks"}})
     (edit,) = plan.edits
-    assert (edit.module, edit.node, edit.target) == ("features", "_19", "features.19")
+    # vgg11's features.19 is the ReLU after the last conv at reduction 16, in the features
+    # Sequential, which VGG.forward runs.
+    assert (edit.module, edit.node, edit.target) == ("", "features_19", "features.19")
     assert edit.note.endswith("no residual blocks in this stage: placed on the stage output")
 
 
@@ -207,27 +277,70 @@ def test_apply_resnet50_blocks_placement():
     retrofit.apply(
         model, {"dropblock": {"stages": [3, 4], "placement": "blocks"}}, example_input=X32
     )
-    names = list(dropblocks(model))
-    assert len(names) == 9
-    assert names == [f"layer3.retrofit_dropblock{i}" for i in range(6)] + [
-        f"layer4.retrofit_dropblock{i}" for i in range(3)
-    ]
+    # All nine belong to the root, whose forward calls every Bottleneck; the Sequentials keep
+    # their 6 and 3 blocks.
+    assert list(dropblocks(model)) == [f"retrofit_dropblock{i}" for i in range(9)]
+    assert (len(model.layer3), len(model.layer4)) == (6, 3)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(eval_out(model, X32), reference, rtol=0, atol=0)
+    # Each one masks its block's output: layer3.i's at 2×2 (X32 / 16), layer4.i's at 1×1.
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, tuple(i[0].shape))))
+        for n, m in dropblocks(model).items()
+    ]
+    eval_out(model, X32)
+    for h in hooks:
+        h.remove()
+    assert seen == [(f"retrofit_dropblock{i}", (1, 1024, 2, 2)) for i in range(6)] + [
+        (f"retrofit_dropblock{i}", (1, 2048, 1, 1)) for i in range(6, 9)
+    ]
     retrofit.strip(model)
     assert dropblocks(model) == {}
-    assert "forward" not in model.layer3.__dict__
+    assert "forward" not in model.__dict__
 
 
 def test_apply_mobilenet_v3_sequential_owner():
     model = real("mobilenet_v3_large")
     reference = eval_out(model, X32)
     retrofit.apply(model, {"dropblock": {"stages": [3, 4]}}, example_input=X32)
-    assert list(dropblocks(model)) == [
-        "features.retrofit_dropblock0",
-        "features.retrofit_dropblock1",
-    ]
+    # The root MobileNetV3 runs features' layers: the DropBlocks are its children, after
+    # features.12 and after features.16.2 (features.16 is a Conv2dNormActivation Sequential).
+    assert list(dropblocks(model)) == ["retrofit_dropblock0", "retrofit_dropblock1"]
+    assert (len(model.features), len(model.features[16])) == (17, 3)
     torch.testing.assert_close(eval_out(model, X32), reference, rtol=0, atol=0)
+
+
+def sequential_lengths(model: nn.Module) -> dict[str, int]:
+    return {n: len(m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)}
+
+
+@pytest.mark.parametrize(
+    ("name", "placement", "count"),
+    [
+        ("resnet50", "stages", 2),
+        ("resnet50", "blocks", 9),  # 6 + 3 Bottlenecks
+        ("mobilenet_v3_large", "stages", 2),
+        # The residual InvertedResidual blocks (stride 1, same channels in and out): features.8,
+        # 9, 10 and 12 at reduction 16 (7 strides, 11 widens 80→112), 14 and 15 at 32.
+        ("mobilenet_v3_large", "blocks", 6),
+    ],
+)
+def test_apply_never_changes_a_sequential(name, placement, count):
+    model = real(name)
+    before = sequential_lengths(model)
+    reference = eval_out(model, X32)
+    retrofit.apply(
+        model, {"dropblock": {"stages": [3, 4], "placement": placement}}, example_input=X32
+    )
+    assert sequential_lengths(model) == before
+    # Every DropBlock is a child of a module with a forward of its own, never of a Sequential.
+    parents = {n.rpartition(".")[0] for n in dropblocks(model)}
+    assert all(not isinstance(model.get_submodule(p), nn.Sequential) for p in parents)
+    assert len(dropblocks(model)) == count
+    torch.testing.assert_close(eval_out(model, X32), reference, rtol=0, atol=0)
+    retrofit.strip(model)
+    assert sequential_lengths(model) == before
 
 
 def test_dropblock_with_stochastic_depth():
@@ -237,7 +350,10 @@ def test_dropblock_with_stochastic_depth():
     retrofit.apply(model, recipe, example_input=X64)
     gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
     assert len(gates) == 8
-    assert list(dropblocks(model)) == ["layer4.retrofit_dropblock0", "layer4.retrofit_dropblock1"]
+    # Gates go into the BasicBlocks' own forwards, DropBlocks into the root's (after layer4.0 and
+    # layer4.1): layer4 stays a 2-block Sequential.
+    assert list(dropblocks(model)) == ["retrofit_dropblock0", "retrofit_dropblock1"]
+    assert len(model.layer4) == 2
     torch.testing.assert_close(eval_out(model, X64), reference, rtol=0, atol=0)
 
 
@@ -247,7 +363,9 @@ def test_user_model_small_image_blocks():
     x = torch.randn(2, 3, 32, 32)
     reference = eval_out(model, x)
     retrofit.apply(model, {"dropblock": {"stages": [1], "placement": "blocks"}}, example_input=x)
-    assert list(dropblocks(model)) == ["blocks.retrofit_dropblock0", "blocks.retrofit_dropblock1"]
+    # TinyResNet.forward runs blocks (a Sequential of 2 TinyBlocks): the root owns both calls.
+    assert list(dropblocks(model)) == ["retrofit_dropblock0", "retrofit_dropblock1"]
+    assert len(model.blocks) == 2
     torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
 
 

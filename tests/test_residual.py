@@ -37,7 +37,10 @@ def test_resnet50_sixteen_sites_with_the_linear_rule():
     for e in edits:  # p_l = 1 - (l/L)(1 - p_L), L = 16, p_L = 0.5
         assert e.survival == pytest.approx(1 - e.depth / 16 * 0.5, abs=1e-12)
     assert edits[0].survival == 0.96875 and edits[-1].survival == 0.5
-    assert all(e.action == "wrap_arg" and e.source.endswith("torchvision/models/resnet.py:160") for e in edits)
+    assert all(
+        e.action == "wrap_arg" and e.source.endswith("torchvision/models/resnet.py:160")
+        for e in edits
+    )
 
 
 def test_uniform_schedule_and_custom_p_L():
@@ -143,7 +146,12 @@ def test_known_false_positives_are_not_sites():
 
 class Branch(nn.Sequential):
     def __init__(self, c: int):
-        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        super().__init__(
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+        )
 
 
 class FunctionalBlocks(nn.Module):

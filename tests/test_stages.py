@@ -138,13 +138,23 @@ def test_zoo_stages(name):
 
 
 def test_resnet50_stage_calls_are_located_in_the_root_forward():
+    # layer1..layer4 are nn.Sequential: pass-through containers own no code, so each stage ends at
+    # the root ResNet's call of the Sequential's last Bottleneck (ResNet-50 has 3, 4, 6, 3 of them).
     found = stages(tv("resnet50"))
     sites = [(s.site.owner, s.site.node, s.site.key, s.site.ordinal) for s in found]
-    assert sites == [("", f"layer{i}", f"module:layer{i}", 0) for i in range(1, 5)]
-    assert all(
-        s.site.source.endswith(("resnet.py:273", "resnet.py:274", "resnet.py:275", "resnet.py:276"))
-        for s in found
-    )
+    assert sites == [
+        ("", "layer1_2", "module:layer1.2", 0),
+        ("", "layer2_3", "module:layer2.3", 0),
+        ("", "layer3_5", "module:layer3.5", 0),
+        ("", "layer4_2", "module:layer4.2", 0),
+    ]
+    # Each call is made by ``x = self.layerN(x)`` in ResNet._forward_impl (lines 273-276).
+    assert [s.site.source.rpartition("/")[2] for s in found] == [
+        "resnet.py:273",
+        "resnet.py:274",
+        "resnet.py:275",
+        "resnet.py:276",
+    ]
     assert [s.node for s in found] == [
         "layer1_2_relu_2",
         "layer2_3_relu_2",
@@ -153,16 +163,20 @@ def test_resnet50_stage_calls_are_located_in_the_root_forward():
     ]
 
 
-def test_sequential_caller_is_the_owner():
+def test_sequential_stages_are_owned_by_the_root():
+    # features is an nn.Sequential: its layers are called from MobileNetV3's own forward.
+    # features.3/6/12 are InvertedResidual blocks (a forward of their own): their calls are the
+    # sites. features.16 is a Conv2dNormActivation, an nn.Sequential subclass keeping its forward:
+    # the site is the call of its last child, the Hardswish features.16.2.
     found = stages(tv("mobilenet_v3_large"))
-    assert [(s.site.owner, s.site.node, s.site.key) for s in found] == [
-        ("features", "_3", "module:3"),
-        ("features", "_6", "module:6"),
-        ("features", "_12", "module:12"),
-        ("features", "_16", "module:16"),
+    assert [(s.module, s.site.owner, s.site.node, s.site.key) for s in found] == [
+        ("features.3", "", "features_3", "module:features.3"),
+        ("features.6", "", "features_6", "module:features.6"),
+        ("features.12", "", "features_12", "module:features.12"),
+        ("features.16", "", "features_16_2", "module:features.16.2"),
     ]
-    # nn.Sequential.forward is torch's code: its nodes get no source line to check against.
-    assert all(s.site.source is None for s in found)
+    # The owner is MobileNetV3, whose code runs them all: ``x = self.features(x)``.
+    assert [s.site.source.rpartition("/")[2] for s in found] == ["mobilenetv3.py:211"] * 4
 
 
 def test_example_input_sets_the_shapes():

@@ -22,6 +22,7 @@ from retrofit.graph.trace import TraceResult, trace
 
 __all__ = ["library_drop_path_owners"]
 
+
 def _through_scales(node: fx.Node, gm: fx.GraphModule, hops: int = 3) -> list[fx.Node]:
     """Users of ``node``, looking through layer scales applied after the drop path
     (MetaFormer/PoolFormer: ``res_scale(x) + layer_scale(drop_path(mixer(x)))``)."""

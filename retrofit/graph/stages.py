@@ -37,9 +37,14 @@ When the model has timm's ``feature_info``, its module names choose the stages (
 ``layer3``, ``stages.2``, ``blocks.4``), with the same stem rule, keeping only entries whose
 output is an NCHW map with the listed channel count (a ViT's or Swin's are not).
 
-Each stage also carries where a rewrite inserts a layer after it: the module whose ``forward``
-calls the stage module (``""``: the root ``ResNet`` calling ``layer3``), and the locator
-(``key``, ``ordinal``, see ``graph/dataflow.py``) of that call in the caller's own graph.
+Each stage also carries where a rewrite inserts a layer after it: the nearest module with a
+``forward`` of its own that runs the stage's last call, and the locator (``key``, ``ordinal``,
+see ``graph/dataflow.py``) of that call in the owner's own graph. Pass-through containers
+(``nn.Sequential``, ``trace.is_passthrough``) own no code and are inlined into their owner's
+graph, so "after ``layer3``" of torchvision's ResNet-50 is the root ``ResNet``'s call of
+``layer3.5`` (the Sequential's last child), and "after ``features.16``" of MobileNetV3 (a
+``Conv2dNormActivation``, a Sequential) is the root's call of ``features.16.2``. A rewrite at
+such a site never adds a child to a Sequential.
 """
 
 from __future__ import annotations
@@ -90,9 +95,10 @@ class NoConvStagesError(ModelError):
 class CallSite:
     """Where a rewrite can insert a module after a node: the node in ``owner``'s own graph.
 
-    ``owner`` is the qualified name of the module whose ``forward`` produces the value (``""``:
-    the root); ``node``/``key``/``ordinal``/``source`` locate it when ``owner`` is re-traced
-    on its own with every child as a leaf (what ``rewrite`` does).
+    ``owner`` is the qualified name of the nearest module with a ``forward`` of its own that
+    produces the value (``""``: the root; never a pass-through ``nn.Sequential``, except a model
+    that is one); ``node``/``key``/``ordinal``/``source`` locate it when ``owner`` is re-traced
+    on its own with every child but pass-through containers as a leaf (what ``rewrite`` does).
     """
 
     owner: str
@@ -172,7 +178,12 @@ class StageAnalysis:
         raise KeyError(name)
 
     def call_site(self, module: str) -> CallSite:
-        """Where the output of ``module`` leaves it: its call in the caller's own graph."""
+        """Where the output of ``module`` leaves it: its call in the owner's own graph.
+
+        The owner is the nearest ancestor with a ``forward`` of its own; for a pass-through
+        ``module`` the call is that of its last child (recursively): ``layer3`` of torchvision's
+        ResNet-50 → the root's call of ``layer3.5``.
+        """
         out = self.module_output.get(module)
         if out is None:
             raise LookupError(f"module {module!r} does not run in the traced forward")

@@ -25,6 +25,7 @@ import inspect
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,11 +178,61 @@ def default_args(module: nn.Module) -> dict[str, Any]:
 
 def trace_module(module: nn.Module, *, shallow: bool = False) -> fx.GraphModule:
     """Trace one module (raises whatever fx raises when it cannot)."""
+    graph, _ = trace_graph(module, shallow=shallow)
+    return fx.GraphModule(module, graph, module.__class__.__name__)
+
+
+def trace_graph(module: nn.Module, *, shallow: bool = False) -> tuple[fx.Graph, bool]:
+    """Trace one module to a bare graph (no GraphModule, no code generation).
+
+    Also says whether the module's own code read ``self.training`` while being traced: fx bakes
+    that read into the graph as a constant, so a graph that read it holds for one mode only.
+    """
     tracer = RetrofitTracer(shallow=shallow)
-    graph = tracer.trace(module, concrete_args=default_args(module) or None)
+    with _watch_training(module) as reads:
+        graph = tracer.trace(module, concrete_args=default_args(module) or None)
     for node in graph.nodes:
         node.meta["owner_local"] = owner_of(node)
-    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    return graph, bool(reads)
+
+
+_WATCHED: dict[type, type] = {}
+
+
+@contextmanager
+def _watch_training(module: nn.Module) -> Iterator[list[bool]]:
+    """Record reads of ``module.training`` (its own flag, not its children's).
+
+    The module's class is swapped, for the duration, for a subclass whose ``training`` is a
+    property: a data descriptor wins over the instance ``__dict__``, so every read is seen.
+    """
+    reads: list[bool] = []
+    cls = type(module)
+    if "training" in vars(cls) or not hasattr(module, "__dict__"):
+        reads.append(True)  # cannot watch: assume it is read
+        yield reads
+        return
+    watched = _WATCHED.get(cls)
+    if watched is None:
+
+        def get(self: nn.Module) -> bool:
+            self.__dict__.get("_retrofit_reads", []).append(True)
+            return self.__dict__["training"]
+
+        def set_(self: nn.Module, value: bool) -> None:
+            self.__dict__["training"] = value
+
+        watched = type(
+            cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__}
+        )
+        _WATCHED[cls] = watched
+    module.__dict__["_retrofit_reads"] = reads
+    module.__class__ = watched
+    try:
+        yield reads
+    finally:
+        module.__class__ = cls
+        del module.__dict__["_retrofit_reads"]
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""apply / strip on real models: eval equivalence, state_dict round trip, class kept, idempotence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import retrofit
+from retrofit.errors import VerifyError
+from retrofit.layers import StochasticDepthGate
+
+torch.set_num_threads(2)
+
+SD = {"stochastic_depth": {}}
+
+
+def gates(model: nn.Module) -> list[StochasticDepthGate]:
+    return [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+
+
+def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+CASES = [
+    # (factory, input size, expected sites)
+    (lambda: torchvision.models.resnet18(), 64, 8),
+    (lambda: torchvision.models.resnet50(), 64, 16),
+    (lambda: timm.create_model("resnet50"), 64, 16),
+    (lambda: torchvision.models.mobilenet_v3_large(), 64, 10),
+    (lambda: torchvision.models.efficientnet_b0(), 64, 9),
+    (lambda: torchvision.models.convnext_tiny(), 64, 18),
+    (lambda: torchvision.models.swin_t(), 64, 24),
+    (lambda: torchvision.models.densenet121(), 64, 0),
+    (lambda: timm.create_model("vit_tiny_patch16_224"), 224, 24),
+]
+IDS = [
+    "tv_resnet18",
+    "tv_resnet50",
+    "timm_resnet50",
+    "tv_mobilenet_v3_large",
+    "tv_efficientnet_b0",
+    "tv_convnext_tiny",
+    "tv_swin_t",
+    "tv_densenet121",
+    "timm_vit_tiny",
+]
+
+
+@pytest.mark.parametrize(("factory", "size", "sites"), CASES, ids=IDS)
+def test_apply_keeps_the_model(factory, size, sites):
+    torch.manual_seed(0)
+    model = factory()
+    original = copy.deepcopy(model)
+    cls = type(model)
+    x = torch.randn(2, 3, size, size)
+    reference = eval_out(original, x)
+    keys = list(model.state_dict())
+
+    out = retrofit.apply(model, SD, example_input=x)
+    assert out is model and type(model) is cls  # class kept, in place
+    plan = retrofit.applied_plan(model)
+    assert len(plan.by_kind("stochastic_depth")) == sites
+    # eval output identical (apply verified it; check independently)
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+    # state_dict: same keys and values; loads both ways with strict=True
+    assert list(model.state_dict()) == keys
+    model.load_state_dict(original.state_dict(), strict=True)
+    fresh = factory()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(eval_out(fresh, x), reference, rtol=0, atol=0)
+    # gates own nothing and every site is covered exactly once (gate or reused slot)
+    assert all(not list(g.state_dict()) for g in gates(model))
+    n_gates = len(gates(model))
+    # idempotence: applying again leaves one gate per site
+    retrofit.apply(model, SD, example_input=x)
+    assert len(gates(model)) == n_gates
+    # strip: the class's own forward again, no gates, same output
+    retrofit.strip(model)
+    assert not gates(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
+def test_timm_model_keeps_its_api():
+    model = timm.create_model("resnet18", num_classes=5)
+    retrofit.apply(model, SD, example_input=torch.randn(1, 3, 64, 64))
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 512, 2, 2)
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_training_draws_per_sample_masks_with_the_schedule():
+    model = torchvision.models.resnet18()
+    retrofit.apply(
+        model, {"stochastic_depth": {"p_L": 0.2}}, example_input=torch.randn(1, 3, 32, 32)
+    )
+    survivals = [g.survival for g in gates(model)]
+    assert survivals == pytest.approx([1 - (depth / 8) * 0.8 for depth in range(1, 9)])
+    assert [g.depth for g in gates(model)] == list(range(1, 9))
+    model.train()
+    x = torch.randn(64, 3, 32, 32)
+    model(x).sum().backward()
+    # each gate saw all 64 samples once and kept about p_l of them
+    for g in gates(model):
+        assert g.calls == 64
+        assert (
+            abs(g.kept_fraction - g.survival)
+            < 4 * (g.survival * (1 - g.survival) / 64) ** 0.5 + 1e-9
+        )
+
+
+def test_existing_stochastic_depth_is_reused_not_doubled_and_restored():
+    model = torchvision.models.efficientnet_b0()
+    before = [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"]
+    retrofit.apply(model, SD, example_input=torch.randn(1, 3, 64, 64))
+    assert not gates(model)
+    after = [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"]
+    edits = retrofit.applied_plan(model).edits
+    # the 9 residual slots now drop with 1 - p_l; the slots of non-residual blocks are untouched
+    reused = {e.target: 1 - e.survival for e in edits}
+    for (name, m), old in zip(
+        ((n, m) for n, m in model.named_modules() if type(m).__name__ == "StochasticDepth"),
+        before,
+        strict=True,
+    ):
+        assert m.p == pytest.approx(reused.get(name, old))
+    assert after != before
+    retrofit.strip(model)
+    assert [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"] == before
+
+
+def test_timm_identity_placeholders_become_gates():
+    model = timm.create_model("vit_tiny_patch16_224")  # drop_path_rate=0: nn.Identity slots
+    retrofit.apply(model, SD, example_input=torch.randn(1, 3, 224, 224))
+    assert isinstance(model.blocks[0].drop_path1, StochasticDepthGate)
+    assert model.blocks[0].drop_path1.survival == model.blocks[0].drop_path2.survival
+    assert model.blocks[11].drop_path2.survival == pytest.approx(0.5)
+    retrofit.strip(model)
+    assert isinstance(model.blocks[0].drop_path1, nn.Identity)
+
+
+def test_paper_scaling_scales_the_branch_in_eval():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = eval_out(model, x)
+    retrofit.apply(model, {"stochastic_depth": {"scaling": "paper"}}, example_input=x)
+    assert not torch.allclose(eval_out(model, x), reference)  # H = ReLU(p_l·f_l + id), by design
+    for g in gates(model):
+        g.survival = 1.0
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
+def test_sequential_containers_keep_their_length():
+    model = torchvision.models.mobilenet_v3_large()
+    lengths = {n: len(m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)}
+    retrofit.apply(model, SD, example_input=torch.randn(1, 3, 64, 64))
+    assert {n: len(m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)} == lengths
+
+
+def test_deepcopy_of_a_retrofitted_model_is_independent():
+    model = torchvision.models.resnet18()
+    retrofit.apply(model, SD, example_input=torch.randn(1, 3, 32, 32))
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(eval_out(twin, x), eval_out(model, x))
+    gates(twin)[0].survival = 0.123
+    assert gates(model)[0].survival != 0.123
+    # the copy's rewritten forward runs the copy's gates, not the original's
+    twin.train()
+    twin(x)
+    assert gates(twin)[0].calls == 2 and gates(model)[0].calls == 0
+
+
+def test_verify_restores_the_model_when_outputs_differ(monkeypatch):
+    model = torchvision.models.resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    reference = eval_out(model, x)
+
+    def broken(self, x, *args, **kwargs):  # a gate that is not the identity in eval
+        return x * 2
+
+    monkeypatch.setattr(StochasticDepthGate, "forward", broken)
+    with pytest.raises(VerifyError, match="eval output changed"):
+        retrofit.apply(model, SD, example_input=x)
+    monkeypatch.undo()
+    assert not gates(model) and all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
+def test_meta_model_plans_but_apply_needs_weights():
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    assert len(retrofit.plan(model, SD).edits) == 8
+    with pytest.raises(VerifyError, match="meta device"):
+        retrofit.apply(model, SD)
+    retrofit.apply(model, SD, verify=False)
+    assert len(gates(model)) == 8
+
+
+class KwargBlock(nn.Module):
+    """A block with an optional argument: the rewrite specialises it to its default."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x, scale=None):
+        if scale is not None:
+            x = x * scale
+        return x + self.f(x)
+
+
+def test_optional_arguments_fall_back_to_the_original_forward():
+    block = KwargBlock().eval()
+    x = torch.randn(4, 8)
+    ref_default, ref_scaled = block(x), block(x, scale=2.0)
+    retrofit.apply(block, SD, example_input=x)
+    assert len(gates(block)) == 1
+    torch.testing.assert_close(block(x), ref_default)
+    torch.testing.assert_close(block(x, scale=2.0), ref_scaled)
+    torch.testing.assert_close(block(x, None), ref_default)

@@ -1,0 +1,142 @@
+"""Core benchmarks (issue 2), each a ratio against a peer measured in the same process.
+
+(a) ``retrofit.apply`` (trace + residual analysis + plan + rewrite; verification off, it is a
+    forward pass of its own) vs plain ``torch.fx.symbolic_trace`` on resnet50, vit_b_16 and
+    convnext_tiny (torchvision, meta device: no weights are needed to trace). Target <= 1.5x.
+(b) Training-step time (forward + backward + SGD step) of timm resnet50 retrofitted with row-mode
+    stochastic depth (p_L = 0.5, linear) vs timm's own ``resnet50(drop_path_rate=0.5)``, which
+    applies its DropPath with the same linear schedule. Target <= 1.02x.
+
+Both sides run interleaved, after warm-up; the figure is the median of the repetitions.
+
+    python tools/bench_core.py [--steps 10] [--batch 16] [--size 96] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+import torchvision
+
+import retrofit
+
+SD = {"stochastic_depth": {"p_L": 0.5}}
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_apply(repeats: int) -> list[dict]:
+    rows = []
+    for name in ("resnet50", "vit_b_16", "convnext_tiny"):
+        with torch.device("meta"):
+            models = [getattr(torchvision.models, name)() for _ in range(2)]
+
+        def trace_only(m=models[0]):
+            torch.fx.symbolic_trace(m)
+
+        def apply_only(m=models[1]):
+            retrofit.apply(m, SD, verify=False)  # strips the previous round's edits first
+
+        trace_only(), apply_only()  # warm-up (imports, caches)
+        t_trace = t_apply = 0.0
+        a, b = [], []
+        for _ in range(repeats):  # interleaved
+            a.append(_median_time(trace_only, 1))
+            b.append(_median_time(apply_only, 1))
+        t_trace, t_apply = statistics.median(a), statistics.median(b)
+        rows.append(
+            {
+                "model": f"torchvision {name}",
+                "symbolic_trace_ms": round(t_trace * 1e3, 1),
+                "apply_ms": round(t_apply * 1e3, 1),
+                "ratio": round(t_apply / t_trace, 3),
+            }
+        )
+    return rows
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def bench_train_step(steps: int, batch: int, size: int) -> dict:
+    torch.manual_seed(0)
+    ours = timm.create_model("resnet50", num_classes=10)
+    retrofit.apply(ours, SD, example_input=torch.randn(2, 3, size, size))
+    torch.manual_seed(0)
+    theirs = timm.create_model("resnet50", num_classes=10, drop_path_rate=0.5)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    pairs = []
+    for model in (ours, theirs):
+        model.train()
+        pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)))
+    for model, opt in pairs:  # warm-up
+        for _ in range(2):
+            _train_step(model, opt, x, y)
+    t_ours, t_theirs = [], []
+    for _ in range(steps):
+        t_ours.append(_median_time(lambda: _train_step(*pairs[0], x, y), 1))
+        t_theirs.append(_median_time(lambda: _train_step(*pairs[1], x, y), 1))
+    m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    return {
+        "model": f"timm resnet50, batch {batch} at {size}px, CPU {torch.get_num_threads()} threads",
+        "retrofit_row_ms": round(m_ours * 1e3, 1),
+        "timm_drop_path_ms": round(m_theirs * 1e3, 1),
+        "ratio": round(m_ours / m_theirs, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="apply/trace repetitions")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per model")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    result = {
+        "apply_vs_trace": bench_apply(args.repeats),
+        "train_step": bench_train_step(args.steps, args.batch, args.size),
+    }
+    result["versions"] = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print("(a) apply (verify=False) vs torch.fx.symbolic_trace, target <= 1.5x")
+    for r in result["apply_vs_trace"]:
+        print(
+            f"  {r['model']:<26} trace {r['symbolic_trace_ms']:>8.1f} ms  apply {r['apply_ms']:>8.1f} ms  ratio {r['ratio']:.3f}"
+        )
+    t = result["train_step"]
+    print("(b) training step, retrofit row mode vs timm drop_path, target <= 1.02x")
+    print(
+        f"  {t['model']}: retrofit {t['retrofit_row_ms']} ms  timm {t['timm_drop_path_ms']} ms  ratio {t['ratio']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
