@@ -17,6 +17,11 @@ from typing import Any
 from retrofit import schedule
 from retrofit.api import apply
 from retrofit.errors import ModelError, RecipeError, TraceError, VerifyError
+from retrofit.fixes import recalibrate_bn
+
+# ``retrofit.lint`` and ``retrofit.plan`` are the functions; their modules are reached with
+# ``from retrofit.lint import format_report`` (importing them here binds the functions last).
+from retrofit.lint import Finding, lint, measure_variance_shift  # noqa: E402
 from retrofit.plan import Edit, Plan, plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import applied_plan, strip
@@ -25,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Edit",
+    "Finding",
     "ModelError",
     "Plan",
     "Recipe",
@@ -33,22 +39,18 @@ __all__ = [
     "VerifyError",
     "applied_plan",
     "apply",
+    "lint",
     "load_recipe",
+    "measure_variance_shift",
     "plan",
+    "recalibrate_bn",
     "schedule",
     "strip",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # Analyses with heavier imports load on first use.
-    if name in ("lint", "Finding", "recalibrate_bn", "measure_variance_shift"):
-        # import_module, not ``from retrofit import lint``: that form looks the name up on this
-        # package first, which lands back here and recurses. Once imported, ``retrofit.lint`` is
-        # the submodule, which is callable (it calls lint()), so both spellings keep working.
-        import importlib
-
-        return getattr(importlib.import_module("retrofit.lint"), name)
+    # The stage analysis loads on first use.
     if name in ("stages", "Stage"):
         from retrofit.graph import stages as _stages
 

@@ -467,7 +467,7 @@ def _run_summary(result: Any) -> str:
 
 
 def _lint(args: argparse.Namespace) -> int:
-    import retrofit.lint as lint_module
+    from retrofit.lint import format_report, lint, measure_variance_shift
     from retrofit.models import create_model, parse_kwargs
 
     if not args.model:
@@ -477,10 +477,10 @@ def _lint(args: argparse.Namespace) -> int:
     kwargs = parse_kwargs(args.model_kwargs)
     # Finding paths needs only the graph; measuring runs batches, so it needs real weights.
     model, info = create_model(args.model, kwargs=kwargs, meta=not args.measure)
-    findings = lint_module.lint(model)
+    findings = lint(model)
     shifts = None
     if args.measure:
-        shifts = lint_module.measure_variance_shift(model, data=args.data, findings=findings)
+        shifts = measure_variance_shift(model, data=args.data, findings=findings)
     if args.json:
         body = findings.to_dict() if hasattr(findings, "to_dict") else {}
         payload: dict[str, Any] = {
@@ -496,7 +496,7 @@ def _lint(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
     else:
         print(_model_line(info))
-        print(lint_module.format_report(findings, shifts))
+        print(format_report(findings, shifts))
     return EXIT_FINDINGS if findings else EXIT_OK
 
 

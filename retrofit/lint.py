@@ -7,25 +7,22 @@ variance it passes on by about 1/q, and a BatchNorm after it stores that varianc
 normalises by, and the error compounds through the layers after it.
 
     findings = retrofit.lint(model)                      # graph only: the meta device is fine
-    print(retrofit.lint.format_report(findings))         # dropout → victim BN, paths, file:line
-    shifts = retrofit.lint.measure_variance_shift(model, batches)   # the paper's Figure 1 ratio
+    print(format_report(findings))                       # dropout → victim BN, paths, file:line
+    shifts = retrofit.measure_variance_shift(model, batches)   # the paper's Figure 1 ratio
     retrofit.recalibrate_bn(model, train_batches)        # fix a model already trained with it
 
 The rule itself (what is a dropout site, what is a victim) lives in
 ``retrofit.graph.dropout_bn``; this module turns it into findings, reports and measurements. The
 recipe fixes (``uout``, ``dropout_fix: after_last_bn``) are planned in ``retrofit.fixes``.
 
-``retrofit.lint`` is both this module and, called, the :func:`lint` function: importing the
-submodule replaces the package's lazy ``lint`` attribute with the module, so the module itself
-is made callable and ``retrofit.lint(model)`` keeps working.
+``retrofit.lint`` is the :func:`lint` function (the package binds it after importing this
+module); the rest is reached with ``from retrofit.lint import format_report``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import sys
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -453,13 +450,3 @@ def measure_variance_shift(
         ratio = torch.maximum(running / real, real / running)
         out[name] = float(ratio.mean())
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """``retrofit.lint(model)`` calls :func:`lint` even once the submodule shadows it."""
-
-    def __call__(self, model: nn.Module, example_input: Any = None, **kwargs: Any) -> LintResult:
-        return lint(model, example_input, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

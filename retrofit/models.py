@@ -31,7 +31,6 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -342,64 +341,7 @@ def parse_kwargs(items: Iterable[str] | None) -> dict[str, Any]:
     return out
 
 
-# --- checkpoints and probe sizes --------------------------------------------------------------
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a local checkpoint into ``model`` (strict), without executing code from the file.
-
-    Accepts a ``.safetensors`` file or a ``torch.save``-d state_dict, loaded with
-    ``weights_only=True``; a checkpoint dict holding the state_dict under ``state_dict``,
-    ``model`` or ``model_state`` is unwrapped, and DDP's ``module.`` prefix is removed.
-    Raises :class:`ModelError` for a missing/unreadable file or keys that do not match.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file, reported as such
-        raise ModelError(
-            f"weights file {str(path)!r} cannot be read as safetensors or a torch state_dict "
-            f"({type(e).__name__}: {_first_line(e)})"
-        ) from None
-    if isinstance(state, Mapping):
-        for key in ("state_dict", "model", "model_state"):
-            inner = state.get(key)
-            if (
-                isinstance(inner, Mapping)
-                and inner
-                and all(isinstance(v, torch.Tensor) for v in inner.values())
-            ):
-                state = inner
-                break
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ModelError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    result = model.load_state_dict(dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {_few(result.missing_keys)}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {_few(result.unexpected_keys)}")
-        raise ModelError(
-            f"weights file {str(path)!r} does not match the model's state_dict: " + "; ".join(parts)
-        )
-    return model
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+# --- probe sizes ----------------------------------------------------------------------------
 
 
 def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -408,7 +350,8 @@ def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
     Spatial size: a ViT-style ``patch_embed.img_size`` (timm; it reflects an ``img_size`` kwarg
     that the pretrained config does not), torchvision's ``image_size`` attribute, then timm's
     ``pretrained_cfg`` / ``default_cfg`` ``input_size``, else 224. Channels: the first Conv2d's
-    ``in_channels`` (so ``in_chans=1`` models get one channel), else the config's, else 3.
+    ``in_channels`` when there is no config or it reads fewer channels than the config says (so
+    ``in_chans=1`` models get one channel), else the config's, else 3.
     """
     c, h, w = 3, 224, 224
     cfg_size = None
@@ -424,7 +367,11 @@ def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
         h, w = fixed
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            c = m.in_channels
+            # timm's config keeps 3 channels when a model is built with in_chans=1, so the first
+            # conv decides when it reads fewer; a first conv reading more is behind a
+            # space-to-depth stem (TResNet: 48 = 3·4²), where the config is right.
+            if cfg_size is None or m.in_channels < c:
+                c = m.in_channels
             break
     return (c, h, w)
 
@@ -439,3 +386,7 @@ def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
         return (int(size[0]), int(size[1]))
     return None
+
+
+# One implementation of checkpoint loading, shared with the trainer.
+from retrofit.train.checkpoint import load_weights  # noqa: E402

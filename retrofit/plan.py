@@ -13,11 +13,14 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+import torch.fx as fx
 from torch import nn
 
 from retrofit.fixes import plan_dropout_fix, plan_uout
+from retrofit.graph.dataflow import locate
+from retrofit.graph.outline import NotOutlinable, branch_region
 from retrofit.graph.residual import ResidualSite, find_residual_sites
-from retrofit.graph.trace import Skipped, TraceResult, trace
+from retrofit.graph.trace import Skipped, TraceResult, trace, trace_module
 from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
 
@@ -40,7 +43,12 @@ class Edit:
     * ``"replace_module"``: swap the child module ``target`` for a new one (an ``nn.Identity``
       drop-path placeholder, a misplaced Dropout);
     * ``"set_rate"``: set the rate of the existing regularizer ``target`` (timm's DropPath,
-      torchvision's StochasticDepth) — no second gate.
+      torchvision's StochasticDepth) — no second gate;
+    * ``"outline"``: stochastic depth in batch/subset mode that skips the dropped branch's
+      compute. In the owner's training graph the residual branch (operand ``arg`` of the located
+      add) moves into a function the gate calls only when it keeps the branch, and the add becomes
+      ``gate(shortcut, *inputs)``; the eval graph gets ``wrap_arg``. ``target``, if set, is an
+      existing drop-path slot inside the branch: it stays in place at rate 0.
 
     ``key``/``ordinal`` locate the node again when the owner is re-traced on its own.
     """
@@ -70,10 +78,41 @@ class Analysis:
 
     model: nn.Module
     traced: TraceResult
+    _owner_graphs: dict[str, fx.GraphModule | None] = field(default_factory=dict, repr=False)
 
     @cached_property
     def residual_sites(self) -> list[ResidualSite]:
         return find_residual_sites(self.traced)
+
+    def owner_graph(self, owner: str) -> fx.GraphModule | None:
+        """The owner's own forward traced in training mode with its children as leaves — the
+        graph the rewrite edits — or None if it cannot be traced (the rewrite then reports it)."""
+        if owner not in self._owner_graphs:
+            module = self.model.get_submodule(owner)
+            saved = module.training
+            module.training = True
+            try:
+                self._owner_graphs[owner] = trace_module(module, shallow=True)
+            except Exception:  # fx raises many types; the rewrite will raise the same, with context
+                self._owner_graphs[owner] = None
+            finally:
+                module.training = saved
+        return self._owner_graphs[owner]
+
+    def outline_refusal(self, site: ResidualSite, *, subset: bool) -> str | None:
+        """Why ``site``'s branch cannot be outlined (see retrofit.graph.outline), or None."""
+        gm = self.owner_graph(site.owner)
+        if gm is None:
+            return None
+        modules = dict(self.model.get_submodule(site.owner).named_modules())
+        try:
+            add = locate(gm.graph, site.key, site.ordinal)
+            branch_region(gm.graph, add, site.branch_arg, modules=modules, subset=subset)
+        except NotOutlinable as e:
+            return str(e)
+        except LookupError:
+            return None  # the rewrite locates it again and reports a mismatch
+        return None
 
 
 def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
@@ -88,6 +127,10 @@ def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") 
 
 
 def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
+    """One edit per residual site. Row mode multiplies the branch by a mask (``wrap_arg``, or an
+    existing drop-path module set to the rate); batch and subset modes outline the branch so a
+    dropped one is not computed (Huang et al. 2016's saving), unless the owner's code forbids it.
+    """
     sites = analysis.residual_sites
     blocks = list(dict.fromkeys(s.block for s in sites))  # first-seen order = execution order
     depth_of = {b: i + 1 for i, b in enumerate(blocks)}
@@ -95,7 +138,9 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
     for site in sites:
         depth = depth_of[site.block]
         p = survival(depth, len(blocks), spec.p_L, spec.schedule)
-        params = {"mode": spec.mode, "scaling": spec.scaling}
+        params: dict[str, Any] = {"mode": spec.mode, "scaling": spec.scaling}
+        if getattr(spec, "seed", None) is not None:
+            params["seed"] = spec.seed
         common = dict(
             kind="stochastic_depth",
             module=site.owner,
@@ -113,6 +158,27 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             and spec.mode == "row"
             and spec.scaling == "inverted"
         )
+        refusal = None
+        if spec.mode in ("batch", "subset"):
+            refusal = analysis.outline_refusal(site, subset=spec.mode == "subset")
+            if refusal is None:
+                slot = f"; {site.existing_type} {site.existing} " + (
+                    "left in place"
+                    if site.existing_type == "identity placeholder"
+                    else "left in place at rate 0"
+                )
+                edits.append(
+                    Edit(
+                        **common,
+                        action="outline",
+                        arg=site.branch_arg,
+                        target=site.existing,
+                        note="outlined: a dropped branch is not computed"
+                        + (slot if site.existing_type else ""),
+                    )
+                )
+                continue
+            refusal = f"not outlined ({refusal}): the branch is masked, no compute saved"
         if reuse_rate:
             edits.append(
                 Edit(
@@ -123,16 +189,17 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
                 )
             )
         elif site.existing_type:
+            note = f"reused the {site.existing_type} slot"
             edits.append(
                 Edit(
                     **common,
                     action="replace_module",
                     target=site.existing,
-                    note=f"reused the {site.existing_type} slot",
+                    note=f"{note}; {refusal}" if refusal else note,
                 )
             )
         else:
-            edits.append(Edit(**common, action="wrap_arg", arg=site.branch_arg))
+            edits.append(Edit(**common, action="wrap_arg", arg=site.branch_arg, note=refusal))
     return edits
 
 
@@ -178,6 +245,9 @@ class Plan:
             blocks = len({e.block for e in sd})
             reused = sum(1 for e in sd if e.action in ("set_rate", "replace_module"))
             parts.append(f"{blocks} blocks (L={blocks}), {reused} existing drop-path slots reused")
+            outlined = sum(1 for e in sd if e.action == "outline")
+            if outlined:
+                parts.append(f"{outlined} branches outlined (skipped when dropped)")
         if self.skipped:
             parts.append(f"{len(self.skipped)} module(s) not traceable (see skipped)")
         return f"{self.model}: " + ", ".join(parts)
@@ -253,6 +323,12 @@ def plan(
         if not found:
             notes.append(f"{section}: no sites found in {type(model).__name__}")
         edits.extend(found)
+    if recipe.cutout is not None:
+        # Cutout acts on the input images, not on the graph: nothing to rewrite.
+        notes.append(
+            f"cutout: n_holes={recipe.cutout.n_holes}, length={recipe.cutout.length} is applied to "
+            "each training batch by the trainer (retrofit.layers.BatchCutout in your own loop)"
+        )
     return Plan(
         model=type(model).__name__,
         edits=edits,

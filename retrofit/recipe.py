@@ -205,14 +205,16 @@ class StochasticDepthSpec(_Spec):
         p_L: survival probability of the last block, in (0, 1]; the paper uses 0.5.
         schedule: ``linear`` (the paper's linear decay rule) or ``uniform``.
         mode: ``row``: an independent draw per sample (timm's drop_path); ``batch``: one draw per
-            block per step for the whole batch (the paper's formulation, lets a dropped block skip
-            its compute); ``subset``: exactly round(p_l·N) samples of each batch keep the
-            branch, chosen without replacement, so it can run on those rows only.
+            block per step for the whole batch (the paper's formulation); a dropped block's
+            branch is not computed at all; ``subset``: exactly round(p_l·N) samples of each
+            batch keep the branch, chosen without replacement, and it runs on those rows only
+            (DINOv2; a BatchNorm inside the branch then sees only those rows).
         scaling: ``inverted``: kept branches are scaled by 1/p_l in training and the gate is the
             identity in eval, so a pretrained model's inference is unchanged; ``paper``: no scaling
             in training, the branch is multiplied by p_l in eval (H = ReLU(p_l·f_l + id)).
-        seed: seeds the gates' random draws, for reproducible runs and identical batch-mode
-            draws on every DDP rank; None uses torch's global generator.
+        seed: makes the batch/subset draws counter-based, a function of (seed, site, call
+            number): reproducible runs, resumable sequences and identical batch-mode draws on
+            every DDP rank; None uses torch's global generator (row mode always does).
     """
 
     section: ClassVar[str] = "stochastic_depth"

@@ -13,6 +13,14 @@ The owner is traced twice, in training and in eval mode, and the installed forwa
 ``self.training``: fx bakes ``self.training`` reads (``F.dropout(x, p, self.training)``) into the
 graph as constants, and a single trace would freeze one mode into both.
 
+Outlining (stochastic depth in batch/subset mode, action ``"outline"``): in the *training* graph
+only, the residual branch's nodes (:func:`retrofit.graph.outline.branch_region`) move into a
+function of their inputs, generated like the forward and bound to the owner; the add becomes
+``gate(shortcut, *inputs)`` and the gate calls the branch only when it keeps it. The eval graph
+gets the plain gate on the branch operand (identity, or ×p_l for paper scaling), so eval
+equivalence — what ``verify`` proves — is the same as for the mask form. A site the analysis
+refuses falls back to the mask form, and the edit says so in its note.
+
 Inserted modules hold no parameters or buffers, so ``state_dict`` keys and values are unchanged.
 Everything done is recorded on the touched module (``_retrofit_state``), which is how
 :func:`strip` undoes it exactly and how applying twice leaves one gate per site.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import linecache
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +42,10 @@ from torch import nn
 
 from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.dataflow import locate
+from retrofit.graph.outline import BranchRegion, NotOutlinable, branch_region, extract_branch
 from retrofit.graph.trace import is_passthrough, trace_graph
 from retrofit.layers import StochasticDepthGate
+from retrofit.layers.stochastic_depth import Outline
 from retrofit.placement import dropblock_layer
 from retrofit.plan import Edit, Plan
 
@@ -42,7 +53,7 @@ __all__ = ["LAYER_FACTORIES", "RewriteError", "applied_plan", "is_retrofitted", 
 
 _STATE = "_retrofit_state"
 _PLAN = "_retrofit_plan"
-_GRAPH_ACTIONS = ("wrap_arg", "insert_after", "replace_call")
+_GRAPH_ACTIONS = ("wrap_arg", "insert_after", "replace_call", "outline")
 _counter = itertools.count()
 
 
@@ -74,6 +85,10 @@ def _gate(edit: Edit) -> nn.Module:
         mode=edit.params.get("mode", "row"),
         scaling=edit.params.get("scaling", "inverted"),
         depth=edit.depth,
+        seed=edit.params.get("seed"),
+        # Names the site for seeded draws: unique per site (a transformer block's two gates
+        # share a depth but draw independently) and the same in every process.
+        stream=f"{edit.module}:{edit.key}:{edit.ordinal}",
     )
 
 
@@ -116,6 +131,18 @@ def _set_rate(model: nn.Module, edit: Edit) -> None:
         setattr(module, name, value)
 
 
+def _neutralise_slot(model: nn.Module, edit: Edit) -> None:
+    """An outlined site whose branch ends in timm's DropPath / torchvision's StochasticDepth:
+    set that module's rate to 0 (undone by strip), so the gate is the only stochastic depth."""
+    module = model.get_submodule(edit.target or "")
+    spec = _RATE_ATTRS.get(type(module).__name__)
+    if spec is None:
+        return  # an nn.Identity placeholder is neutral already
+    state = _state(module)
+    state.rates.setdefault(spec[0], getattr(module, spec[0]))
+    setattr(module, spec[0], 0.0)
+
+
 def _replace_module(model: nn.Module, edit: Edit) -> None:
     parent_name, attr = _split(edit.target or "")
     parent = model.get_submodule(parent_name)
@@ -143,7 +170,31 @@ def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
     return namespace["forward"]
 
 
-def _edit_graph(graph: fx.Graph, edits: list[tuple[Edit, str]]) -> None:
+def _fall_back(edit: Edit, reason: str) -> None:
+    """An outline the owner's graph does not allow: the gate masks the branch instead."""
+    edit.action = "wrap_arg"
+    note = f"not outlined ({reason}): the branch is masked, no compute saved"
+    edit.note = f"{edit.note}; {note}" if edit.note else note
+
+
+def _wrap_arg(graph: fx.Graph, node: fx.Node, edit: Edit, name: str) -> None:
+    assert edit.arg is not None
+    with graph.inserting_before(node):
+        new = graph.create_node("call_module", name, (node.args[edit.arg],))
+    node.update_arg(edit.arg, new)
+
+
+def _edit_graph(
+    graph: fx.Graph,
+    edits: list[tuple[Edit, str]],
+    *,
+    training: bool = False,
+    modules: dict[str, nn.Module] | None = None,
+) -> list[tuple[str, fx.Graph, BranchRegion]]:
+    """Make ``edits`` on ``graph``; return the branches outlined (training graph only).
+
+    ``modules``: the owner's named modules, which the outline analysis reads (``inplace=True``).
+    """
     located = [(edit, name, locate(graph, edit.key, edit.ordinal)) for edit, name in edits]
     for edit, _, node in located:
         src = node.meta.get("source")
@@ -152,22 +203,49 @@ def _edit_graph(graph: fx.Graph, edits: list[tuple[Edit, str]]) -> None:
                 f"{edit.kind} edit in {edit.module or '<root>'}: node {edit.node} re-traced at {src}, "
                 f"planned at {edit.source}"
             )
+    outlines = []
     for edit, name, node in located:
-        if edit.action == "wrap_arg":
-            assert edit.arg is not None
-            with graph.inserting_before(node):
-                new = graph.create_node("call_module", name, (node.args[edit.arg],))
-            node.update_arg(edit.arg, new)
-        elif edit.action == "insert_after":
+        action = edit.action
+        if action == "outline":
+            if training:
+                outlines.append((edit, name, node))
+                continue
+            action = "wrap_arg"  # eval: the gate is the identity (or ×p_l) on the branch
+        if action == "wrap_arg":
+            _wrap_arg(graph, node, edit, name)
+        elif action == "insert_after":
             with graph.inserting_after(node):
                 new = graph.create_node("call_module", name, (node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        elif edit.action == "replace_call":
+        elif action == "replace_call":
             with graph.inserting_before(node):
                 new = graph.create_node("call_module", name, (node.args[0],))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+    # Outlining comes last, so nodes the other edits inserted inside a branch (a DropBlock) move
+    # with it; in execution order, so a branch holding an earlier outlined site calls its gate.
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    outlined = []
+    for edit, name, add in sorted(outlines, key=lambda t: position[t[2]]):
+        assert edit.arg is not None
+        subset = edit.params.get("mode") == "subset"
+        try:
+            region = branch_region(graph, add, edit.arg, modules=modules or {}, subset=subset)
+        except NotOutlinable as e:
+            _fall_back(edit, str(e))
+            _wrap_arg(graph, add, edit, name)
+            continue
+        branch = extract_branch(region)
+        with graph.inserting_before(add):
+            call = graph.create_node("call_module", name, (region.shortcut, *region.inputs))
+        call.meta.update({k: v for k, v in add.meta.items() if k in ("source", "owner_local")})
+        add.replace_all_uses_with(call)
+        graph.erase_node(add)
+        for node in reversed(region.nodes):
+            graph.erase_node(node)
+        outlined.append((name, branch, region))
     graph.lint()
+    return outlined
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
@@ -183,6 +261,7 @@ def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]])
             "insert a layer into (wrap the model in a module with a forward)"
         )
     functions = {}
+    modules = dict(owner.named_modules())
     pristine: fx.Graph | None = None
     for training in (True, False):
         if pristine is not None:
@@ -196,11 +275,17 @@ def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]])
                 owner.training = saved
             if not read_training:
                 pristine = _copy(graph)
-        _edit_graph(graph, edits)
-        functions[training] = _compile(
-            graph,
-            f"{type(owner).__name__}.forward {name or '<root>'} {'train' if training else 'eval'}",
-        )
+        outlined = _edit_graph(graph, edits, training=training, modules=modules)
+        label = f"{type(owner).__name__}.forward {name or '<root>'}"
+        functions[training] = _compile(graph, f"{label} {'train' if training else 'eval'}")
+        for attr, branch_graph, region in outlined:
+            branch = _compile(branch_graph, f"{label} branch of {attr}")
+            # Bound to the owner and held by the gate, registered nowhere: the owner already
+            # owns the branch's modules (state_dict and parameters() are unchanged).
+            getattr(owner, attr).outline(
+                types.MethodType(branch, owner),
+                Outline(region.batched, region.inplace, region.copy_dropped),
+            )
     from retrofit.graph.trace import default_args
 
     concrete = default_args(owner)
@@ -239,6 +324,8 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
         elif edit.action == "replace_module":
             _replace_module(model, edit)
         elif edit.action in _GRAPH_ACTIONS:
+            if edit.action == "outline" and edit.target:
+                _neutralise_slot(model, edit)
             graph_edits.setdefault(edit.module, []).append(edit)
         else:
             raise RewriteError(f"unknown edit action {edit.action!r}")

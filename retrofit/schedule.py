@@ -60,7 +60,10 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Each value has a ``kind`` (``"stochastic_depth"``, ``"dropblock"``, ``"uout"``,
     ``"cutout"``) and that layer's hyper-parameters; gates add their measured
-    ``kept_fraction`` (reading it may synchronise an accelerator once).
+    ``kept_fraction`` (reading it may synchronise an accelerator once), whether the branch is
+    ``outlined`` (skipped when dropped), their ``seed`` and ``draws`` counter, and ``recent``:
+    the kept fraction of each training call since the last ``reset_stats()`` (at most
+    ``StochasticDepthGate.HISTORY``).
     """
     # Imported here: retrofit.layers.dropblock imports linear_ramp from this module.
     from retrofit.layers import BatchCutout, DropBlock, StochasticDepthGate, Uout
@@ -76,6 +79,12 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "scaling": module.scaling,
                 "calls": module.calls,
                 "kept_fraction": module.kept_fraction,
+                "outlined": module.outlined,
+                "seed": module.seed,
+                "draws": module.draws,
+                # Kept fraction of each recent training call (1.0/0.0 in batch mode): the
+                # kept/dropped sequence since the last reset_stats().
+                "recent": list(module.history),
             }
         elif isinstance(module, DropBlock):
             rates[name] = {

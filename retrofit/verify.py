@@ -20,12 +20,10 @@ __all__ = ["eval_output", "probe_input", "probe_size", "compare", "paper_gates_n
 
 
 def probe_size(model: nn.Module) -> tuple[int, ...]:
-    """Input size (C, H, W) from timm's ``pretrained_cfg``/``default_cfg``, else (3, 224, 224)."""
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            return tuple(int(v) for v in cfg["input_size"])
-    return (3, 224, 224)
+    """Input size (C, H, W) the model expects (timm's config, a ViT's image size, else 224²)."""
+    from retrofit.models import probe_input_size
+
+    return probe_input_size(model)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

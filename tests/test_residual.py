@@ -72,9 +72,10 @@ def test_efficientnet_b0_reuses_its_stochastic_depth_modules():
     assert len(edits) == 9
     assert all(e.action == "set_rate" for e in edits)
     assert all(e.target.endswith(".stochastic_depth") for e in edits)
-    # batch mode cannot be expressed by torchvision's module: the slot is swapped for a gate
+    # batch mode skips the dropped branch's compute: the branch, slot included, is outlined
+    # and the gate takes over (the slot stays, set to rate 0 by the rewrite)
     batch = sd_edits(model, mode="batch")
-    assert all(e.action == "replace_module" for e in batch)
+    assert all(e.action == "outline" and e.target.endswith(".stochastic_depth") for e in batch)
 
 
 def test_convnext_tiny_and_swin_t_attention_bias_is_not_a_site():

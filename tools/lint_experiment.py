@@ -12,7 +12,7 @@ and with each of retrofit's fixes; all variants start from the same initial weig
 * ``no_dropout``     — the same network with p = 0, for reference.
 
 It prints test accuracy (mean ± std over seeds) and the variance shift of the victim BNs
-(``retrofit.lint.measure_variance_shift`` with the model's own statistics, averaged over BNs).
+(``retrofit.measure_variance_shift`` with the model's own statistics, averaged over BNs).
 CPU only, one thread (these models are too small for more to help), about a minute::
 
     python tools/lint_experiment.py                # table

@@ -74,7 +74,8 @@ def _module_weight(module: nn.Module) -> tuple[int, bool]:
     for m in module.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             count += 1
-            dense = dense or m.groups == 1
+            # groups=1 over one input channel (CSATv2's position encoding) mixes nothing either
+            dense = dense or (m.groups == 1 and m.in_channels > 1)
         elif isinstance(m, nn.Linear):
             count += 1
             dense = True

@@ -37,7 +37,7 @@ from retrofit.graph.trace import TracedPart, TraceResult
 __all__ = ["ResidualSite", "find_residual_sites", "existing_drop_path"]
 
 # Existing drop-path slots: a site whose branch output goes through one of these reuses it.
-_DROP_PATH_NAMES = ("drop_path", "droppath", "stochastic_depth", "drop_path1", "drop_path2")
+_DROP_PATH_NAMES = ("drop_path", "droppath", "stochastic_depth")
 
 
 @dataclass
@@ -129,22 +129,30 @@ def _module_path(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.meta.get("owner_local", "")
 
 
-def _maps_after(add: fx.Node, owner_local: str, flow: DataFlow) -> bool:
-    """Whether a learned map consumes ``add``'s result inside the same owning module."""
-    inside = (owner_local, owner_local + ".")
-    stack, seen = list(add.users), set()
+def _leaves_through_maps(add: fx.Node, owner_local: str, flow: DataFlow) -> bool:
+    """Whether every path from ``add`` out of its owning module crosses a learned map.
+
+    A block's residual add leaves the block directly or through activations, norms and gates: a
+    squeeze-excite after the add (RepVGG-SE, MobileOne) multiplies the add's own value by a gate
+    computed from it, so a map-free path (add → mul → out) remains. An add inside a layer feeds
+    the rest of the layer: every way out goes through another projection.
+    """
+    prefix = owner_local + "."
+
+    def inside(node: fx.Node) -> bool:
+        where = node.meta.get("owner_local", "")
+        return node.op != "output" and (where == owner_local or where.startswith(prefix))
+
+    stack, seen = [add], {add}
     while stack:
         node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        where = node.meta.get("owner_local", "")
-        if not (where == owner_local or where.startswith(inside[1])):
-            continue
-        if flow.weights[flow.order[node]]:
-            return True
-        stack.extend(node.users)
-    return False
+        for user in node.users:
+            if not inside(user):
+                return False  # reached the module's exit without a learned map
+            if user not in seen and not flow.weights[flow.order[user]]:
+                seen.add(user)
+                stack.append(user)
+    return True
 
 
 def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
@@ -228,27 +236,18 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
 def _internal(site: ResidualSite, sites: list[ResidualSite], flow: DataFlow, prefix: str) -> bool:
     """A residual add inside a layer rather than around a block.
 
-    A block's residual add ends it: what follows in the same module is an activation, or the
-    next residual branch, forking from this add (a transformer block's MLP after its attention).
-    When a learned map consumes the add's result inside the same module and no later residual
-    forks from it, the add is internal to a layer: SwiftFormer's ``final(proj(g·k) + q)``,
-    MViTv2's residual pooling ``proj(attn + q)``. The model's own forward is exempt (its head
-    follows the last block), and so are sites whose block is a child (a loop over blocks).
+    A block's residual add ends it, or hands over to the next residual branch of the same block
+    (a transformer block's MLP after its attention), so some path from it leaves the owning
+    module without another learned map. When every way out goes through a projection, the add
+    is internal to a layer: SwiftFormer's ``final(proj(g·k) + q)``, MViTv2's residual pooling
+    ``proj(attn + q)``, BoTNet's relative-position logits. The model's own forward is exempt
+    (its head follows the last block), and so are sites whose block is a child (a loop over
+    blocks).
     """
     if site.block != site.owner or site.owner == prefix:
         return False
-    gm = flow.graph_module
-    nodes = {n.name: n for n in gm.graph.nodes}
-    add = nodes[site.node]
-    owner_local = add.meta.get("owner_local", "")
-    if not _maps_after(add, owner_local, flow):
-        return False
-    bit = 1 << flow.order[add]
-    return not any(
-        other.owner == site.owner and flow.anc(nodes[other.fork]) & bit
-        for other in sites
-        if other is not site
-    )
+    add = next(n for n in flow.graph_module.graph.nodes if n.name == site.node)
+    return _leaves_through_maps(add, add.meta.get("owner_local", ""), flow)
 
 
 def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:

@@ -105,5 +105,13 @@ def propagate_shapes(gm: fx.GraphModule, *inputs: Any) -> Any:
 
     Returns the graph's output, as meta tensors.
     """
-    with torch.no_grad():
-        return MetaShapeProp(gm).run(*meta_like(inputs))
+    # Eval mode: shapes do not depend on it, and BatchNorm in training mode refuses the batch of
+    # one that the probe uses (LeViT, ResNeSt, SKNet… normalise (1, C) vectors).
+    flags = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return MetaShapeProp(gm).run(*meta_like(inputs))
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -311,13 +311,19 @@ def trace(model: nn.Module) -> TraceResult:
     leaf = RetrofitTracer()
 
     def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            # No forward of their own: the blocks they hold are what the fallback is after.
+            for name, child in module.named_children():
+                visit(child, _join(prefix, name))
+            return
         try:
             gm = trace_module(module)
         except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError…)
             children = [
                 (name, child)
                 for name, child in module.named_children()
-                if not leaf.is_leaf_module(child, _join(prefix, name))
+                if isinstance(child, nn.ModuleList | nn.ModuleDict)
+                or not leaf.is_leaf_module(child, _join(prefix, name))
             ]
             what = "traced its children instead" if children else "nothing below it to trace"
             result.skipped.append(Skipped(prefix or "<root>", f"{_short(exc)}; {what}"))
@@ -327,6 +333,19 @@ def trace(model: nn.Module) -> TraceResult:
         part = TracedPart(prefix, module, gm)
         _annotate(part)
         result.parts.append(part)
+        # timm marks some blocks no-trace (NFNet's NormFreeBlock) because of code elsewhere in
+        # its feature extraction; alone they often trace. They are leaves here, so their own
+        # residuals are only seen if each is traced as a part of its own.
+        for node in gm.graph.nodes:
+            name = _join(prefix, str(node.target)) if node.op == "call_module" else ""
+            if not name or name in expanded:
+                continue
+            child = gm.get_submodule(str(node.target))
+            if isinstance(child, notrace) and next(child.children(), None) is not None:
+                expanded.add(name)
+                visit(child, name)
 
+    notrace = _timm_notrace()[0]
+    expanded: set[str] = set()
     visit(model, "")
     return result

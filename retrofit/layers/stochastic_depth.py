@@ -12,16 +12,42 @@ branches by p_l in training and is the identity at test time (``scaling="inverte
 both have the same expectation, the inverted one leaves inference untouched, which is what lets
 ``retrofit.verify`` prove a rewrite did not change the model.
 
-The gate multiplies the output of the residual branch f_l; it never sees the identity path.
+Two forms of the gate:
+
+* **mask form** ``gate(f_out)``: multiplies the output of the residual branch f_l; it never sees
+  the identity path. The branch is always computed (timm's ``drop_path``, torchvision's
+  ``StochasticDepth`` work this way).
+* **outlined form** ``gate(shortcut, *inputs)``: the rewrite moved the branch's code into a
+  function the gate holds (:meth:`StochasticDepthGate.outline`) and the gate performs the
+  residual add itself. In ``mode="batch"`` a dropped branch is not executed at all: no forward,
+  no backward, its parameters get no gradient. That is the paper's compute saving (Huang et al.
+  2016 report ~25% less training time for a 110-layer ResNet). In ``mode="subset"`` the branch
+  runs on the kept rows only and its output is ``index_add``-ed into the shortcut, as DINOv2
+  does for its ViT blocks (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without
+  Supervision", https://arxiv.org/abs/2304.07193). Changed semantics there: a BatchNorm inside
+  the branch normalises with the statistics of the kept subset (and updates its running
+  statistics from it); layers without cross-sample coupling (LayerNorm, convs, attention within a
+  sample) compute exactly what they would on the full batch.
+
+Seeded draws (``seed`` not None): the batch/subset decision of the i-th training call comes from a
+counter-based generator keyed by ``(seed, stream, i)`` — ``stream`` names the site — instead of the
+global RNG. Every data-parallel rank then makes the same decisions (ranks skip the same blocks and
+stay in lock-step), and a run resumed with the gate's ``draws`` counter continues the sequence.
+Row mode always draws from the global RNG (its masks are per sample; ranks need not agree).
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["StochasticDepthGate", "is_gate", "stochastic_depth", "subset_rows"]
+__all__ = ["Outline", "StochasticDepthGate", "is_gate", "stochastic_depth", "subset_rows"]
 
 MODES = ("row", "batch", "subset")
 SCALINGS = ("inverted", "paper")
@@ -133,25 +159,70 @@ def _graph_capture(x: Tensor) -> bool:
     )
 
 
+def draw_key(seed: int, stream: str, draw: int) -> int:
+    """A 63-bit key for draw number ``draw`` of site ``stream`` under ``seed``.
+
+    Counter-based (like Philox: the value is a function of the counter, no state to carry), and
+    from blake2b rather than Python's ``hash``, which is salted per process: two processes, or a
+    run and its resumption, get the same key.
+    """
+    digest = hashlib.blake2b(f"{seed}/{stream}/{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _unit(key: int) -> float:
+    """A uniform float in [0, 1) from a 63-bit key (its top 53 bits)."""
+    return (key >> 10) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class Outline:
+    """How the outlined residual add must behave; decided by the rewrite from the owner's graph.
+
+    ``batched[i]``: input i carries the batch dimension (it depends on the module's input), so
+    subset mode feeds the branch only the kept rows of it. ``inplace``: ``"shortcut"`` when the
+    model wrote ``shortcut.add_(f)`` (the gate then adds in place too: the same aliasing as the
+    original), ``"branch"`` for ``f.add_(shortcut)`` (the result keeps f's dtype), else ``""``.
+    ``copy_dropped``: something downstream may mutate the add's result in place, or it leaves the
+    module; a dropped branch then returns a copy of the shortcut, never the shortcut itself
+    (e.g. torchvision's ``relu(out + identity)`` with ``inplace=True`` would otherwise overwrite
+    the block's input, which autograd still needs).
+    """
+
+    batched: tuple[bool, ...] = ()
+    inplace: str = ""
+    copy_dropped: bool = True
+
+
 class StochasticDepthGate(nn.Module):
-    """Multiplies a residual branch by b_l (see :func:`stochastic_depth`).
+    """Stochastic depth on one residual site (see :func:`stochastic_depth`).
 
     ``survival``, ``mode``, ``scaling`` and ``depth`` (l, 1-based, for printing and plans) are
     plain attributes that may be changed between steps. The gate owns no parameters and no
     buffers, so inserting it leaves the model's state_dict keys unchanged.
 
+    Called with one tensor it is the mask form (multiplies the branch output). Called as
+    ``gate(shortcut, *inputs)`` after :meth:`outline` it computes the whole residual add and runs
+    the branch only when kept (batch mode) or only on the kept rows (subset mode); see the module
+    docstring. ``seed``/``stream`` make batch and subset draws counter-based; ``draws`` counts
+    training calls (the counter; checkpoints save it with the statistics below).
+
     Statistics for logging, updated by every training forward outside graph capture:
     ``calls`` is the number of samples that went through the gate, ``kept`` how many of them
     kept their branch, ``kept_fraction = kept / max(calls, 1)``; ``reset_stats()`` zeroes them.
+    ``history`` holds the kept fraction of each of the last ``HISTORY`` calls (1.0/0.0 in batch
+    mode: the recorded sequence of kept and dropped steps).
     Counting adds no work to the step: the gate keeps a reference to each step's small mask,
     counts them on their device in one batch every ``FOLD_EVERY`` steps and reads the count back
     (the only device sync) when ``kept`` is read. Counting with a reduction each step made the
     gate ~1.5x slower than timm's drop_path on an H100, where a gate's whole forward+backward is
     launch-bound at ~0.1 ms; deferred, the hot path is the draw, the multiply and a list append.
+    Batch and subset decisions are made on the host, so they are counted without any mask.
     Counting is skipped while torch.fx / torch.compile trace the gate.
     """
 
     FOLD_EVERY = 64
+    HISTORY = 256
 
     def __init__(
         self,
@@ -159,6 +230,8 @@ class StochasticDepthGate(nn.Module):
         mode: str = "row",
         scaling: str = "inverted",
         depth: int | None = None,
+        seed: int | None = None,
+        stream: str = "",
     ) -> None:
         super().__init__()
         _check(survival, mode, scaling)
@@ -166,12 +239,36 @@ class StochasticDepthGate(nn.Module):
         self.mode = mode
         self.scaling = scaling
         self.depth = depth
+        self.seed = seed
+        self.stream = stream
+        self.draws = 0
         self.calls = 0
+        self.history: deque[float] = deque(maxlen=self.HISTORY)
         # Plain attributes, deliberately not buffers: counted on the host, masks not yet
         # counted (one row each per sample), and a device-side count not yet read back.
         self._kept = 0
         self._masks: list[Tensor] = []
         self._count_on_device: Tensor | None = None
+        self._outline: Outline | None = None
+
+    # ------------------------------------------------------------------ outlining
+
+    def outline(self, branch: Any, spec: Outline) -> None:
+        """Hold ``branch`` (a callable computing the residual branch from its inputs, usually the
+        rewritten owner's code bound to the owner) and switch to the outlined form.
+
+        ``branch`` goes into ``__dict__`` directly: it is not a submodule (the owner already owns
+        the branch's modules), so ``state_dict``, ``parameters()`` and ``modules()`` are unchanged;
+        ``copy.deepcopy`` rebinds a bound method to the copied owner.
+        """
+        self.__dict__["branch"] = branch
+        self._outline = spec
+
+    @property
+    def outlined(self) -> bool:
+        return self.__dict__.get("branch") is not None
+
+    # ------------------------------------------------------------------ statistics
 
     def _fold(self) -> None:
         """Count the pending masks on their device(s); no host sync unless the device changed."""
@@ -208,31 +305,177 @@ class StochasticDepthGate(nn.Module):
         return self.kept / max(self.calls, 1)
 
     def reset_stats(self) -> None:
+        """Zero ``calls``/``kept``/``history``; ``draws`` is the RNG counter and stays."""
         self.calls = 0
         self.kept = 0
+        self.history.clear()
 
-    def forward(self, x: Tensor) -> Tensor:
+    # ------------------------------------------------------------------ draws
+
+    def _next_key(self) -> int | None:
+        """Advance the draw counter; the counter-based key of this draw, or None (global RNG)."""
+        draw = self.draws
+        self.draws = draw + 1
+        return None if self.seed is None else draw_key(self.seed, self.stream, draw)
+
+    def _keep_batch(self, key: int | None) -> bool:
+        """One Bernoulli(p_l) decision for the whole batch, made on the host: no device sync."""
+        u = float(torch.rand(())) if key is None else _unit(key)
+        return u < self.survival
+
+    def _subset(self, n: int, device: torch.device, key: int | None) -> tuple[Tensor, float]:
+        if key is None:
+            return subset_rows(n, self.survival, device)
+        # Seeded: drawn on the CPU, so every rank and every device type gets the same rows.
+        index, scale = subset_rows(n, self.survival, "cpu", torch.Generator().manual_seed(key))
+        return index.sort().values.to(device, non_blocking=True), scale
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor, *inputs: Any) -> Tensor:
+        if inputs:
+            return self._outlined(x, inputs)
         if not self.training or self.survival == 1.0 or _graph_capture(x):
             # Through the wrapped functional, so a tracer records one node.
             return stochastic_depth(x, self.survival, self.mode, self.training, self.scaling)
         _check(self.survival, self.mode, self.scaling)
-        mask, keep = _keep_mask(x, self.survival, self.mode, None)
+        key = self._next_key()
         n_rows = x.shape[0]
         self.calls += n_rows
+        if self.mode == "batch":
+            # Decided on the host, as in the outlined form: no mask to count, no device sync.
+            keep = self._keep_batch(key)
+            self._kept += n_rows if keep else 0
+            self.history.append(1.0 if keep else 0.0)
+            scale = (1.0 / self.survival if self.scaling == "inverted" else 1.0) if keep else 0.0
+            return x * scale
         if self.mode == "subset":
-            self._kept += _subset_size(n_rows, self.survival)  # known without reading the mask
-        else:
-            # Only a reference on the hot path; "batch": one draw stands for every row.
-            self._masks.append(mask if self.mode == "row" else mask.expand(n_rows, *mask.shape[1:]))
-            if len(self._masks) >= self.FOLD_EVERY:
-                self._fold()
+            index, scale = self._subset(n_rows, x.device, key)
+            k = index.numel()
+            mask = x.new_zeros((n_rows,) + (1,) * (x.ndim - 1))
+            mask.index_fill_(0, index, scale if self.scaling == "inverted" else 1.0)
+            self._kept += k  # known without reading the mask
+            self.history.append(k / n_rows)
+            return x * mask
+        mask, keep_p = _keep_mask(x, self.survival, self.mode, None)
+        self._masks.append(mask)  # only a reference on the hot path
+        if len(self._masks) >= self.FOLD_EVERY:
+            self._fold()
         if self.scaling == "inverted":
-            mask.div_(keep)  # in place: the pending reference sees 1/p or 0, still countable
+            mask.div_(keep_p)  # in place: the pending reference sees 1/p or 0, still countable
         return x * mask
+
+    # The outlined form is split for torch.compile. The decision and the bookkeeping (a host-side
+    # draw, counters, Python branching on the outcome) are excluded from compilation entirely:
+    # dynamo would otherwise guard on the draw counter and the outcome and recompile every step.
+    # ``_outlined`` itself is skipped without its callees, so the one call it makes that is not
+    # excluded — the branch function, a frame of its own — is compiled (once per site).
+
+    @torch.compiler.disable
+    def _decide(
+        self, shortcut: Tensor, inputs: tuple[Any, ...]
+    ) -> tuple[str, float, Tensor | None, tuple[Any, ...]]:
+        """Draw and count this call: ``(action, alpha, index, branch_args)``; action is
+        ``"drop"``, ``"run"`` (add ``alpha·f(branch_args)``, on rows ``index`` if not None) or
+        ``"mask"`` (row mode on an outlined site: run f on every row, then mask it)."""
+        p = self.survival
+        if not self.training:
+            return "run", 1.0 if self.scaling == "inverted" else p, None, inputs
+        _check(p, self.mode, self.scaling)
+        if self.mode == "row" and p != 1.0:
+            # The mode was changed after the rewrite: every row needs the branch; the mask form
+            # (called on its output) draws and counts.
+            return "mask", 1.0, None, inputs
+        key = self._next_key()
+        n = shortcut.shape[0]
+        self.calls += n
+        if p == 1.0:
+            self._kept += n
+            self.history.append(1.0)
+            return "run", 1.0, None, inputs
+        alpha = 1.0 / p if self.scaling == "inverted" else 1.0
+        if self.mode == "batch":
+            keep = self._keep_batch(key)
+            self._kept += n if keep else 0
+            self.history.append(1.0 if keep else 0.0)
+            return ("run" if keep else "drop"), alpha, None, inputs
+        index, scale = self._subset(n, shortcut.device, key)
+        k = index.numel()
+        self._kept += k
+        self.history.append(k / n)
+        alpha = scale if self.scaling == "inverted" else 1.0
+        if k == n:
+            return "run", alpha, None, inputs
+        spec = self._outline or Outline()
+        batched = spec.batched or (True,) * len(inputs)
+        rows = tuple(
+            t.index_select(0, index)
+            if flag and isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == n
+            else t
+            for t, flag in zip(inputs, batched, strict=True)
+        )
+        return "run", alpha, index, rows
+
+    @torch.compiler.disable
+    def _join(self, shortcut: Tensor, out: Tensor, alpha: float, index: Tensor | None) -> Tensor:
+        """The residual add ``shortcut + alpha·out`` (rows ``index`` only, in subset mode), with
+        the original add's aliasing and dtype. One kernel: ``add``'s ``alpha`` does the scaling."""
+        spec = self._outline or Outline()
+        if (
+            index is None
+            and out.shape != shortcut.shape
+            and torch.broadcast_shapes(out.shape, shortcut.shape) != shortcut.shape
+        ):
+            # Dropping would return a result of another shape than keeping.
+            raise RuntimeError(
+                f"stochastic depth (depth={self.depth}): the branch output {tuple(out.shape)} "
+                f"broadcasts the shortcut {tuple(shortcut.shape)}; this site cannot be outlined"
+            )
+        if spec.inplace == "shortcut":
+            if index is None:
+                return shortcut.add_(out, alpha=alpha)
+            return shortcut.index_add_(0, index, out.to(shortcut.dtype), alpha=alpha)
+        if index is None:
+            result = torch.add(shortcut, out, alpha=alpha)
+        else:
+            dtype = torch.promote_types(shortcut.dtype, out.dtype)
+            result = shortcut.to(dtype).index_add(0, index, out.to(dtype), alpha=alpha)
+        if spec.inplace == "branch" and result.dtype != out.dtype:
+            result = result.to(out.dtype)  # ``f += shortcut`` keeps f's dtype
+        return result
+
+    @torch.compiler.disable
+    def _dropped(self, shortcut: Tensor) -> Tensor:
+        spec = self._outline or Outline()
+        if spec.inplace != "shortcut" and spec.copy_dropped:
+            return shortcut.clone()
+        return shortcut
+
+    def _outlined(self, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
+        """``shortcut + b·f(*inputs)``, computing f only where b says so (class docstring)."""
+        branch = self.__dict__.get("branch")
+        if branch is None:
+            raise RuntimeError(
+                "StochasticDepthGate called as gate(shortcut, *inputs) but holds no outlined branch"
+            )
+        action, alpha, index, args = self._decide(shortcut, inputs)
+        if action == "drop":
+            return self._dropped(shortcut)
+        out = branch(*args)
+        if action == "mask":
+            out = self.forward(out)
+        return self._join(shortcut, out, alpha, index)
+
+    _outlined = torch.compiler.disable(_outlined, recursive=False)
 
     def extra_repr(self) -> str:
         depth = f"depth={self.depth}, " if self.depth is not None else ""
-        return f"{depth}survival={self.survival:.4f}, mode={self.mode}, scaling={self.scaling}"
+        extra = (f", seed={self.seed}" if self.seed is not None else "") + (
+            ", outlined" if self.outlined else ""
+        )
+        return (
+            f"{depth}survival={self.survival:.4f}, mode={self.mode}, scaling={self.scaling}{extra}"
+        )
 
 
 def is_gate(module: nn.Module) -> bool:

@@ -77,20 +77,55 @@ def wrap_ddp(model: nn.Module, env: DistEnv, *, find_unused_parameters: bool) ->
 
 
 def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
-    """True when some parameters may get no gradient in a step.
+    """True when some parameters may get no gradient in a step: DDP's ``find_unused_parameters``.
 
-    A stochastic-depth gate in *batch* mode drops the whole residual branch for the whole batch,
-    so that branch's parameters take no part in the graph; DDP must then be told to look for
-    unused parameters or it waits for their gradients forever. Row mode (per-sample masks) keeps
-    every branch in the graph, and the search has a cost, so it is off otherwise.
+    A stochastic-depth gate in *batch* mode outlines its residual branch and, when it drops it,
+    does not run it: the branch's parameters take no part in that step's autograd graph. DDP's
+    reducer waits for a gradient of every parameter before it all-reduces a bucket, so without
+    ``find_unused_parameters=True`` it raises "Expected to have finished reduction in the prior
+    iteration" (or hangs). With it, DDP walks the autograd graph from the outputs after every
+    forward and marks the missing parameters ready. ``static_graph=True`` is no alternative: it
+    records the set of used parameters in the first iteration and assumes it never changes.
+
+    The flag makes training correct, not consistent: if ranks dropped different blocks, a kept
+    branch's gradient would be averaged with the zeros of the ranks that dropped it. Seeded gates
+    (:func:`seed_gates`) make every rank drop the same blocks; a parameter unused on every rank
+    then keeps ``grad=None``, so the optimizer leaves it alone in that step (no momentum or
+    weight-decay update), exactly as in a single process.
+
+    Row and subset modes run every branch (on all rows, or on the kept rows) and the search has
+    a cost, so the flag is off for them.
     """
     sd = getattr(recipe, "stochastic_depth", None) if recipe is not None else None
     if sd is not None and getattr(sd, "mode", None) == "batch":
         return True
-    for m in model.modules():
-        if type(m).__module__.startswith("retrofit.layers") and getattr(m, "mode", None) == "batch":
-            return True
-    return False
+    return any(_is_batch_gate(m) for m in model.modules())
+
+
+def _is_batch_gate(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("retrofit.layers") and getattr(m, "mode", None) == "batch"
+
+
+def seed_gates(model: nn.Module, seed: int, env: DistEnv) -> int | None:
+    """Give batch-mode stochastic-depth gates a common seed when ranks must agree.
+
+    Unseeded gates draw from the global RNG, which the trainer seeds per rank (``seed + rank``):
+    in a distributed run their batch-mode decisions would differ between ranks. Gates the recipe
+    seeded (``stochastic_depth.seed``) keep their seed. Every seeded gate's draw counter restarts
+    at 0 (a resumed run restores it from the checkpoint afterwards). Returns the seed set, or
+    None when nothing needed one.
+    """
+    gates = [m for m in model.modules() if hasattr(m, "draws") and hasattr(m, "seed")]
+    chosen = None
+    if env.distributed and any(_is_batch_gate(g) and g.seed is None for g in gates):
+        chosen = seed
+        for g in gates:
+            if g.seed is None:
+                g.seed = seed
+    for g in gates:
+        if g.seed is not None:
+            g.draws = 0
+    return chosen
 
 
 def convert_sync_bn(model: nn.Module) -> dict[str, type[nn.Module]]:

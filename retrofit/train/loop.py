@@ -232,9 +232,11 @@ def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
-    """Kept/calls counters of the stochastic-depth gates (they feed ``kept_fraction``)."""
+    """Calls/kept counters of the stochastic-depth gates (they feed ``kept_fraction``), and the
+    draw counter of gates that have one (seeded gates derive draw i from it: resuming continues
+    the sequence)."""
     return {
-        name: [int(m.calls), int(m.kept)]
+        name: [int(m.calls), int(m.kept)] + ([int(m.draws)] if hasattr(m, "draws") else [])
         for name, m in model.named_modules()
         if callable(getattr(m, "reset_stats", None)) and hasattr(m, "calls") and hasattr(m, "kept")
     }
@@ -362,6 +364,12 @@ def _fit(
             int(ckpt["epoch"]),
             int(ckpt["batch_in_epoch"]),
         )
+
+    # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
+    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
+        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
+    if ckpt is not None:
+        _restore_gate_draws(ckpt, model, env)
 
     train_model: nn.Module = model
     if env.distributed:
@@ -788,6 +796,15 @@ def _restore_rank_state(
     for key, state in mine.get("generators", {}).items():
         if key in generators:
             generators[key].set_state(state)
-    for name, (calls, kept) in mine.get("gates", {}).items():
+    for name, (calls, kept, *_) in mine.get("gates", {}).items():
         gate = model.get_submodule(name)
         gate.calls, gate.kept = calls, kept
+
+
+def _restore_gate_draws(ckpt: dict[str, Any], model: nn.Module, env: D.DistEnv) -> None:
+    """Put back the gates' draw counters (after :func:`D.seed_gates` reset them to 0)."""
+    per_rank = ckpt.get("per_rank") or []
+    mine = per_rank[env.rank] if len(per_rank) == env.world_size else (per_rank or [{}])[0]
+    for name, counters in mine.get("gates", {}).items():
+        if len(counters) > 2:
+            model.get_submodule(name).draws = int(counters[2])
