@@ -727,12 +727,10 @@ def write_docs(results: Path, equiv: Path, docs: Path = DOCS, all_specs: list[st
         "",
         "### Analysis steps that failed (the model's stochastic-depth plan stands)",
         "",
-        "Most are the stage analysis: it propagates shapes for a batch of 1 with the model in "
-        'training mode, where a BatchNorm on a (1, C) or (1, C, 1, 1) tensor raises "Expected '
-        'more than 1 value per channel" (a BN head: LeViT, EfficientViT-M, SHViT; BN inside '
-        "squeeze-excite or split attention: ResNeSt, SKNet, RexNet) — a core limitation, "
-        "reported; others need a specific input (torchvision's Inception-v3 aux head at the "
-        "224² probe, CSATv2's DCT stem).",
+        "Each line gives the step and its error: the stage analysis needs the root forward "
+        "as one graph (no per-part fallback yet), DropBlock needs the stage's caller to "
+        "re-trace on its own, and some models need a specific input size (torchvision's "
+        "Inception-v3 aux head at the 224² probe).",
         "",
     ]
     steps = [r for r in recs if r.get("step_errors")]
