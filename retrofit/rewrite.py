@@ -43,7 +43,7 @@ from torch import nn
 from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.dataflow import locate
 from retrofit.graph.outline import BranchRegion, NotOutlinable, branch_region, extract_branch
-from retrofit.graph.trace import is_passthrough, trace_graph
+from retrofit.graph.trace import default_args, is_passthrough, trace_graph
 from retrofit.layers import StochasticDepthGate
 from retrofit.layers.stochastic_depth import Outline
 from retrofit.placement import dropblock_layer
@@ -260,6 +260,15 @@ def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]])
             f"{name or '<root>'} is a plain nn.Sequential: it has no forward code of its own to "
             "insert a layer into (wrap the model in a module with a forward)"
         )
+    original = type(owner).forward
+    signature = inspect.signature(original)
+    if any(
+        p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    ):
+        raise RewriteError(f"{name or '<root>'}: forward(*args/**kwargs) cannot be rewritten")
+    params = list(signature.parameters)[1:]
+    concrete = default_args(owner)
     functions = {}
     modules = dict(owner.named_modules())
     pristine: fx.Graph | None = None
@@ -286,17 +295,6 @@ def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]])
                 types.MethodType(branch, owner),
                 Outline(region.batched, region.inplace, region.copy_dropped),
             )
-    from retrofit.graph.trace import default_args
-
-    concrete = default_args(owner)
-    original = type(owner).forward
-    signature = inspect.signature(original)
-    params = list(signature.parameters)[1:]
-    if any(
-        p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        for p in signature.parameters.values()
-    ):
-        raise RewriteError(f"{name or '<root>'}: forward(*args/**kwargs) cannot be rewritten")
     traced = [p for p in params if p not in concrete]
     train_fn, eval_fn = functions[True], functions[False]
 
