@@ -233,7 +233,7 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     return sites, flow
 
 
-def _internal(site: ResidualSite, sites: list[ResidualSite], flow: DataFlow, prefix: str) -> bool:
+def _internal(site: ResidualSite, flow: DataFlow, prefix: str) -> bool:
     """A residual add inside a layer rather than around a block.
 
     A block's residual add ends it, or hands over to the next residual branch of the same block
@@ -270,5 +270,5 @@ def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:
         site
         for part, part_sites, flow in found
         for site in part_sites
-        if not _internal(site, part_sites, flow, part.prefix)
+        if not _internal(site, flow, part.prefix)
     ]
