@@ -86,25 +86,16 @@ def _replace(
     """The edit that swaps one flagged dropout for a new layer, or None when it cannot be made."""
     from retrofit.plan import Edit
 
-    common = dict(
-        kind=kind,
-        module=site.owner,
-        node=site.node,
-        key=site.key,
-        ordinal=site.ordinal,
-        source=site.source,
-        params=params,
-        note=note,
-    )
+    common = dict(kind=kind, params=params, note=note)
     if not site.fixable:
         return None
     if site.kind in ("module", "inside") and site.module:
         if site.module in done:  # one module called at several places is swapped once
             return None
         done.add(site.module)
-        return Edit(**common, action="replace_module", target=site.module)
+        return Edit.at(site, **common, action="replace_module", target=site.module)
     if site.kind == "function":
-        return Edit(**common, action="replace_call")
+        return Edit.at(site, **common, action="replace_call")
     return None
 
 
@@ -174,24 +165,20 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
 def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:
     from retrofit.plan import Edit
 
-    common = dict(
-        kind="dropout_fix",
-        module=place.owner,
-        node=place.node,
-        key=place.key,
-        ordinal=place.ordinal,
-        source=place.source,
-    )
+    common = dict(kind="dropout_fix")
     note = f"Dropout(p={p}){mixed} after the last BN, on the input of {place.classifier}"
     if place.action == "replace_module":
-        return Edit(
+        return Edit.at(
+            place,
             **common,
             action="replace_module",
             target=place.target,
             params={"role": "insert", "p": p},
             note=note + f" (reuses the empty slot {place.target})",
         )
-    return Edit(**common, action="wrap_arg", arg=0, params={"role": "insert", "p": p}, note=note)
+    return Edit.at(
+        place, **common, action="wrap_arg", arg=0, params={"role": "insert", "p": p}, note=note
+    )
 
 
 # --- layers the rewrite builds for these edits ------------------------------------------------

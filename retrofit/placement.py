@@ -135,14 +135,10 @@ def _edit(
         )
     if extra_note:
         notes.append(extra_note)
-    return Edit(
+    return Edit.at(
+        site,
         kind="dropblock",
-        module=site.owner,
-        node=site.node,
         action="insert_after",
-        key=site.key,
-        ordinal=site.ordinal,
-        source=site.source,
         target=target or None,
         block=block,
         params={

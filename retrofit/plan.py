@@ -68,6 +68,19 @@ class Edit:
     params: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
 
+    @classmethod
+    def at(cls, site: Any, **fields: Any) -> Edit:
+        """An edit located at ``site``: anything with ``owner``, ``node``, ``key``, ``ordinal``
+        and ``source`` (a residual site, a dropout site, a stage's call site, a head place)."""
+        return cls(
+            module=site.owner,
+            node=site.node,
+            key=site.key,
+            ordinal=site.ordinal,
+            source=site.source,
+            **fields,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
 
@@ -143,11 +156,6 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             params["seed"] = spec.seed
         common = dict(
             kind="stochastic_depth",
-            module=site.owner,
-            node=site.node,
-            key=site.key,
-            ordinal=site.ordinal,
-            source=site.source,
             depth=depth,
             survival=p,
             block=site.block,
@@ -168,7 +176,8 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
                     else "left in place at rate 0"
                 )
                 edits.append(
-                    Edit(
+                    Edit.at(
+                        site,
                         **common,
                         action="outline",
                         arg=site.branch_arg,
@@ -181,7 +190,8 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             refusal = f"not outlined ({refusal}): the branch is masked, no compute saved"
         if reuse_rate:
             edits.append(
-                Edit(
+                Edit.at(
+                    site,
                     **common,
                     action="set_rate",
                     target=site.existing,
@@ -191,7 +201,8 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
         elif site.existing_type:
             note = f"reused the {site.existing_type} slot"
             edits.append(
-                Edit(
+                Edit.at(
+                    site,
                     **common,
                     action="replace_module",
                     target=site.existing,
@@ -199,7 +210,9 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
                 )
             )
         else:
-            edits.append(Edit(**common, action="wrap_arg", arg=site.branch_arg, note=refusal))
+            edits.append(
+                Edit.at(site, **common, action="wrap_arg", arg=site.branch_arg, note=refusal)
+            )
     return edits
 
 
