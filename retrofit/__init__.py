@@ -15,8 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 from retrofit import schedule
-from retrofit.api import apply
-from retrofit.errors import ModelError, RecipeError, TraceError, VerifyError
+from retrofit.api import RetrofitWarning, apply
+from retrofit.errors import (
+    ModelError,
+    RecipeError,
+    RefusedError,
+    RewriteError,
+    TraceError,
+    VerifyError,
+)
 from retrofit.fixes import recalibrate_bn
 
 # ``retrofit.lint`` and ``retrofit.plan`` are the functions; their modules are reached with
@@ -35,6 +42,9 @@ __all__ = [
     "Plan",
     "Recipe",
     "RecipeError",
+    "RefusedError",
+    "RetrofitWarning",
+    "RewriteError",
     "TraceError",
     "VerifyError",
     "applied_plan",

@@ -1,18 +1,34 @@
-"""The public entry points: apply and strip (plan, lint and stages live with their analyses)."""
+"""The public entry point ``apply``: plan, rewrite, verify — all or nothing.
+
+``plan``, ``lint`` and ``stages`` live with their analyses; ``strip`` with the rewrite.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
-from retrofit.errors import VerifyError
-from retrofit.plan import Plan, plan
+from retrofit.analysis import Analysis
+from retrofit.errors import RecipeError, RefusedError, RewriteError, TraceError, VerifyError
+from retrofit.graph.sandbox import Snapshot
+from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import is_retrofitted, rewrite, strip
-from retrofit.verify import compare, eval_output, paper_gates_neutral, probe_input
+from retrofit.verify import check_live, compare, eval_output, paper_gates_neutral
 
-__all__ = ["apply"]
+__all__ = ["RetrofitWarning", "apply"]
+
+
+class RetrofitWarning(UserWarning):
+    """A plan is partial: a requested technique found no site, or modules were skipped unread."""
+
+
+def _module(model: Any, what: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"retrofit.{what} expects a torch.nn.Module, got {type(model).__name__}")
+    return model
 
 
 def apply(
@@ -25,24 +41,67 @@ def apply(
     """Add the recipe's regularizers to ``model`` in place and return it.
 
     The model keeps its class, methods and ``state_dict`` keys. With ``verify=True`` (default)
-    the eval-mode output on a probe input (``example_input``, else a random batch sized from the
-    model's ``pretrained_cfg``, else 224²) must be unchanged, or the model is restored and
-    :class:`~retrofit.errors.VerifyError` is raised. Applying again replaces the earlier edits:
-    one gate per site.
+    two things are checked on a probe input (``example_input``, else a random batch sized from
+    the model's config, else 224²): the eval-mode output is unchanged, and one training-mode
+    forward calls every inserted regularizer (liveness). Applying again replaces the earlier
+    edits: one gate per site.
+
+    All or nothing: whatever fails — reading the model, planning, rewriting, verifying — the model
+    is handed back exactly as it came (same forward, modules and state) and a retrofit error
+    says where and why: :class:`~retrofit.errors.TraceError` (the model could not be read),
+    :class:`~retrofit.errors.RewriteError` (an edit could not be made),
+    :class:`~retrofit.errors.VerifyError` (the output changed, or a regularizer would never
+    run). A plan that found no site for a requested technique, or skipped modules it could not
+    read, raises :class:`RetrofitWarning`.
     """
+    _module(model, "apply")
     recipe = load_recipe(recipe)
-    if is_retrofitted(model):
-        strip(model)
-    the_plan: Plan = plan(model, recipe)
-    if verify:
-        x = example_input if example_input is not None else probe_input(model)
-        reference = eval_output(model, x)
-    rewrite(model, the_plan)
-    if verify:
-        try:
+    snapshot = Snapshot(model)
+    phase = "planning"
+    try:
+        if is_retrofitted(model):
+            strip(model)
+        analysis = Analysis(model, example_input)
+        the_plan = plan(model, recipe, analysis=analysis)
+        for reason in the_plan.partial():
+            warnings.warn(f"retrofit: {reason}", RetrofitWarning, stacklevel=2)
+        if verify:
+            phase = "running the original model on the probe input"
+            x = analysis.example_input
+            _check_real(x)
+            reference = eval_output(model, x)
+        phase = "rewriting"
+        record = rewrite(model, the_plan, seeds=analysis.seed)
+        if verify:
+            phase = "verifying"
             with paper_gates_neutral(model):
                 compare(reference, eval_output(model, x))
-        except VerifyError:
-            strip(model)  # nothing half-written: hand back the model as it came
-            raise
+            check_live(model, x, record.live())
+    except (RefusedError, RecipeError):
+        snapshot.restore()
+        raise
+    except Exception as exc:
+        snapshot.restore()  # nothing half-written: hand back the model as it came
+        raise _refusal(phase, exc) from exc
+    except BaseException:  # KeyboardInterrupt and friends: still all or nothing
+        snapshot.restore()
+        raise
     return model
+
+
+def _check_real(x: Any) -> None:
+    leaves = x if isinstance(x, tuple) else (x,)
+    if any(getattr(t, "device", None) is not None and t.device.type == "meta" for t in leaves):
+        raise VerifyError(
+            "verify=True needs real weights, but the model is on the meta device "
+            "(use retrofit.plan for a dry run, or apply(..., verify=False))"
+        )
+
+
+def _refusal(phase: str, exc: BaseException) -> RefusedError:
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if phase == "planning":
+        return TraceError(f"the model could not be read while {phase}: {text}")
+    if phase == "rewriting":
+        return RewriteError(f"the model could not be rewritten: {text}")
+    return VerifyError(f"failed while {phase}: {text}")

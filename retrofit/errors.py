@@ -20,9 +20,27 @@ class ModelError(ValueError):
     """A model name, factory or checkpoint could not be resolved."""
 
 
-class TraceError(RuntimeError):
-    """No part of the model could be traced with torch.fx."""
+class RefusedError(RuntimeError):
+    """retrofit refused the model and handed it back exactly as it came (CLI exit code 3).
+
+    The message names the module, the source line where known, and the cause.
+    """
 
 
-class VerifyError(RuntimeError):
-    """The rewritten model's eval output differs from the original's."""
+class TraceError(RefusedError):
+    """The model (or the part a technique needs) could not be read as a graph."""
+
+
+class RewriteError(RefusedError):
+    """A planned edit could not be made, or a rewritten forward could not be specialised for a
+    call (the owner's code does not match the plan for it)."""
+
+
+class VerifyError(RefusedError):
+    """The rewritten model's eval output differs from the original's, or an inserted
+    regularizer is never called in training (not live)."""
+
+
+class PartialError(RefusedError):
+    """A requested technique found no site, or modules were skipped unread: refused unless the
+    caller allows a partial result (``apply(..., allow_partial=True)``, ``--allow-partial``)."""

@@ -29,12 +29,9 @@ from retrofit.graph.dropout_bn import (
     DropoutBNAnalysis,
     DropoutSite,
     HeadPlace,
-    find_dropout_bn,
     find_head_place,
     is_running_stat_norm,
-    trace_training,
 )
-from retrofit.graph.trace import TraceResult
 from retrofit.layers.uout import Uout
 
 if TYPE_CHECKING:
@@ -55,19 +52,9 @@ __all__ = [
 
 
 def _dropout_bn(analysis: Analysis) -> DropoutBNAnalysis:
-    # Both planners and the head search read the same training-mode trace; the plan's own
-    # ``analysis.traced`` may come from an eval-mode model, where fx has baked
-    # ``F.dropout(x, p, self.training)`` into a no-op, so this analysis traces again, once.
-    return _cached(analysis)[0]
-
-
-def _cached(analysis: Analysis) -> tuple[DropoutBNAnalysis, TraceResult]:
-    cached = analysis.__dict__.get("_retrofit_dropout_bn")
-    if cached is None:
-        traced = trace_training(analysis.model)
-        cached = (find_dropout_bn(traced), traced)
-        analysis.__dict__["_retrofit_dropout_bn"] = cached
-    return cached
+    # The training-mode trace (analysis.traced_training): an eval-mode one has fx's baked
+    # ``F.dropout(x, p, self.training)`` as a no-op.
+    return analysis.dropout_bn
 
 
 def _victims(result: DropoutBNAnalysis, site: DropoutSite) -> list[str]:
@@ -148,7 +135,7 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
         return edits
     p = max(rates)
     mixed = "" if len(set(rates)) == 1 else f" (largest of p = {sorted(set(rates))})"
-    place = find_head_place(_cached(analysis)[1])
+    place = find_head_place(analysis.traced_training)
     if isinstance(place, str):
         edits[0].note = f"{edits[0].note}; no place after the last BN before a classifier: {place}"
         return edits

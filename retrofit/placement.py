@@ -47,7 +47,7 @@ import torch.fx as fx
 from retrofit.errors import ModelError, RecipeError, TraceError
 from retrofit.graph.residual import ResidualSite
 from retrofit.graph.shapes import shape_of
-from retrofit.graph.stages import CallSite, Stage, StageAnalysis, analyse_stages
+from retrofit.graph.stages import CallSite, Stage, StageAnalysis
 from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
 
@@ -60,7 +60,6 @@ __all__ = [
     "dropblock_layer",
     "plan_dropblock",
     "select_stages",
-    "stage_analysis",
 ]
 
 _FIELD = "dropblock.stages"
@@ -72,15 +71,6 @@ class SequentialOwnerError(ModelError):
     Only a model that is itself such a container gets here: every other call site belongs to the
     nearest module with a ``forward`` of its own (``trace.is_passthrough``).
     """
-
-
-def stage_analysis(analysis: Analysis) -> StageAnalysis:
-    """The stages of ``analysis.model``, computed once per Analysis (reusing its trace)."""
-    cached = analysis.__dict__.get("_stage_analysis")
-    if cached is None:
-        cached = analyse_stages(analysis.model, analysis.traced)
-        analysis.__dict__["_stage_analysis"] = cached
-    return cached
 
 
 def select_stages(found: list[Stage], wanted: tuple[int | str, ...]) -> list[Stage]:
@@ -213,7 +203,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         NoConvStagesError: the model has no conv feature maps (a ViT).
         RecipeError: ``dropblock.stages`` names a stage the model does not have.
     """
-    sa = stage_analysis(analysis)
+    sa = analysis.stages
     chosen = select_stages(sa.stages, spec.stages)
     probe = sa.probe_shape
     edits: list[Edit] = []

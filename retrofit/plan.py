@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any
 
-import torch.fx as fx
 from torch import nn
 
+from retrofit.analysis import Analysis
+from retrofit.errors import TraceError
 from retrofit.fixes import plan_dropout_fix, plan_uout
-from retrofit.graph.dataflow import locate
-from retrofit.graph.outline import NotOutlinable, branch_region
-from retrofit.graph.residual import ResidualSite, find_residual_sites
-from retrofit.graph.trace import Skipped, TraceResult, trace, trace_module
+from retrofit.graph.trace import Skipped
 from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
 
@@ -85,49 +82,6 @@ class Edit:
         return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
 
 
-@dataclass
-class Analysis:
-    """What planners read: the traced model, lazily computed site lists."""
-
-    model: nn.Module
-    traced: TraceResult
-    _owner_graphs: dict[str, fx.GraphModule | None] = field(default_factory=dict, repr=False)
-
-    @cached_property
-    def residual_sites(self) -> list[ResidualSite]:
-        return find_residual_sites(self.traced)
-
-    def owner_graph(self, owner: str) -> fx.GraphModule | None:
-        """The owner's own forward traced in training mode with its children as leaves — the
-        graph the rewrite edits — or None if it cannot be traced (the rewrite then reports it)."""
-        if owner not in self._owner_graphs:
-            module = self.model.get_submodule(owner)
-            saved = module.training
-            module.training = True
-            try:
-                self._owner_graphs[owner] = trace_module(module, shallow=True)
-            except Exception:  # fx raises many types; the rewrite will raise the same, with context
-                self._owner_graphs[owner] = None
-            finally:
-                module.training = saved
-        return self._owner_graphs[owner]
-
-    def outline_refusal(self, site: ResidualSite, *, subset: bool) -> str | None:
-        """Why ``site``'s branch cannot be outlined (see retrofit.graph.outline), or None."""
-        gm = self.owner_graph(site.owner)
-        if gm is None:
-            return None
-        modules = dict(self.model.get_submodule(site.owner).named_modules())
-        try:
-            add = locate(gm.graph, site.key, site.ordinal)
-            branch_region(gm.graph, add, site.branch_arg, modules=modules, subset=subset)
-        except NotOutlinable as e:
-            return str(e)
-        except LookupError:
-            return None  # the rewrite locates it again and reports a mismatch
-        return None
-
-
 def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
     """Survival probability of block ``depth`` (1-based) of ``num_blocks``.
 
@@ -162,7 +116,7 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             params=params,
         )
         reuse_rate = (
-            site.existing_type in ("timm.DropPath", "torchvision.StochasticDepth")
+            site.existing_type not in (None, "identity placeholder", "retrofit.StochasticDepthGate")
             and spec.mode == "row"
             and spec.scaling == "inverted"
         )
@@ -232,6 +186,20 @@ class Plan:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)  # requested sections that found no site
+
+    def partial(self) -> list[str]:
+        """Why this plan does less than the recipe asked: techniques with no site, modules
+        skipped unread. Empty when the plan is complete."""
+        out = [f"{section}: no site found in {self.model}" for section in self.empty]
+        if self.skipped:
+            listed = "; ".join(f"{s.module} ({s.reason})" for s in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            out.append(
+                f"{len(self.skipped)} module(s) could not be read as graphs, their own code was "
+                f"not analysed: {listed}{more}"
+            )
+        return out
 
     def by_kind(self, kind: str) -> list[Edit]:
         return [e for e in self.edits if e.kind == kind]
@@ -242,6 +210,7 @@ class Plan:
             "edits": [e.to_dict() for e in self.edits],
             "skipped": [s.to_dict() for s in self.skipped],
             "notes": list(self.notes),
+            "partial": self.partial(),
             "recipe": self.recipe,
         }
 
@@ -313,21 +282,27 @@ def _short_source(source: str | None) -> str:
     return "/".join(parts[-2:]) + ":" + line
 
 
-def analyse(model: nn.Module) -> Analysis:
-    return Analysis(model, trace(model))
-
-
 def plan(
-    model: nn.Module, recipe: Recipe | dict | str | None, *, analysis: Analysis | None = None
+    model: nn.Module,
+    recipe: Recipe | dict | str | None,
+    *,
+    example_input: Any = None,
+    analysis: Analysis | None = None,
 ) -> Plan:
     """What ``apply`` would do to ``model`` with ``recipe``, without doing it.
 
-    Works on the meta device: tracing and site finding need no weights.
+    Works on the meta device: tracing and site finding need no weights. ``example_input`` is the
+    probe a forward that cannot be traced with its defaults is recorded on (default: a random
+    batch of the model's input size). Never changes the model; may be called any number of times.
     """
     recipe = load_recipe(recipe)
-    analysis = analysis or analyse(model)
+    analysis = analysis or Analysis(model, example_input)
+    if not analysis.traced.parts:
+        reasons = "; ".join(f"{s.module}: {s.reason}" for s in analysis.traced.skipped)
+        raise TraceError(f"no part of {type(model).__name__} could be read as a graph ({reasons})")
     edits: list[Edit] = []
     notes: list[str] = []
+    empty: list[str] = []
     for section, planner in PLANNERS.items():
         spec = getattr(recipe, section, None)
         if spec is None:
@@ -335,6 +310,7 @@ def plan(
         found = planner(analysis, spec)
         if not found:
             notes.append(f"{section}: no sites found in {type(model).__name__}")
+            empty.append(section)
         edits.extend(found)
     if recipe.cutout is not None:
         # Cutout acts on the input images, not on the graph: nothing to rewrite.
@@ -348,4 +324,5 @@ def plan(
         skipped=list(analysis.traced.skipped),
         notes=notes,
         recipe=recipe.to_dict(),
+        empty=empty,
     )

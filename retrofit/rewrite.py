@@ -4,61 +4,77 @@ Every edit is made on the smallest module that owns its site, and nothing else c
 
 * module swaps (a drop-path ``nn.Identity`` placeholder → a gate, a misplaced Dropout → Uout) and
   rate changes of existing regularizers touch only that child;
-* graph edits (a gate on a residual branch, DropBlock after a stage) re-trace the owner's own
-  ``forward`` with every child as a leaf, edit that small graph, generate Python from it and
-  install it as the owner's *instance* ``forward``. The owner keeps its class, methods, hooks and
+* graph edits (a gate on a residual branch, DropBlock after a stage) give the owner a new
+  *instance* ``forward``: a :class:`RetrofitForward` that runs the owner's own code, re-traced
+  with its children as leaves and edited. The owner keeps its class, methods, hooks and
   children; the root model keeps ``forward_features``, ``reset_classifier``, ``pretrained_cfg``.
 
-The owner is traced twice, in training and in eval mode, and the installed forward dispatches on
-``self.training``: fx bakes ``self.training`` reads (``F.dropout(x, p, self.training)``) into the
-graph as constants, and a single trace would freeze one mode into both.
+**Specialised on the real call.** The owner's code is traced on the call it actually receives,
+not with its arguments frozen at their defaults (``graph/capture.py``, ``graph/trace.py``): a
+block called as ``block(x, drop_connect_rate=0.2)`` or ``block(x, state)`` gets a graph for that
+call. Each specialisation records what it assumed (the arguments' structure and non-tensor
+values, tensor ranks or shapes where the code branched on them, and the training flag when the
+code read it); a call it does not match is traced anew, on that call, the first time it happens
+(as TorchDynamo guards and recompiles). So a gate is never skipped because a caller passed an
+argument the trace did not expect, which is what made gates silently dead before.
 
+fx bakes ``self.training`` reads into the graph; a forward that read it is specialised per mode.
 Outlining (stochastic depth in batch/subset mode, action ``"outline"``): in the *training* graph
 only, the residual branch's nodes (:func:`retrofit.graph.outline.branch_region`) move into a
-function of their inputs, generated like the forward and bound to the owner; the add becomes
-``gate(shortcut, *inputs)`` and the gate calls the branch only when it keeps it. The eval graph
-gets the plain gate on the branch operand (identity, or ×p_l for paper scaling), so eval
-equivalence — what ``verify`` proves — is the same as for the mask form. A site the analysis
-refuses falls back to the mask form, and the edit says so in its note.
+function of their inputs, generated like the forward and passed to the gate on every call:
+``gate(shortcut, *inputs, branch=f, outline=spec)``. The eval graph gets the plain gate on the
+branch operand (identity, or ×p_l for paper scaling), so eval equivalence — what ``verify``
+proves — is the same as for the mask form. A branch the analysis refuses is masked instead, and
+the rewrite's record (:class:`Rewrite`) says so; the plan is never edited.
 
 Inserted modules hold no parameters or buffers, so ``state_dict`` keys and values are unchanged.
 Everything done is recorded on the touched module (``_retrofit_state``), which is how
-:func:`strip` undoes it exactly and how applying twice leaves one gate per site.
+:func:`strip` undoes it exactly and how applying twice leaves one gate per site. The installed
+forward pickles and deep-copies with the model: it keeps the edits, not the generated code, and
+specialises again on its first call.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import linecache
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from retrofit.errors import RewriteError
 from retrofit.fixes import dropout_fix_layer, uout_layer
-from retrofit.graph.dataflow import locate
-from retrofit.graph.outline import BranchRegion, NotOutlinable, branch_region, extract_branch
-from retrofit.graph.trace import default_args, is_passthrough, trace_graph
+from retrofit.graph.capture import Call, CallKey
+from retrofit.graph.dataflow import locate, node_key
+from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
+from retrofit.graph.residual import drop_rate_attribute
+from retrofit.graph.trace import Traced, is_passthrough, trace_graph
 from retrofit.layers import StochasticDepthGate
 from retrofit.layers.stochastic_depth import Outline
 from retrofit.placement import dropblock_layer
 from retrofit.plan import Edit, Plan
 
-__all__ = ["LAYER_FACTORIES", "RewriteError", "applied_plan", "is_retrofitted", "rewrite", "strip"]
+__all__ = [
+    "LAYER_FACTORIES",
+    "Rewrite",
+    "RewriteError",
+    "RetrofitForward",
+    "applied_plan",
+    "is_retrofitted",
+    "rewrite",
+    "strip",
+]
 
 _STATE = "_retrofit_state"
 _PLAN = "_retrofit_plan"
 _GRAPH_ACTIONS = ("wrap_arg", "insert_after", "replace_call", "outline")
 _counter = itertools.count()
-
-
-class RewriteError(RuntimeError):
-    """A planned edit could not be made (the owner's code no longer matches the plan)."""
 
 
 @dataclass
@@ -77,6 +93,32 @@ def _state(module: nn.Module) -> _State:
         state = _State()
         module.__dict__[_STATE] = state
     return state
+
+
+@dataclass
+class Rewrite:
+    """What a rewrite did (the plan is the request; this is the record).
+
+    ``inserted``/``replaced``: qualified names of the modules it added or swapped in;
+    ``reused``: existing regularizers whose rate it set. Every one of them must be called by a
+    training forward (``retrofit.verify.check_live``). ``forwards``: owners given a
+    :class:`RetrofitForward`.
+    """
+
+    inserted: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    forwards: list[str] = field(default_factory=list)
+    edits: dict[str, Edit] = field(default_factory=dict)  # module name → the edit it serves
+
+    def live(self) -> dict[str, str]:
+        """The modules a training forward must call, each with the site it serves."""
+        out = {}
+        for name in [*self.inserted, *self.replaced, *self.reused]:
+            edit = self.edits[name]
+            where = f" at {edit.source}" if edit.source else ""
+            out[name] = f"{edit.kind} in {edit.module or '<root>'}, node {edit.node}{where}"
+        return out
 
 
 def _gate(edit: Edit) -> nn.Module:
@@ -100,13 +142,6 @@ LAYER_FACTORIES: dict[str, Callable[[Edit], nn.Module]] = {
     "dropout_fix": dropout_fix_layer,
 }
 
-# Existing regularizers whose rate a stochastic-depth edit sets instead of adding a gate:
-# type name → (attribute holding the drop probability, extra attributes to set).
-_RATE_ATTRS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DropPath": ("drop_prob", {"scale_by_keep": True}),
-    "StochasticDepth": ("p", {"mode": "row"}),
-}
-
 
 def _layer(edit: Edit, parent: nn.Module) -> nn.Module:
     try:
@@ -122,25 +157,16 @@ def _split(name: str) -> tuple[str, str]:
     return parent, attr
 
 
-def _set_rate(model: nn.Module, edit: Edit) -> None:
+def _set_rate(model: nn.Module, edit: Edit, rate: float) -> None:
     module = model.get_submodule(edit.target or "")
-    attr, extra = _RATE_ATTRS[type(module).__name__]
+    spec = drop_rate_attribute(module)
+    if spec is None:
+        raise RewriteError(f"{edit.target}: {type(module).__name__} has no drop rate to set")
+    attr, extra = spec
     state = _state(module)
-    for name, value in {attr: 1.0 - float(edit.survival or 1.0), **extra}.items():
+    for name, value in {attr: rate, **extra}.items():
         state.rates.setdefault(name, getattr(module, name))
         setattr(module, name, value)
-
-
-def _neutralise_slot(model: nn.Module, edit: Edit) -> None:
-    """An outlined site whose branch ends in timm's DropPath / torchvision's StochasticDepth:
-    set that module's rate to 0 (undone by strip), so the gate is the only stochastic depth."""
-    module = model.get_submodule(edit.target or "")
-    spec = _RATE_ATTRS.get(type(module).__name__)
-    if spec is None:
-        return  # an nn.Identity placeholder is neutral already
-    state = _state(module)
-    state.rates.setdefault(spec[0], getattr(module, spec[0]))
-    setattr(module, spec[0], 0.0)
 
 
 def _replace_module(model: nn.Module, edit: Edit) -> None:
@@ -149,14 +175,6 @@ def _replace_module(model: nn.Module, edit: Edit) -> None:
     state = _state(parent)
     state.replaced.setdefault(attr, getattr(parent, attr))
     setattr(parent, attr, _layer(edit, parent))
-
-
-def _same(value: Any, default: Any) -> bool:
-    if value is default:
-        return True
-    if isinstance(value, torch.Tensor) or type(value) is not type(default):
-        return False
-    return value == default
 
 
 def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
@@ -170,11 +188,30 @@ def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
     return namespace["forward"]
 
 
-def _fall_back(edit: Edit, reason: str) -> None:
-    """An outline the owner's graph does not allow: the gate masks the branch instead."""
-    edit.action = "wrap_arg"
-    note = f"not outlined ({reason}): the branch is masked, no compute saved"
-    edit.note = f"{edit.note}; {note}" if edit.note else note
+def _locate(graph: fx.Graph, edit: Edit) -> fx.Node:
+    """The edit's node in a re-traced graph: by key and ordinal, checked against the source
+    line; when a specialisation has more or fewer nodes of that key, by key and source line."""
+    try:
+        node: fx.Node | None = locate(graph, edit.key, edit.ordinal)
+    except LookupError:
+        node = None
+    if node is not None and (not edit.source or node.meta.get("source") in (None, edit.source)):
+        return node
+    if edit.source:
+        same = [
+            n
+            for n in graph.nodes
+            if n.op not in ("placeholder", "output", "get_attr")
+            and node_key(n) == edit.key
+            and n.meta.get("source") == edit.source
+        ]
+        if len(same) == 1:
+            return same[0]
+    found = f" (found at {node.meta.get('source')})" if node is not None else ""
+    raise LookupError(
+        f"{edit.kind} site {edit.node} ({edit.key} #{edit.ordinal}, planned at "
+        f"{edit.source or 'unknown source'}) is not in this call's graph{found}"
+    )
 
 
 def _wrap_arg(graph: fx.Graph, node: fx.Node, edit: Edit, name: str) -> None:
@@ -184,25 +221,34 @@ def _wrap_arg(graph: fx.Graph, node: fx.Node, edit: Edit, name: str) -> None:
     node.update_arg(edit.arg, new)
 
 
+def _constant(value: Any) -> Callable[[], Any]:
+    def retrofit_constant() -> Any:
+        return value
+
+    return retrofit_constant
+
+
+@dataclass
+class _Outlined:
+    gate: str
+    branch: fx.Graph
+    spec: Outline
+    call: fx.Node
+
+
 def _edit_graph(
     graph: fx.Graph,
     edits: list[tuple[Edit, str]],
     *,
-    training: bool = False,
-    modules: dict[str, nn.Module] | None = None,
-) -> list[tuple[str, fx.Graph, BranchRegion]]:
-    """Make ``edits`` on ``graph``; return the branches outlined (training graph only).
+    training: bool,
+    modules: dict[str, nn.Module],
+) -> tuple[list[_Outlined], dict[str, str]]:
+    """Make ``edits`` on ``graph``: the branches outlined (training graph only), and per gate
+    the reason a planned outline was masked instead.
 
     ``modules``: the owner's named modules, which the outline analysis reads (``inplace=True``).
     """
-    located = [(edit, name, locate(graph, edit.key, edit.ordinal)) for edit, name in edits]
-    for edit, _, node in located:
-        src = node.meta.get("source")
-        if edit.source and src and src != edit.source:
-            raise RewriteError(
-                f"{edit.kind} edit in {edit.module or '<root>'}: node {edit.node} re-traced at {src}, "
-                f"planned at {edit.source}"
-            )
+    located = [(edit, name, _locate(graph, edit)) for edit, name in edits]
     outlines = []
     for edit, name, node in located:
         action = edit.action
@@ -225,27 +271,36 @@ def _edit_graph(
     # Outlining comes last, so nodes the other edits inserted inside a branch (a DropBlock) move
     # with it; in execution order, so a branch holding an earlier outlined site calls its gate.
     position = {n: i for i, n in enumerate(graph.nodes)}
-    outlined = []
+    outlined: list[_Outlined] = []
+    masked: dict[str, str] = {}
     for edit, name, add in sorted(outlines, key=lambda t: position[t[2]]):
         assert edit.arg is not None
         subset = edit.params.get("mode") == "subset"
         try:
-            region = branch_region(graph, add, edit.arg, modules=modules or {}, subset=subset)
+            region = branch_region(graph, add, edit.arg, modules=modules, subset=subset)
         except NotOutlinable as e:
-            _fall_back(edit, str(e))
+            masked[name] = str(e)
             _wrap_arg(graph, add, edit, name)
             continue
-        branch = extract_branch(region)
+        spec = Outline(region.batched, region.inplace, region.copy_dropped)
+        extracted = extract_branch(region)
         with graph.inserting_before(add):
-            call = graph.create_node("call_module", name, (region.shortcut, *region.inputs))
+            branch = graph.create_node("call_function", _constant(None), (), {})
+            settings = graph.create_node("call_function", _constant(spec), (), {})
+            call = graph.create_node(
+                "call_module",
+                name,
+                (region.shortcut, *region.inputs),
+                {"branch": branch, "outline": settings},
+            )
         call.meta.update({k: v for k, v in add.meta.items() if k in ("source", "owner_local")})
         add.replace_all_uses_with(call)
         graph.erase_node(add)
         for node in reversed(region.nodes):
             graph.erase_node(node)
-        outlined.append((name, branch, region))
+        outlined.append(_Outlined(name, extracted, spec, branch))
     graph.lint()
-    return outlined
+    return outlined, masked
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
@@ -254,76 +309,161 @@ def _copy(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> None:
+@dataclass
+class Specialised:
+    """The owner's edited code for calls matching ``key`` (and ``training``, when not None)."""
+
+    key: CallKey
+    training: bool | None
+    fn: Callable[..., Any]
+    out_spec: Any
+    slots: tuple[int, ...]
+    masked: dict[str, str]
+
+    def run(self, owner: nn.Module, leaves: list[Any]) -> Any:
+        out = self.fn(owner, *[leaves[i] for i in self.slots])
+        return tree_unflatten(list(out), self.out_spec)
+
+
+class RetrofitForward:
+    """The forward retrofit installs on an owner: its own code, edited, specialised per call.
+
+    An instance attribute (``owner.forward``), so the class and every other method are the
+    owner's own. It holds the owner, its name and the edits (what pickling and ``deepcopy``
+    keep); the generated code is rebuilt on the first call of each new kind.
+    """
+
+    def __init__(self, owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> None:
+        self.owner = owner
+        self.name = name
+        self.edits = edits
+        self._reset()
+
+    def _reset(self) -> None:
+        self.specialised: list[Specialised] = []
+        self._pristine: list[tuple[CallKey, Traced]] = []
+        self.masked: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"owner": self.owner, "name": self.name, "edits": self.edits}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def seed(self, traced: Traced) -> None:
+        """Offer a training-mode trace the analysis already made (no second trace of it)."""
+        if traced.key is not None and not any(k == traced.key for k, _ in self._pristine):
+            self._pristine.append((traced.key, traced))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        training = self.owner.training
+        for s in self.specialised:
+            if (s.training is None or s.training == training) and s.key.matches(leaves, spec):
+                return s.run(self.owner, leaves)
+        return self._specialise(Call(args, kwargs), training).run(self.owner, leaves)
+
+    def _traced(self, call: Call, training: bool) -> Traced:
+        leaves, spec = call.flatten()
+        for key, traced in self._pristine:
+            if key.matches(leaves, spec) and (not traced.read_training or training):
+                return traced
+        traced = trace_graph(self.owner, shallow=True, call=call)
+        if not traced.read_training and traced.key is not None:
+            # Mode-independent: the same trace serves training and eval (edits differ).
+            self._pristine.append((traced.key, traced))
+        return traced
+
+    def _specialise(self, call: Call, training: bool) -> Specialised:
+        label = f"{type(self.owner).__name__}.forward {self.name or '<root>'}"
+        try:
+            traced = self._traced(call, training)
+            graph = _copy(traced.graph)
+            modules = dict(self.owner.named_modules())
+            outlined, masked = _edit_graph(graph, self.edits, training=training, modules=modules)
+            for item in outlined:
+                branch = _compile(item.branch, f"{label} branch of {item.gate}")
+                # Bound to the owner and passed to the gate as a constant of the generated
+                # code: registered nowhere, so state_dict and parameters() are unchanged.
+                item.call.target = _constant(types.MethodType(branch, self.owner))
+                self.owner.get_submodule(item.gate).outlined = True
+            fn = _compile(graph, f"{label} {'train' if training else 'eval'}")
+        except Exception as exc:
+            raise RewriteError(
+                f"{self.name or '<root>'} ({type(self.owner).__name__}): its forward could not "
+                f"be specialised for the call {call.describe()} in "
+                f"{'training' if training else 'eval'} mode: {type(exc).__name__}: {exc}"
+            ) from exc
+        assert traced.key is not None
+        for gate, reason in masked.items():
+            if gate not in self.masked:
+                self.masked[gate] = reason
+        mode_dependent = traced.read_training or any(e.action == "outline" for e, _ in self.edits)
+        slots = tuple(i for i, is_tensor in enumerate(traced.key.tensors) if is_tensor)
+        s = Specialised(
+            traced.key,
+            training if mode_dependent else None,
+            fn,
+            traced.out_spec,
+            slots,
+            masked,
+        )
+        self.specialised.append(s)
+        if len(self.specialised) == 16:
+            warnings.warn(
+                f"retrofit: {label} has been specialised for 16 different calls (argument "
+                "values or shapes its code branches on keep changing); each new kind of call is "
+                "traced once",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return s
+
+
+def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> RetrofitForward:
     if is_passthrough(owner):
         raise RewriteError(
             f"{name or '<root>'} is a plain nn.Sequential: it has no forward code of its own to "
             "insert a layer into (wrap the model in a module with a forward)"
         )
-    original = type(owner).forward
-    signature = inspect.signature(original)
-    if any(
-        p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        for p in signature.parameters.values()
-    ):
-        raise RewriteError(f"{name or '<root>'}: forward(*args/**kwargs) cannot be rewritten")
-    params = list(signature.parameters)[1:]
-    concrete = default_args(owner)
-    functions = {}
-    modules = dict(owner.named_modules())
-    pristine: fx.Graph | None = None
-    for training in (True, False):
-        if pristine is not None:
-            graph = _copy(pristine)  # the forward never read self.training: one trace serves both
-        else:
-            saved = owner.training
-            owner.training = training  # only the owner's own flag: its children are leaves here
-            try:
-                graph, read_training = trace_graph(owner, shallow=True)
-            finally:
-                owner.training = saved
-            if not read_training:
-                pristine = _copy(graph)
-        outlined = _edit_graph(graph, edits, training=training, modules=modules)
-        label = f"{type(owner).__name__}.forward {name or '<root>'}"
-        functions[training] = _compile(graph, f"{label} {'train' if training else 'eval'}")
-        for attr, branch_graph, region in outlined:
-            branch = _compile(branch_graph, f"{label} branch of {attr}")
-            # Bound to the owner and held by the gate, registered nowhere: the owner already
-            # owns the branch's modules (state_dict and parameters() are unchanged).
-            getattr(owner, attr).outline(
-                types.MethodType(branch, owner),
-                Outline(region.batched, region.inplace, region.copy_dropped),
-            )
-    traced = [p for p in params if p not in concrete]
-    train_fn, eval_fn = functions[True], functions[False]
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and len(args) == len(traced):
-            return (train_fn if self.training else eval_fn)(self, *args)
-        bound = signature.bind(self, *args, **kwargs)
-        for param, default in concrete.items():
-            if param in bound.arguments and not _same(bound.arguments[param], default):
-                # The rewrite specialised this argument to its default; honour the caller.
-                return original(self, *args, **kwargs)
-        values = [bound.arguments.get(p, signature.parameters[p].default) for p in traced]
-        return (train_fn if self.training else eval_fn)(self, *values)
-
-    owner.forward = forward.__get__(owner)  # instance attribute: the class is untouched
+    forward = RetrofitForward(owner, name, edits)
+    owner.__dict__["forward"] = forward  # instance attribute: the class is untouched
     _state(owner).forward = True
+    return forward
 
 
-def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
-    """Make every edit of ``plan`` on ``model`` (in place) and return it."""
+def rewrite(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    seeds: Callable[[str], Traced | None] | None = None,
+) -> Rewrite:
+    """Make every edit of ``plan`` on ``model`` (in place); return what was done.
+
+    ``seeds(owner)``: a training-mode trace of ``owner`` the analysis already has, if any, so
+    the first specialisation does not trace it again.
+    """
+    record = Rewrite()
     graph_edits: dict[str, list[Edit]] = {}
     for edit in plan.edits:
         if edit.action == "set_rate":
-            _set_rate(model, edit)
+            _set_rate(model, edit, 1.0 - float(edit.survival or 1.0))
+            record.reused.append(edit.target or "")
+            record.edits[edit.target or ""] = edit
         elif edit.action == "replace_module":
             _replace_module(model, edit)
+            record.replaced.append(edit.target or "")
+            record.edits[edit.target or ""] = edit
         elif edit.action in _GRAPH_ACTIONS:
-            if edit.action == "outline" and edit.target:
-                _neutralise_slot(model, edit)
+            # An outlined branch ending in an existing drop-path module: at rate 0 (undone by
+            # strip) the gate is the only stochastic depth; an nn.Identity slot is neutral.
+            if (
+                edit.action == "outline"
+                and edit.target
+                and drop_rate_attribute(model.get_submodule(edit.target)) is not None
+            ):
+                _set_rate(model, edit, 0.0)
             graph_edits.setdefault(edit.module, []).append(edit)
         else:
             raise RewriteError(f"unknown edit action {edit.action!r}")
@@ -336,9 +476,16 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
             owner.add_module(attr, _layer(edit, owner))
             state.added.append(attr)
             named.append((edit, attr))
-        _install_forward(owner, owner_name, named)
+            qualified = f"{owner_name}.{attr}" if owner_name else attr
+            record.inserted.append(qualified)
+            record.edits[qualified] = edit
+        forward = _install_forward(owner, owner_name, named)
+        traced = seeds(owner_name) if seeds is not None else None
+        if traced is not None:
+            forward.seed(traced)
+        record.forwards.append(owner_name)
     model.__dict__[_PLAN] = plan
-    return model
+    return record
 
 
 def is_retrofitted(model: nn.Module) -> bool:
@@ -357,6 +504,8 @@ def strip(model: nn.Module) -> nn.Module:
     ``strict=True`` (it always could: inserted modules hold no state), and its forward is the
     class's own again.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"retrofit.strip expects a torch.nn.Module, got {type(model).__name__}")
     for module in list(model.modules()):
         state: _State | None = module.__dict__.pop(_STATE, None)
         if state is None:

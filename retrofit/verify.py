@@ -1,11 +1,14 @@
-"""Eval-mode equivalence of a rewritten model and the original.
+"""What a rewrite guarantees, checked: eval equivalence and liveness.
 
-House rule: never hand back a model whose inference output silently differs from the original.
-``apply`` records the original's eval output on a probe input before rewriting and compares after.
+House rules: never hand back a model whose inference output silently differs from the original
+(``apply`` records the original's eval output on a probe input before rewriting and compares
+after: :func:`compare`), nor one whose inserted regularizers silently never run (one training
+forward on the probe must call every inserted layer and every reused slot: :func:`check_live`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +19,14 @@ from torch.utils._pytree import tree_flatten
 
 from retrofit.errors import VerifyError
 
-__all__ = ["eval_output", "probe_input", "probe_size", "compare", "paper_gates_neutral"]
+__all__ = [
+    "check_live",
+    "compare",
+    "eval_output",
+    "paper_gates_neutral",
+    "probe_input",
+    "probe_size",
+]
 
 
 def probe_size(model: nn.Module) -> tuple[int, ...]:
@@ -56,10 +66,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def run(model: nn.Module, x: Any) -> Any:
+    """Call ``model`` on a probe: a tuple is positional arguments, a dict keyword arguments."""
+    if isinstance(x, tuple):
+        return model(*x)
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
 def eval_output(model: nn.Module, x: Any) -> list[torch.Tensor]:
     """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored)."""
     with _eval_mode(model), torch.no_grad():
-        out = model(*x) if isinstance(x, tuple) else model(x)
+        out = run(model, x)
     leaves, _ = tree_flatten(out)
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
 
@@ -102,3 +121,73 @@ def compare(
             raise VerifyError(
                 f"output {i}: eval output changed by the rewrite (max |diff| = {diff:.3g})"
             )
+
+
+# What every nn.Module carries (children, parameters, hooks…): not the layer's own settings.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+@contextmanager
+def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """A training forward that leaves no trace: buffers (BatchNorm statistics), the RNG streams
+    and the inserted layers' counters and draw counters are put back afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b is not None]
+    states = [
+        (m, {k: copy.copy(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS})
+        for m in layers
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        for b, saved in buffers:
+            b.copy_(saved)
+        for m, state in states:
+            m.__dict__.update(state)
+        for m, flag in flags:
+            m.training = flag
+
+
+def check_live(model: nn.Module, x: Any, modules: dict[str, str]) -> None:
+    """One training-mode forward on ``x`` must call every module named in ``modules`` (name →
+    what it is, for the message): the inserted layers and the reused drop-path slots.
+
+    Raises VerifyError naming each module that was never called and its site. Nothing the
+    forward does persists (see :func:`_checking_only`).
+    """
+    calls = dict.fromkeys(modules, 0)
+    handles = []
+    layers = []
+    for name in modules:
+        module = model.get_submodule(name)
+        layers.append(module)
+
+        def count(*_: Any, name: str = name) -> None:
+            calls[name] += 1
+
+        handles.append(module.register_forward_pre_hook(count))
+    try:
+        with _checking_only(model, layers):
+            for m in model.modules():
+                # Norms with running statistics stay in eval: they decide no control flow, and
+                # in training a probe of one sample (or a 1×1 map) is an error for them.
+                m.training = not isinstance(m, nn.modules.batchnorm._NormBase)
+            for layer in layers:
+                # Liveness asks "is it called", not "what does it draw": every branch is kept,
+                # so outlined branches run too and subset mode never leaves a BatchNorm one row.
+                if isinstance(getattr(layer, "survival", None), float):
+                    layer.survival = 1.0
+            run(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    dead = [name for name, n in calls.items() if n == 0]
+    if dead:
+        listed = "; ".join(f"{name} ({modules[name]})" for name in dead[:5])
+        more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
+        raise VerifyError(
+            f"{len(dead)} of {len(modules)} inserted regularizers are never called in a training "
+            f"forward (not live): {listed}{more}"
+        )

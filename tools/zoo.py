@@ -284,11 +284,10 @@ def analyse_arch(spec: str) -> dict[str, Any]:
     and the remaining steps still run.
     """
     import retrofit
+    from retrofit.analysis import Analysis
     from retrofit.graph.oracle import library_drop_path_owners
     from retrofit.graph.stages import NoConvStagesError
-    from retrofit.graph.trace import trace
-    from retrofit.placement import stage_analysis
-    from retrofit.plan import Analysis, plan
+    from retrofit.plan import plan
 
     rec: dict[str, Any] = {"arch": spec, "family": None, "status": "error", "error": None}
     rec["step_errors"] = {}
@@ -310,8 +309,8 @@ def analyse_arch(spec: str) -> dict[str, Any]:
         model = build(spec)
         rec["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
         step = "trace"
-        traced = trace(model)
-        analysis = Analysis(model, traced)
+        analysis = Analysis(model)
+        traced = analysis.traced
         step = "plan"
         the_plan = plan(model, SD_RECIPE, analysis=analysis)
         sd = the_plan.by_kind("stochastic_depth")
@@ -325,7 +324,7 @@ def analyse_arch(spec: str) -> dict[str, Any]:
 
         def stages() -> None:
             try:
-                rec["stages"] = len(stage_analysis(analysis).stages)
+                rec["stages"] = len(analysis.stages.stages)
             except NoConvStagesError:
                 rec["stages"] = rec["dropblock"] = "n/a"
 
@@ -348,7 +347,7 @@ def analyse_arch(spec: str) -> dict[str, Any]:
             except Exception as e:  # the builder does not take the rate
                 rec["oracle_note"] = _short(e)
                 with_rate = model  # torchvision's maxvit_t fixes its own rate: use the default
-            rate_traced = traced if with_rate is model else trace(with_rate)
+            rate_traced = traced if with_rate is model else Analysis(with_rate).traced
             library = library_drop_path_owners(with_rate, rate_traced)
             rec["library"] = len(library)
             # drop-path modules the library built with a non-zero rate that no graph shows:

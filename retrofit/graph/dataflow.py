@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DataFlow", "is_add", "node_key", "locate"]
+__all__ = ["DataFlow", "is_add", "is_metadata", "node_key", "locate"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -54,7 +54,8 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _ADD_METHODS
 
 
-def _is_metadata(node: fx.Node) -> bool:
+def is_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's metadata (shape, rank, dtype, device)."""
     if node.op == "call_function" and node.target is getattr:
         return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
     return node.op == "call_method" and node.target in _METADATA_METHODS
@@ -148,7 +149,7 @@ class DataFlow:
         for i, node in enumerate(nodes):
             bit = 1 << i
             anc = bit
-            if not _is_metadata(node):
+            if not is_metadata(node):
                 for inp in node.all_input_nodes:
                     anc |= ancestors[order[inp]]
             ancestors.append(anc)

@@ -32,13 +32,14 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.graph.dataflow import DataFlow, _is_metadata, node_key
+from retrofit.graph.dataflow import DataFlow, is_metadata, node_key
 from retrofit.graph.trace import TracedPart, TraceResult, trace
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "part_modules",
     "short_source",
     "trace_training",
+    "training_mode",
 ]
 
 # Functional dropouts and where their p / training arguments sit: (p index, training index,
@@ -313,7 +315,7 @@ class _PartFlow:
 
     def users(self, node: fx.Node) -> Iterator[fx.Node]:
         for user in node.users:
-            if not _is_metadata(user):
+            if not is_metadata(user):
                 yield user
 
     def search(self, start: fx.Node) -> tuple[list[tuple[fx.Node, list[fx.Node]]], bool]:
@@ -489,7 +491,7 @@ def find_dropout_bn(traced: TraceResult, *, include_structured: bool = False) ->
 
 
 @contextmanager
-def _training(model: nn.Module) -> Iterator[None]:
+def training_mode(model: nn.Module) -> Iterator[None]:
     # Flags are set directly: a model's own ``train()`` override (freezing BN, say) is the
     # user's training policy, not something tracing should run.
     flags = [(m, m.training) for m in model.modules()]
@@ -517,16 +519,17 @@ class _Holder(nn.Module):
         return self.model(x)
 
 
-def trace_training(model: nn.Module) -> TraceResult:
+def trace_training(model: nn.Module, calls: Any = None) -> TraceResult:
     """Trace ``model`` as it runs in training (every module's ``training`` flag set).
 
     A model whose root forward was rewritten by retrofit (an instance ``forward``) is traced
-    through a holder module so that the rewritten forward is the one analysed.
+    through a holder module so that the rewritten forward is the one analysed. ``calls``: the
+    recorded calls to specialise on (``retrofit.graph.trace.trace``).
     """
-    with _training(model):
+    with training_mode(model):
         if "forward" in model.__dict__:
             return _retarget(trace(_Holder(model)))
-        return trace(model)
+        return trace(model, calls)
 
 
 def _retarget(traced: TraceResult) -> TraceResult:

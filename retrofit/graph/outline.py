@@ -34,7 +34,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from retrofit.graph.dataflow import _is_metadata
+from retrofit.graph.dataflow import is_metadata
 
 __all__ = ["BranchRegion", "NotOutlinable", "branch_region", "extract_branch", "mutated_input"]
 
@@ -170,7 +170,7 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
     dependent: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder" or (
-            not _is_metadata(node) and any(a in dependent for a in node.all_input_nodes)
+            not is_metadata(node) and any(a in dependent for a in node.all_input_nodes)
         ):
             dependent.add(node)
     return dependent
@@ -181,7 +181,7 @@ def _reads_shape(node: fx.Node, dependent: set[fx.Node], memo: dict[fx.Node, boo
     if node in memo:
         return memo[node]
     memo[node] = False
-    found = (_is_metadata(node) and node.all_input_nodes[0] in dependent) or any(
+    found = (is_metadata(node) and node.all_input_nodes[0] in dependent) or any(
         _reads_shape(a, dependent, memo) for a in node.all_input_nodes if a not in dependent
     )
     memo[node] = found

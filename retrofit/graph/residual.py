@@ -27,6 +27,7 @@ branch lives entirely inside its own child — a module applying a list of block
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -34,7 +35,7 @@ from torch import nn
 from retrofit.graph.dataflow import DataFlow, is_add, node_key
 from retrofit.graph.trace import TracedPart, TraceResult
 
-__all__ = ["ResidualSite", "find_residual_sites", "existing_drop_path"]
+__all__ = ["ResidualSite", "drop_rate_attribute", "existing_drop_path", "find_residual_sites"]
 
 # Existing drop-path slots: a site whose branch output goes through one of these reuses it.
 _DROP_PATH_NAMES = ("drop_path", "droppath", "stochastic_depth")
@@ -64,14 +65,32 @@ class ResidualSite:
         return {k: v for k, v in self.__dict__.items() if k != "position"}
 
 
+def drop_rate_attribute(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """How to set the rate of an existing drop-path module: (attribute holding its drop
+    probability, other attributes to set), or None if ``module`` is not one.
+
+    torchvision's ``StochasticDepth`` (``p``, row mode); timm's ``DropPath`` and every other
+    library's ``*DropPath`` class (HF's ``BeitDropPath``, ``SwinDropPath`` …: a float
+    ``drop_prob``, no parameters) — the drop-path convention timm set and others copied.
+    """
+    name = type(module).__name__
+    if next(module.parameters(), None) is not None:
+        return None
+    if name == "StochasticDepth" and isinstance(getattr(module, "p", None), float | int):
+        return "p", {"mode": "row"}
+    if name.endswith("DropPath") and isinstance(getattr(module, "drop_prob", None), float | int):
+        extra = {"scale_by_keep": True} if hasattr(module, "scale_by_keep") else {}
+        return "drop_prob", extra
+    return None
+
+
 def _drop_path_kind(module: nn.Module, attr: str) -> str | None:
     name = type(module).__name__
-    if name == "DropPath" and type(module).__module__.startswith("timm"):
-        return "timm.DropPath"
-    if name == "StochasticDepth" and type(module).__module__.startswith("torchvision"):
-        return "torchvision.StochasticDepth"
     if name == "StochasticDepthGate":
         return "retrofit.StochasticDepthGate"
+    if drop_rate_attribute(module) is not None:
+        library = type(module).__module__.split(".")[0]
+        return f"{library}.{name}"
     if isinstance(module, nn.Identity) and attr.lower().startswith(_DROP_PATH_NAMES):
         # timm writes ``self.drop_path = DropPath(r) if r > 0 else nn.Identity()``: the slot is
         # there even when the rate is zero.

@@ -164,6 +164,7 @@ class StageAnalysis:
     probe_shape: tuple[int, ...]
     position: dict[fx.Node, int]
     module_output: dict[str, fx.Node]  # module qualified name → last node computed inside it
+    calls: Any = None  # module name → its recorded Call (graph/capture.py), or None
     _shallow: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def reduction_of(self, node: fx.Node) -> int | None:
@@ -231,7 +232,9 @@ class StageAnalysis:
 
     def _shallow_graph(self, owner: str) -> fx.GraphModule:
         if owner not in self._shallow:
-            self._shallow[owner] = trace_module(self.model.get_submodule(owner), shallow=True)
+            call = self.calls(owner) if self.calls is not None else None
+            module = self.model.get_submodule(owner)
+            self._shallow[owner] = trace_module(module, shallow=True, call=call)
         return self._shallow[owner]
 
 
@@ -454,7 +457,11 @@ def _from_feature_info(
 
 
 def analyse_stages(
-    model: nn.Module, traced: TraceResult | None = None, example_input: Any = None
+    model: nn.Module,
+    traced: TraceResult | None = None,
+    example_input: Any = None,
+    *,
+    calls: Any = None,
 ) -> StageAnalysis:
     """Find the stages of ``model`` (see the module docstring); meta device only, no real compute.
 
@@ -463,11 +470,16 @@ def analyse_stages(
         TraceError: the model's forward could not be traced as one graph.
         ShapePropError: an operation cannot run on meta tensors.
     """
-    traced = traced if traced is not None else trace(model)
+    traced = traced if traced is not None else trace(model, calls)
     gm = _root_graph(model, traced)
-    probe = _probe(model, example_input)
-    # As in verify.eval_output: a tuple is the forward's positional arguments, image first.
-    args = probe if isinstance(probe, tuple) else (probe,)
+    call = getattr(gm, "meta", {}).get("retrofit_call")
+    if call is not None:
+        # A graph specialised on the recorded call: its placeholders are that call's tensors.
+        args = tuple(meta_like(v) for v in call.flatten()[0] if isinstance(v, torch.Tensor))
+    else:
+        probe = _probe(model, example_input)
+        # As in verify.eval_output: a tuple is the forward's positional arguments, image first.
+        args = probe if isinstance(probe, tuple) else (probe,)
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise NoConvStagesError(
@@ -495,6 +507,7 @@ def analyse_stages(
         probe_shape=tuple(int(s) for s in x.shape),
         position={n: i for i, n in enumerate(nodes)},
         module_output=module_output,
+        calls=calls,
     )
     for index, (module, node, r) in enumerate(found, start=1):
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +32,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from retrofit.graph.capture import Call, CallKey
+from retrofit.graph.concrete import Concretizer, concrete_dunders
+from retrofit.graph.sandbox import preserved
 
 __all__ = [
     "RetrofitTracer",
     "Skipped",
+    "Traced",
     "TraceResult",
     "TracedPart",
     "leaf_types",
@@ -102,21 +108,47 @@ class RetrofitTracer(fx.Tracer):
     root's own ``forward`` body. That is what a rewrite needs (it edits one module's code and
     leaves its children, their classes and hooks, untouched).
 
+    With ``call`` (a :class:`~retrofit.graph.capture.Call` recorded from a real forward), the
+    trace is *specialised* on that call instead of freezing arguments at their defaults: its
+    tensors become placeholders (any nesting: tuples, dicts, ``*args``/``**kwargs``), other
+    values are baked in as given, the output is flattened to its pytree leaves (``out_spec``
+    rebuilds it), and Python's questions about proxies (``if x.ndim == 4``, ``h, _ =
+    self.attn(x)``, ``math.ceil(H / 7)``) get concrete answers (``graph/concrete.py``), recorded
+    as the ``guard`` a later call must satisfy.
+
     Every node gets ``meta["source"]`` ("file:line" of the model code that created it); fx's own
     ``record_stack_traces`` would do it too, but formats a whole traceback per node and doubles
-    tracing time.
+    tracing time. Tensor and object constants become zero-argument functions in the generated
+    code's globals rather than attributes fx would add to the traced module.
     """
 
-    def __init__(self, *, shallow: bool = False, extra_leaves: tuple[type, ...] = ()):
+    def __init__(
+        self,
+        *,
+        shallow: bool = False,
+        extra_leaves: tuple[type, ...] = (),
+        call: Call | None = None,
+    ):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=notrace_functions)
         self.shallow = shallow
+        self.call = call
+        self.concretizer: Concretizer | None = None
+        self.out_spec: TreeSpec | None = None
         self._leaves = notrace_modules + _regularizer_types() + tuple(extra_leaves)
         self._root: nn.Module | None = None
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         self._root = root if isinstance(root, nn.Module) else None
-        return super().trace(root, concrete_args)
+        if self.call is None:
+            return super().trace(root, concrete_args)
+        self.concretizer = Concretizer(root)
+        with concrete_dunders():
+            return super().trace(root, None)
+
+    @property
+    def guard(self) -> str:
+        return self.concretizer.guard if self.concretizer is not None else "none"
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.shallow and m is not self._root:
@@ -130,7 +162,112 @@ class RetrofitTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["source"] = _user_source()
+        if self.concretizer is not None:
+            self.concretizer.created(node)
         return node
+
+    def create_arg(self, a: Any) -> Any:  # type: ignore[override]
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            known = self.tensor_attrs.get(a) if hasattr(self, "tensor_attrs") else None
+            buffers = self.root.named_buffers() if self.root is not None else ()
+            if known is None and not any(a is b for _, b in buffers):
+                return self.create_node("call_function", _constant(a), (), {})
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            if self.call is None:
+                raise
+            # An object passed to a child as is (a config, a cache): baked in, like any
+            # non-tensor argument of the specialised call.
+            return self.create_node("call_function", _constant(a), (), {})
+
+    # ------------------------------------------------------------- specialised traces
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
+        if self.call is None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        assert self.concretizer is not None
+        leaves, spec = self.call.flatten()
+        names = _leaf_names(root_fn, self.call, len(leaves))
+        slots: list[int] = []
+        placeholders = []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                proxy = self.create_proxy("placeholder", names[i], (), {})
+                self.concretizer.bind(proxy.node, leaf)
+                slots.append(i)
+                placeholders.append(proxy)
+
+        def specialised(module: nn.Module, *proxies: Any) -> tuple[Any, ...]:
+            values = list(leaves)
+            for i, proxy in zip(slots, proxies, strict=True):
+                values[i] = proxy
+            args, kwargs = tree_unflatten(values, spec)
+            out_leaves, self.out_spec = tree_flatten(root_fn(module, *args, **kwargs))
+            for leaf in out_leaves:
+                if not isinstance(leaf, _OUTPUT_LEAVES):
+                    raise fx.proxy.TraceError(
+                        f"the forward returns a {type(leaf).__name__}, which cannot be rebuilt "
+                        "from a traced graph"
+                    )
+            return tuple(out_leaves)
+
+        return specialised, [self.root, *placeholders]
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.concretizer is None:
+            return super().to_bool(obj)
+        return bool(self.concretizer.require(obj, "bool"))
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        if self.concretizer is None:
+            return super().iter(obj)
+        value = self.concretizer.require(obj, "iter")
+        if isinstance(value, dict):
+            return iter(list(value))
+        return iter([obj[i] for i in range(len(value))])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        if self.concretizer is None:
+            return super().keys(obj)
+        return list(self.concretizer.require(obj, "keys").keys())
+
+
+# What a specialised forward may return at its leaves: values the graph computes or constants.
+_OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, type(None), bool, int, float, str, torch.dtype)
+
+
+def _constant(value: Any) -> Any:
+    """A zero-argument function returning ``value``: how a constant enters generated code."""
+
+    def retrofit_constant() -> Any:
+        return value
+
+    return retrofit_constant
+
+
+def _leaf_names(fn: Any, call: Call, count: int) -> list[str]:
+    """Placeholder names for the call's pytree leaves (positional arguments first, then keyword
+    arguments in call order, as the pytree flattens them): the parameter a leaf was passed as
+    (``x``, ``pixel_values``), with an index appended for nested leaves."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    labelled = [
+        (positional[i] if i < len(positional) else f"arg{i}", value)
+        for i, value in enumerate(call.args)
+    ] + list(call.kwargs.items())
+    names: list[str] = []
+    for label, value in labelled:
+        sub = tree_flatten(value)[0]
+        names += [label] if len(sub) == 1 else [f"{label}_{k}" for k in range(len(sub))]
+    return names if len(names) == count else [f"arg{i}" for i in range(count)]
 
 
 def _user_source() -> str | None:
@@ -176,24 +313,51 @@ def default_args(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def trace_module(module: nn.Module, *, shallow: bool = False) -> fx.GraphModule:
-    """Trace one module (raises whatever fx raises when it cannot)."""
-    graph, _ = trace_graph(module, shallow=shallow)
-    return fx.GraphModule(module, graph, module.__class__.__name__)
+@dataclass
+class Traced:
+    """One traced forward and what its graph assumed.
+
+    ``read_training``: the module's own code read ``self.training`` (fx bakes the read in, so
+    the graph holds for that mode only). ``call``/``key``: the call it was specialised on and
+    what a later call must match (None for a symbolic trace with arguments at their defaults).
+    ``out_spec``: rebuilds the forward's output from the graph's flat output (specialised traces).
+    """
+
+    graph: fx.Graph
+    read_training: bool
+    call: Call | None = None
+    key: CallKey | None = None
+    out_spec: TreeSpec | None = None
 
 
-def trace_graph(module: nn.Module, *, shallow: bool = False) -> tuple[fx.Graph, bool]:
+def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None = None) -> Traced:
     """Trace one module to a bare graph (no GraphModule, no code generation).
 
-    Also says whether the module's own code read ``self.training`` while being traced: fx bakes
-    that read into the graph as a constant, so a graph that read it holds for one mode only.
+    Without ``call`` the forward's parameters with plain defaults are traced as those defaults
+    (:func:`default_args`); with it, the trace is specialised on that call (RetrofitTracer).
+    Nothing the forward writes to the model while being traced survives (graph/sandbox.py).
     """
-    tracer = RetrofitTracer(shallow=shallow)
-    with _watch_training(module) as reads:
-        graph = tracer.trace(module, concrete_args=default_args(module) or None)
+    tracer = RetrofitTracer(shallow=shallow, call=call)
+    with preserved(module), _watch_training(module) as reads:
+        concrete = None if call is not None else (default_args(module) or None)
+        graph = tracer.trace(module, concrete_args=concrete)
     for node in graph.nodes:
         node.meta["owner_local"] = owner_of(node)
-    return graph, bool(reads)
+    key = None
+    if call is not None:
+        leaves, spec = call.flatten()
+        key = CallKey.of(leaves, spec, tracer.guard)
+    return Traced(graph, bool(reads), call, key, tracer.out_spec)
+
+
+def trace_module(
+    module: nn.Module, *, shallow: bool = False, call: Call | None = None
+) -> fx.GraphModule:
+    """Trace one module (raises whatever fx raises when it cannot)."""
+    traced = trace_graph(module, shallow=shallow, call=call)
+    gm = fx.GraphModule(module, traced.graph, module.__class__.__name__)
+    gm.meta["retrofit_call"] = call
+    return gm
 
 
 _WATCHED: dict[type, type] = {}
@@ -301,8 +465,14 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def trace(model: nn.Module) -> TraceResult:
+def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -> TraceResult:
     """Trace ``model``; where a forward cannot be traced, trace its children instead.
+
+    ``calls(name)`` gives the recorded call of a module (``graph/capture.py``), or None. The root
+    is traced symbolically first (its probe call is the user's ``model(x)``), then specialised
+    on its recorded call; any other part is specialised on its own call first, as its caller
+    really makes it (``block(x, drop_connect_rate=0.2)``), and traced with defaults only when
+    it has no recorded call.
 
     Every node of every part carries ``meta["owner"]`` (qualified module name in ``model``) and
     ``meta["source"]`` ("file:line").
@@ -310,15 +480,25 @@ def trace(model: nn.Module) -> TraceResult:
     result = TraceResult()
     leaf = RetrofitTracer()
 
+    def attempt(module: nn.Module, prefix: str) -> fx.GraphModule | str:
+        call = calls(prefix) if calls is not None else None
+        order = [None, call] if not prefix else [call, None]
+        reasons = []
+        for c in order if call is not None else [None]:
+            try:
+                return trace_module(module, call=c)
+            except Exception as exc:  # fx raises many types (TraceError, TypeError…)
+                reasons.append(_short(exc))
+        return "; ".join(dict.fromkeys(reasons))
+
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
             # No forward of their own: the blocks they hold are what the fallback is after.
             for name, child in module.named_children():
                 visit(child, _join(prefix, name))
             return
-        try:
-            gm = trace_module(module)
-        except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError…)
+        gm = attempt(module, prefix)
+        if isinstance(gm, str):
             children = [
                 (name, child)
                 for name, child in module.named_children()
@@ -326,7 +506,7 @@ def trace(model: nn.Module) -> TraceResult:
                 or not leaf.is_leaf_module(child, _join(prefix, name))
             ]
             what = "traced its children instead" if children else "nothing below it to trace"
-            result.skipped.append(Skipped(prefix or "<root>", f"{_short(exc)}; {what}"))
+            result.skipped.append(Skipped(prefix or "<root>", f"{gm}; {what}"))
             for name, child in children:
                 visit(child, _join(prefix, name))
             return

@@ -17,9 +17,9 @@ Two forms of the gate:
 * **mask form** ``gate(f_out)``: multiplies the output of the residual branch f_l; it never sees
   the identity path. The branch is always computed (timm's ``drop_path``, torchvision's
   ``StochasticDepth`` work this way).
-* **outlined form** ``gate(shortcut, *inputs)``: the rewrite moved the branch's code into a
-  function the gate holds (:meth:`StochasticDepthGate.outline`) and the gate performs the
-  residual add itself. In ``mode="batch"`` a dropped branch is not executed at all: no forward,
+* **outlined form** ``gate(shortcut, *inputs, branch=f, outline=spec)``: the rewrite moved the
+  branch's code into a function ``f`` that the owner's generated forward passes on each call,
+  and the gate performs the residual add itself. In ``mode="batch"`` a dropped branch is not executed at all: no forward,
   no backward, its parameters get no gradient. That is the paper's compute saving (Huang et al.
   2016 report ~25% less training time for a 110-layer ResNet). In ``mode="subset"`` the branch
   runs on the kept rows only and its output is ``index_add``-ed into the shortcut, as DINOv2
@@ -202,7 +202,7 @@ class StochasticDepthGate(nn.Module):
     buffers, so inserting it leaves the model's state_dict keys unchanged.
 
     Called with one tensor it is the mask form (multiplies the branch output). Called as
-    ``gate(shortcut, *inputs)`` after :meth:`outline` it computes the whole residual add and runs
+    ``gate(shortcut, *inputs, branch=f, outline=spec)`` it computes the whole residual add and runs
     the branch only when kept (batch mode) or only on the kept rows (subset mode); see the module
     docstring. ``seed``/``stream`` make batch and subset draws counter-based; ``draws`` counts
     training calls (the counter; checkpoints save it with the statistics below).
@@ -249,24 +249,18 @@ class StochasticDepthGate(nn.Module):
         self._kept = 0
         self._masks: list[Tensor] = []
         self._count_on_device: Tensor | None = None
-        self._outline: Outline | None = None
 
     # ------------------------------------------------------------------ outlining
 
-    def outline(self, branch: Any, spec: Outline) -> None:
-        """Hold ``branch`` (a callable computing the residual branch from its inputs, usually the
-        rewritten owner's code bound to the owner) and switch to the outlined form.
-
-        ``branch`` goes into ``__dict__`` directly: it is not a submodule (the owner already owns
-        the branch's modules), so ``state_dict``, ``parameters()`` and ``modules()`` are unchanged;
-        ``copy.deepcopy`` rebinds a bound method to the copied owner.
-        """
-        self.__dict__["branch"] = branch
-        self._outline = spec
-
     @property
     def outlined(self) -> bool:
-        return self.__dict__.get("branch") is not None
+        """Whether the rewrite moved this site's branch into a function the gate calls
+        (``gate(shortcut, *inputs, branch=f, outline=spec)``; see the module docstring)."""
+        return self.__dict__.get("_is_outlined", False)
+
+    @outlined.setter
+    def outlined(self, value: bool) -> None:
+        self.__dict__["_is_outlined"] = bool(value)
 
     # ------------------------------------------------------------------ statistics
 
@@ -332,9 +326,13 @@ class StochasticDepthGate(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: Tensor, *inputs: Any) -> Tensor:
+    def forward(
+        self, x: Tensor, *inputs: Any, branch: Any = None, outline: Outline | None = None
+    ) -> Tensor:
+        if branch is not None:
+            return self._outlined(x, inputs, branch, outline or Outline())
         if inputs:
-            return self._outlined(x, inputs)
+            raise TypeError("StochasticDepthGate: inputs for a branch were given, but no branch")
         if not self.training or self.survival == 1.0 or _graph_capture(x):
             # Through the wrapped functional, so a tracer records one node.
             return stochastic_depth(x, self.survival, self.mode, self.training, self.scaling)
@@ -373,7 +371,7 @@ class StochasticDepthGate(nn.Module):
 
     @torch.compiler.disable
     def _decide(
-        self, shortcut: Tensor, inputs: tuple[Any, ...]
+        self, shortcut: Tensor, inputs: tuple[Any, ...], spec: Outline
     ) -> tuple[str, float, Tensor | None, tuple[Any, ...]]:
         """Draw and count this call: ``(action, alpha, index, branch_args)``; action is
         ``"drop"``, ``"run"`` (add ``alpha·f(branch_args)``, on rows ``index`` if not None) or
@@ -406,7 +404,6 @@ class StochasticDepthGate(nn.Module):
         alpha = scale if self.scaling == "inverted" else 1.0
         if k == n:
             return "run", alpha, None, inputs
-        spec = self._outline or Outline()
         batched = spec.batched or (True,) * len(inputs)
         rows = tuple(
             t.index_select(0, index)
@@ -417,10 +414,11 @@ class StochasticDepthGate(nn.Module):
         return "run", alpha, index, rows
 
     @torch.compiler.disable
-    def _join(self, shortcut: Tensor, out: Tensor, alpha: float, index: Tensor | None) -> Tensor:
+    def _join(
+        self, shortcut: Tensor, out: Tensor, alpha: float, index: Tensor | None, spec: Outline
+    ) -> Tensor:
         """The residual add ``shortcut + alpha·out`` (rows ``index`` only, in subset mode), with
         the original add's aliasing and dtype. One kernel: ``add``'s ``alpha`` does the scaling."""
-        spec = self._outline or Outline()
         if (
             index is None
             and out.shape != shortcut.shape
@@ -445,26 +443,25 @@ class StochasticDepthGate(nn.Module):
         return result
 
     @torch.compiler.disable
-    def _dropped(self, shortcut: Tensor) -> Tensor:
-        spec = self._outline or Outline()
+    def _dropped(self, shortcut: Tensor, spec: Outline) -> Tensor:
         if spec.inplace != "shortcut" and spec.copy_dropped:
             return shortcut.clone()
         return shortcut
 
-    def _outlined(self, shortcut: Tensor, inputs: tuple[Any, ...]) -> Tensor:
-        """``shortcut + b·f(*inputs)``, computing f only where b says so (class docstring)."""
-        branch = self.__dict__.get("branch")
-        if branch is None:
-            raise RuntimeError(
-                "StochasticDepthGate called as gate(shortcut, *inputs) but holds no outlined branch"
-            )
-        action, alpha, index, args = self._decide(shortcut, inputs)
+    def _outlined(
+        self, shortcut: Tensor, inputs: tuple[Any, ...], branch: Any, spec: Outline
+    ) -> Tensor:
+        """``shortcut + b·branch(*inputs)``, computing the branch only where b says so (class
+        docstring). ``branch`` is the rewritten owner's code for this site, passed by the
+        owner's generated forward on every call: nothing is stored on the gate, so a model that
+        is copied or pickled rebuilds it from its own modules."""
+        action, alpha, index, args = self._decide(shortcut, inputs, spec)
         if action == "drop":
-            return self._dropped(shortcut)
+            return self._dropped(shortcut, spec)
         out = branch(*args)
         if action == "mask":
             out = self.forward(out)
-        return self._join(shortcut, out, alpha, index)
+        return self._join(shortcut, out, alpha, index, spec)
 
     _outlined = torch.compiler.disable(_outlined, recursive=False)
 

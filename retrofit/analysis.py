@@ -1,0 +1,151 @@
+"""One analysis context per model: it owns every trace and every finding made from them.
+
+Planners, the rewrite, the stage and Dropout→BN analyses and the trainer all read the same
+model; each used to trace it again. An :class:`Analysis` makes each trace once, when first
+needed, and hands it out:
+
+* ``calls``: what one real forward passes to every module (``graph/capture.py``), recorded only
+  if some module cannot be traced with its arguments at their defaults;
+* ``traced``: the model's graphs as it is (hierarchical: a forward that cannot be read is
+  replaced by its children, ``graph/trace.py``); ``traced_training``: the same with every module
+  in training mode (the Dropout→BN rule needs ``F.dropout(x, p, self.training)`` live);
+* ``residual_sites``, ``stages``, ``dropout_bn``: the findings;
+* ``owner_trace(owner)``: an owner's own forward with its children as leaves, specialised on
+  its recorded call, in training mode — what batch mode's outline check reads and what the
+  rewrite's first specialisation reuses.
+
+``counts`` says how many traces of each kind were made (a test holds apply to it).
+Nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from retrofit.graph.capture import Call, record_calls
+from retrofit.graph.dataflow import locate
+from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, training_mode
+from retrofit.graph.outline import NotOutlinable, branch_region
+from retrofit.graph.residual import ResidualSite, find_residual_sites
+from retrofit.graph.stages import StageAnalysis, analyse_stages
+from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.models import probe_input_size
+
+__all__ = ["Analysis", "probe_for"]
+
+
+def probe_for(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A probe input for ``model``: random (seeded, the global RNG untouched) in the model's
+    dtype, on its device — the meta device for a model built there."""
+    device, dtype = torch.device("cpu"), torch.float32
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            device, dtype = tensor.device, tensor.dtype
+            break
+    shape = (batch, *probe_input_size(model))
+    if device.type == "meta":
+        return torch.empty(shape, dtype=dtype, device="meta")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+class Analysis:
+    """Everything retrofit reads about one model, computed once (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, example_input: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"retrofit expects a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._example_input = example_input
+        self.counts: Counter[str] = Counter()
+        self._owner_traces: dict[str, Traced | None] = {}
+        self.recording_error: str | None = None
+
+    # ------------------------------------------------------------------ inputs and calls
+
+    @cached_property
+    def example_input(self) -> Any:
+        return self._example_input if self._example_input is not None else probe_for(self.model)
+
+    @cached_property
+    def calls(self) -> dict[str, list[Call]]:
+        self.counts["recording forward"] += 1
+        try:
+            return record_calls(self.model, self.example_input)
+        except Exception as exc:  # the model does not run on the probe: no specialisation
+            self.recording_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            return {}
+
+    def call(self, module: str) -> Call | None:
+        """The first recorded call of ``module`` (qualified name, "" for the root), or None."""
+        recorded = self.calls.get(module)
+        return recorded[0] if recorded else None
+
+    # ------------------------------------------------------------------ traces
+
+    @cached_property
+    def traced(self) -> TraceResult:
+        self.counts["model trace"] += 1
+        return trace(self.model, self.call)
+
+    @cached_property
+    def traced_training(self) -> TraceResult:
+        if all(m.training for m in self.model.modules()):
+            return self.traced
+        self.counts["model trace"] += 1
+        with training_mode(self.model):
+            return trace(self.model, self.call)
+
+    def owner_trace(self, owner: str) -> Traced | None:
+        """``owner``'s own forward in training mode, children as leaves, specialised on its
+        recorded call (None if it cannot be traced: the rewrite then says why)."""
+        if owner not in self._owner_traces:
+            module = self.model.get_submodule(owner)
+            saved = module.training
+            module.training = True
+            self.counts["owner trace"] += 1
+            try:
+                self._owner_traces[owner] = trace_graph(module, shallow=True, call=self.call(owner))
+            except Exception:  # fx raises many types; the rewrite will raise the same, with context
+                self._owner_traces[owner] = None
+            finally:
+                module.training = saved
+        return self._owner_traces[owner]
+
+    def seed(self, owner: str) -> Traced | None:
+        """A trace of ``owner`` already made, for the rewrite to reuse (never a new one)."""
+        return self._owner_traces.get(owner)
+
+    # ------------------------------------------------------------------ findings
+
+    @cached_property
+    def residual_sites(self) -> list[ResidualSite]:
+        return find_residual_sites(self.traced)
+
+    @cached_property
+    def stages(self) -> StageAnalysis:
+        return analyse_stages(self.model, self.traced, self._example_input, calls=self.call)
+
+    @cached_property
+    def dropout_bn(self) -> DropoutBNAnalysis:
+        return find_dropout_bn(self.traced_training)
+
+    def outline_refusal(self, site: ResidualSite, *, subset: bool) -> str | None:
+        """Why ``site``'s branch cannot be outlined (see retrofit.graph.outline), or None."""
+        traced = self.owner_trace(site.owner)
+        if traced is None:
+            return None
+        modules = dict(self.model.get_submodule(site.owner).named_modules())
+        try:
+            add = locate(traced.graph, site.key, site.ordinal)
+            branch_region(traced.graph, add, site.branch_arg, modules=modules, subset=subset)
+        except NotOutlinable as e:
+            return str(e)
+        except LookupError:
+            return None  # the rewrite locates it again and reports a mismatch
+        return None

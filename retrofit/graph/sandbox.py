@@ -1,0 +1,71 @@
+"""Run model code for analysis without letting it change the model.
+
+Tracing or probing a forward executes the model's Python code, and some of it writes to the
+model: HF LeViT caches its attention biases in a dict on the module (during an fx trace the
+cache would keep a Proxy from that trace, and the next trace reads it back: ``KeyError:
+getitem_6``), fx adds ``_tensor_constant0`` attributes to the root it traces, other code
+memoises shapes or masks. ``retrofit.plan`` promises not to mutate what it is given, so every
+trace and every recording forward runs inside :func:`preserved`, which restores each module's
+attributes — the values, and the contents of the dicts, lists and sets they hold — as they
+were. Tensor *data* is not copied: code that writes into a parameter or buffer in place during
+an eval-mode forward is outside what this guards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Snapshot", "preserved"]
+
+_CONTAINERS = (dict, list, set)
+
+
+def _snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    return {
+        k: (v, v.copy() if isinstance(v, _CONTAINERS) else None) for k, v in module.__dict__.items()
+    }
+
+
+def _restore(module: nn.Module, saved: dict[str, tuple[Any, Any]]) -> None:
+    state = module.__dict__
+    for k in [k for k in state if k not in saved]:
+        del state[k]
+    for k, (value, contents) in saved.items():
+        state[k] = value
+        if contents is not None:
+            # Contents restored unconditionally: comparing them would compare tensors.
+            if isinstance(value, list):
+                value[:] = contents
+            else:
+                value.clear()
+                value.update(contents)
+
+
+class Snapshot:
+    """Every module under ``root`` as it is now: its attributes and their containers' contents
+    (children, parameters, buffers, hooks, caches), to put back with :meth:`restore`.
+
+    ``retrofit.apply`` takes one before it changes anything; whatever fails afterwards, restoring
+    it hands the model back exactly as it came: same forward, same modules, same state.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.saved = [(m, _snapshot(m)) for m in root.modules()]
+
+    def restore(self) -> None:
+        for module, state in self.saved:
+            _restore(module, state)
+
+
+@contextmanager
+def preserved(root: nn.Module) -> Iterator[None]:
+    """Restore every module under ``root`` (attributes and container contents) on exit."""
+    snapshot = Snapshot(root)
+    try:
+        yield
+    finally:
+        snapshot.restore()
