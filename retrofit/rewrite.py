@@ -342,7 +342,8 @@ class RetrofitForward:
     def _reset(self) -> None:
         self.specialised: list[Specialised] = []
         self._pristine: list[tuple[CallKey, Traced]] = []
-        self.masked: dict[str, str] = {}
+        self.masked: dict[str, str] = {}  # gate → why its planned outline was masked instead
+        self.outlines: dict[str, Outline] = {}  # gate → how its outlined add behaves
 
     def __getstate__(self) -> dict[str, Any]:
         return {"owner": self.owner, "name": self.name, "edits": self.edits}
@@ -388,6 +389,7 @@ class RetrofitForward:
                 # code: registered nowhere, so state_dict and parameters() are unchanged.
                 item.call.target = _constant(types.MethodType(branch, self.owner))
                 self.owner.get_submodule(item.gate).outlined = True
+                self.outlines[item.gate] = item.spec
             fn = _compile(graph, f"{label} {'train' if training else 'eval'}")
         except Exception as exc:
             raise RewriteError(

@@ -131,17 +131,25 @@ def branch_macs(
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     gates = [g for g in model.modules() if isinstance(g, StochasticDepthGate) and g.outlined]
-    saved = [(g, g.__dict__["branch"], g.survival) for g in gates]
-    for g, branch, _ in saved:
+    saved = [(g, g.survival) for g in gates]
 
-        def wrapped(*a: Any, g: StochasticDepthGate = g, branch: Any = branch) -> Any:
+    def attribute(g: StochasticDepthGate, args: Any, kwargs: dict) -> tuple[Any, dict]:
+        # The owner's forward passes the branch to the gate on each call: count what it runs.
+        branch = kwargs.get("branch")
+        if branch is None:
+            return args, kwargs
+
+        def wrapped(*a: Any) -> Any:
             current[0] = g
             try:
                 return branch(*a)
             finally:
                 current[0] = None
 
-        g.__dict__["branch"] = wrapped
+        return args, {**kwargs, "branch": wrapped}
+
+    handles += [g.register_forward_pre_hook(attribute, with_kwargs=True) for g in gates]
+    for g in gates:
         g.survival = 1.0
     try:
         with torch.no_grad():
@@ -149,8 +157,7 @@ def branch_macs(
     finally:
         for h in handles:
             h.remove()
-        for g, branch, p in saved:
-            g.__dict__["branch"] = branch
+        for g, p in saved:
             g.survival = p
     return macs["total"], per_gate
 
