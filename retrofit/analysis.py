@@ -31,10 +31,10 @@ from retrofit.graph.capture import Call, record_calls
 from retrofit.graph.dataflow import locate
 from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, training_mode
 from retrofit.graph.outline import NotOutlinable, branch_region
+from retrofit.graph.probe import probe_input_size
 from retrofit.graph.residual import ResidualSite, find_residual_sites
 from retrofit.graph.stages import StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
-from retrofit.models import probe_input_size
 
 __all__ = ["Analysis", "probe_for"]
 
@@ -129,7 +129,9 @@ class Analysis:
 
     @cached_property
     def stages(self) -> StageAnalysis:
-        return analyse_stages(self.model, self.traced, self._example_input, calls=self.call)
+        # Shapes at the model's own input size (its config), as ``retrofit.stages`` reports
+        # them; a root specialised on a recorded call uses that call's shapes.
+        return analyse_stages(self.model, self.traced, calls=self.call)
 
     @cached_property
     def dropout_bn(self) -> DropoutBNAnalysis:

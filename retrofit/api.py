@@ -11,7 +11,14 @@ from typing import Any
 from torch import nn
 
 from retrofit.analysis import Analysis
-from retrofit.errors import RecipeError, RefusedError, RewriteError, TraceError, VerifyError
+from retrofit.errors import (
+    ModelError,
+    RecipeError,
+    RefusedError,
+    RewriteError,
+    TraceError,
+    VerifyError,
+)
 from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
@@ -77,7 +84,7 @@ def apply(
             with paper_gates_neutral(model):
                 compare(reference, eval_output(model, x))
             check_live(model, x, record.live())
-    except (RefusedError, RecipeError):
+    except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise
     except Exception as exc:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from retrofit.edit import Edit
 from retrofit.graph.dropout_bn import (
     DropoutBNAnalysis,
     DropoutSite,
@@ -35,7 +36,7 @@ from retrofit.graph.dropout_bn import (
 from retrofit.layers.uout import Uout
 
 if TYPE_CHECKING:
-    from retrofit.plan import Analysis, Edit
+    from retrofit.analysis import Analysis
     from retrofit.recipe import UoutSpec
 
 __all__ = [
@@ -71,7 +72,6 @@ def _replace(
     site: DropoutSite, kind: str, params: dict[str, Any], note: str, done: set[str]
 ) -> Edit | None:
     """The edit that swaps one flagged dropout for a new layer, or None when it cannot be made."""
-    from retrofit.plan import Edit
 
     common = dict(kind=kind, params=params, note=note)
     if not site.fixable:
@@ -150,7 +150,6 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
 
 
 def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:
-    from retrofit.plan import Edit
 
     common = dict(kind="dropout_fix")
     note = f"Dropout(p={p}){mixed} after the last BN, on the input of {place.classifier}"

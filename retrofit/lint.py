@@ -314,14 +314,9 @@ def _probe_batches(
                 break
             out.append(batch)
         return out
-    try:
-        from retrofit.models import probe_input_size
+    from retrofit.graph.probe import probe_input_size
 
-        size = probe_input_size(model)
-    except ImportError:  # pragma: no cover - models.py ships with the CLI
-        from retrofit.verify import probe_size
-
-        size = probe_size(model)
+    size = probe_input_size(model)
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch_size, *size, generator=generator) for _ in range(num_batches)]
 

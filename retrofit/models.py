@@ -341,52 +341,8 @@ def parse_kwargs(items: Iterable[str] | None) -> dict[str, Any]:
     return out
 
 
-# --- probe sizes ----------------------------------------------------------------------------
-
-
-def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) input a model expects, for probe inputs in verification and analysis.
-
-    Spatial size: a ViT-style ``patch_embed.img_size`` (timm; it reflects an ``img_size`` kwarg
-    that the pretrained config does not), torchvision's ``image_size`` attribute, then timm's
-    ``pretrained_cfg`` / ``default_cfg`` ``input_size``, else 224. Channels: the first Conv2d's
-    ``in_channels`` when there is no config or it reads fewer channels than the config says (so
-    ``in_chans=1`` models get one channel), else the config's, else 3.
-    """
-    c, h, w = 3, 224, 224
-    cfg_size = None
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, Mapping) and cfg.get("input_size"):
-            cfg_size = tuple(int(v) for v in cfg["input_size"])
-            break
-    if cfg_size is not None and len(cfg_size) == 3:
-        c, h, w = cfg_size
-    fixed = _fixed_image_size(model)
-    if fixed is not None:
-        h, w = fixed
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            # timm's config keeps 3 channels when a model is built with in_chans=1, so the first
-            # conv decides when it reads fewer; a first conv reading more is behind a
-            # space-to-depth stem (TResNet: 48 = 3·4²), where the config is right.
-            if cfg_size is None or m.in_channels < c:
-                c = m.in_channels
-            break
-    return (c, h, w)
-
-
-def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None) if patch_embed is not None else None
-    if size is None:
-        size = getattr(model, "image_size", None)
-    if isinstance(size, int) and not isinstance(size, bool):
-        return (size, size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
-        return (int(size[0]), int(size[1]))
-    return None
-
+# Probe sizes live with the analysis that needs them (no trainer import on the apply path).
+from retrofit.graph.probe import fixed_image_size, probe_input_size  # noqa: E402, F401
 
 # One implementation of checkpoint loading, shared with the trainer.
 from retrofit.train.checkpoint import load_weights  # noqa: E402

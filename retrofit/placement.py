@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
+from retrofit.edit import Edit
 from retrofit.errors import ModelError, RecipeError, TraceError
 from retrofit.graph.residual import ResidualSite
 from retrofit.graph.shapes import shape_of
@@ -52,7 +53,7 @@ from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
 
 if TYPE_CHECKING:
-    from retrofit.plan import Analysis, Edit
+    from retrofit.analysis import Analysis
     from retrofit.recipe import DropBlockSpec
 
 __all__ = [
@@ -112,7 +113,6 @@ def _edit(
     block: str | None = None,
     extra_note: str | None = None,
 ) -> Edit:
-    from retrofit.plan import Edit  # plan.py registers this planner: import it lazily
 
     h, w = _hw(shape)
     block_size = spec.block_size

@@ -9,6 +9,7 @@ forward on the probe must call every inserted layer and every reused slot: :func
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from retrofit.errors import VerifyError
+from retrofit.graph.probe import probe_input_size
 
 __all__ = [
     "check_live",
@@ -31,8 +33,6 @@ __all__ = [
 
 def probe_size(model: nn.Module) -> tuple[int, ...]:
     """Input size (C, H, W) the model expects (timm's config, a ViT's image size, else 224²)."""
-    from retrofit.models import probe_input_size
-
     return probe_input_size(model)
 
 
@@ -139,7 +139,10 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
+            # What the layers tell a user's training loop (a DropBlock whose schedule was
+            # never set) is not news during a check.
+            warnings.simplefilter("ignore")
             yield
     finally:
         for b, saved in buffers:

@@ -410,10 +410,10 @@ def _input_for(model, spec: str):
     """A small real input where the model accepts one, else its native size."""
     import torch
 
-    from retrofit.models import _fixed_image_size, probe_input_size
+    from retrofit.graph.probe import fixed_image_size, probe_input_size
 
     c, h, w = probe_input_size(model)
-    sizes = [(h, w)] if _fixed_image_size(model) else [(64, 64), (96, 96), (128, 128), (h, w)]
+    sizes = [(h, w)] if fixed_image_size(model) else [(64, 64), (96, 96), (128, 128), (h, w)]
     # probe_input_size takes channels from the first Conv2d, which is wrong behind a
     # SpaceToDepth or DCT stem (TResNet: 48, CSATv2: 64): try the config's channels too
     cfg = getattr(model, "pretrained_cfg", None) or {}

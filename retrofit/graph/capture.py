@@ -143,9 +143,7 @@ def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dic
     """
     names = {m: n for n, m in _iter_named(model)}
     recorder = _Recorder(names, limit)
-    handles = [
-        m.register_forward_pre_hook(recorder, with_kwargs=True, prepend=True) for m in names
-    ]
+    handles = [m.register_forward_pre_hook(recorder, with_kwargs=True, prepend=True) for m in names]
     flags = [(m, m.training) for m in names]
     try:
         with preserved(model), torch.no_grad(), torch.random.fork_rng(devices=[]):

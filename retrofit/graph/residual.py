@@ -26,9 +26,11 @@ branch lives entirely inside its own child — a module applying a list of block
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -104,6 +106,24 @@ def existing_drop_path(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return None
     module = gm.get_submodule(str(node.target))
     return _drop_path_kind(module, str(node.target).rsplit(".", 1)[-1])
+
+
+def _slot_on_branch(branch: fx.Node, gm: fx.GraphModule, flow: DataFlow) -> fx.Node | None:
+    """The drop-path slot (an existing drop-path module or an ``nn.Identity`` placeholder) that
+    produces ``branch``, looking back through up to two scalings applied after it (a layer
+    scale: a per-channel multiply, no learned map)."""
+    node = branch
+    for _ in range(3):
+        if existing_drop_path(node, gm) is not None:
+            return node
+        inputs = [a for a in node.all_input_nodes if flow.depends_on_input(a)]
+        scaling = flow.weights[flow.order[node]] == 0 and (
+            node.op == "call_module" or node.target in (operator.mul, torch.mul, "mul")
+        )
+        if len(inputs) != 1 or not scaling:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _container_child(owner_local: str, paths: set[str]) -> str | None:
@@ -208,7 +228,12 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
             branch, b_arg, b_region, b_weight, shortcut, s_weight = a, ia, region_a, wa, b, wb
         else:
             branch, b_arg, b_region, b_weight, shortcut, s_weight = b, ib, region_b, wb, a, wa
-        if s_weight > 1 or b_weight == 0:
+        if s_weight > 1:
+            continue
+        if b_weight == 0 and (s_weight or _slot_on_branch(branch, gm, flow) is None):
+            # No learned map: not a block (ConvNeXt-V2's GRN), unless the model's author put a
+            # drop-path slot on it (MetaFormer's pooling token mixer, ``x + drop_path(pool(x) -
+            # x)``: a residual branch whose mixer has no weights by design).
             continue
         if b_weight == 1 and (s_weight or not b_region & flow.dense_mask):
             # One learned map is a block only when it is dense and the shortcut is the identity

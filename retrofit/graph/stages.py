@@ -62,6 +62,7 @@ from torch import nn
 
 from retrofit.errors import ModelError, TraceError
 from retrofit.graph.dataflow import DataFlow, node_key
+from retrofit.graph.probe import probe_input_size
 from retrofit.graph.shapes import meta_like, propagate_shapes, shape_of
 from retrofit.graph.trace import (
     TraceResult,
@@ -70,7 +71,6 @@ from retrofit.graph.trace import (
     trace,
     trace_module,
 )
-from retrofit.verify import probe_size
 
 __all__ = [
     "CallSite",
@@ -307,7 +307,10 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow) -> set[fx.Node]:
         if carries and open_until <= i:
             main.add(node)
         if carries:
-            open_until = max(open_until, *(position[u] for u in node.users), i)
+            # Returning a value is not jumping over what follows: an encoder that returns its
+            # feature maps ``[c2, c3, c4, c5]`` keeps c3…c5 on the main path.
+            ends = (position[u] for u in node.users if u.op != "output")
+            open_until = max(open_until, *ends, i)
     return main
 
 
@@ -323,7 +326,7 @@ def _probe(model: nn.Module, example_input: Any) -> Any:
     if example_input is not None:
         return meta_like(example_input)
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
-    return torch.empty(1, *probe_size(model), dtype=dtype, device="meta")
+    return torch.empty(1, *probe_input_size(model), dtype=dtype, device="meta")
 
 
 def _root_graph(model: nn.Module, traced: TraceResult) -> fx.GraphModule:
