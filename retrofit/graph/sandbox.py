@@ -24,19 +24,29 @@ __all__ = ["Snapshot", "preserved"]
 _CONTAINERS = (dict, list, set)
 
 
+_EMPTY = ()
+
+
 def _snapshot(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    # Most containers of a module are empty hook dicts: remember them as empty, copy the rest.
     return {
-        k: (v, v.copy() if isinstance(v, _CONTAINERS) else None) for k, v in module.__dict__.items()
+        k: (v, (v.copy() if v else _EMPTY) if isinstance(v, _CONTAINERS) else None)
+        for k, v in module.__dict__.items()
     }
 
 
 def _restore(module: nn.Module, saved: dict[str, tuple[Any, Any]]) -> None:
     state = module.__dict__
-    for k in [k for k in state if k not in saved]:
-        del state[k]
+    if state.keys() != saved.keys():
+        for k in [k for k in state if k not in saved]:
+            del state[k]
     for k, (value, contents) in saved.items():
-        state[k] = value
-        if contents is not None:
+        if state.get(k, _EMPTY) is not value:
+            state[k] = value
+        if contents is _EMPTY:
+            if value:
+                value.clear()
+        elif contents is not None:
             # Contents restored unconditionally: comparing them would compare tensors.
             if isinstance(value, list):
                 value[:] = contents

@@ -481,15 +481,24 @@ def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -
     leaf = RetrofitTracer()
 
     def attempt(module: nn.Module, prefix: str) -> fx.GraphModule | str:
-        call = calls(prefix) if calls is not None else None
-        order = [None, call] if not prefix else [call, None]
-        reasons = []
-        for c in order if call is not None else [None]:
+        reasons: list[str] = []
+
+        def one(call: Call | None) -> fx.GraphModule | None:
             try:
-                return trace_module(module, call=c)
+                return trace_module(module, call=call)
             except Exception as exc:  # fx raises many types (TraceError, TypeError…)
                 reasons.append(_short(exc))
-        return "; ".join(dict.fromkeys(reasons))
+                return None
+
+        # The root symbolically first: no forward is needed when that reads it.
+        gm = one(None) if not prefix else None
+        if gm is None:
+            call = calls(prefix) if calls is not None else None
+            if call is not None:
+                gm = one(call)
+            if gm is None and prefix:
+                gm = one(None)
+        return gm if gm is not None else "; ".join(dict.fromkeys(reasons))
 
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
