@@ -23,6 +23,7 @@ from retrofit.graph.residual import ResidualSite, find_residual_sites
 from retrofit.graph.trace import Skipped, TraceResult, trace, trace_module
 from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
+from retrofit.schedule import block_survivals, survival  # survival: re-exported, it lived here
 
 __all__ = ["Analysis", "Edit", "Plan", "PLANNERS", "plan", "survival"]
 
@@ -128,17 +129,6 @@ class Analysis:
         return None
 
 
-def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
-    """Survival probability of block ``depth`` (1-based) of ``num_blocks``.
-
-    Huang et al. 2016, linear decay rule: p_l = 1 − (l/L)(1 − p_L), so p_0 = 1 (the input is
-    always kept) and the last block survives with p_L. ``uniform`` gives every block p_L.
-    """
-    if schedule == "uniform":
-        return p_L
-    return 1.0 - (depth / num_blocks) * (1.0 - p_L)
-
-
 def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
     """One edit per residual site. Row mode multiplies the branch by a mask (``wrap_arg``, or an
     existing drop-path module set to the rate); batch and subset modes outline the branch so a
@@ -147,13 +137,16 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
     sites = analysis.residual_sites
     blocks = list(dict.fromkeys(s.block for s in sites))  # first-seen order = execution order
     depth_of = {b: i + 1 for i, b in enumerate(blocks)}
+    p_of = block_survivals(blocks, spec.p_L, spec.schedule, stagewise=spec.stagewise)
     edits = []
     for site in sites:
         depth = depth_of[site.block]
-        p = survival(depth, len(blocks), spec.p_L, spec.schedule)
+        p = p_of[site.block]
         params: dict[str, Any] = {"mode": spec.mode, "scaling": spec.scaling}
         if getattr(spec, "seed", None) is not None:
             params["seed"] = spec.seed
+        if spec.warmup:
+            params["warmup"] = spec.warmup
         common = dict(
             kind="stochastic_depth",
             depth=depth,
@@ -165,6 +158,7 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             site.existing_type in ("timm.DropPath", "torchvision.StochasticDepth")
             and spec.mode == "row"
             and spec.scaling == "inverted"
+            and not spec.warmup  # their rate is fixed; a warm-up needs a gate's set_progress
         )
         refusal = None
         if spec.mode in ("batch", "subset"):
