@@ -5,6 +5,7 @@ timm's training script builds the model, then its lr scheduler, and calls
 ``lr_scheduler.step(epoch)`` at every epoch boundary (and once when it resumes). Wrapping that
 scheduler is the one place that sees training progress without editing the loop::
 
+    import retrofit.integrations.timm                                   # at the top
     model = create_model(args.model, ...)                               # timm's line
     model = retrofit.apply(model, "recipe.yaml")                        # hook line 1
     ...
