@@ -200,10 +200,18 @@ def test_composer_drop_warmup_values_through_a_retrofitted_model():
 
 
 def test_warmup_gate_never_scheduled_warns_instead_of_silently_never_dropping():
+    import warnings
+
     gate = StochasticDepthGate(0.5, warmup=0.5).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():  # a check (verify's liveness forward), not training: no warning
+            gate(torch.ones(4, 2))
     with pytest.warns(UserWarning, match="never set"):
         gate(torch.ones(4, 2))
     assert gate.survival == 1.0
+    retrofit.schedule.update(nn.Sequential(gate), 0.25)
+    assert gate.survival == 0.75
 
 
 def test_composer_module_surgery_counts():

@@ -301,6 +301,7 @@ class DropBlock(nn.Module):
             and not self._scheduled
             and self.keep_prob == 1.0
             and self.target_keep_prob < 1.0
+            and torch.is_grad_enabled()  # under no_grad it is a check (verify), not training
             and isinstance(x, Tensor)
             and not torch.compiler.is_compiling()
         ):

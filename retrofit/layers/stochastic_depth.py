@@ -364,7 +364,9 @@ class StochasticDepthGate(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor, *inputs: Any) -> Tensor:
-        if not self._scheduled and self.training and not _graph_capture(x):
+        # Under no_grad it is a check (retrofit.verify's liveness forward), not training.
+        unscheduled = not self._scheduled and self.training and torch.is_grad_enabled()
+        if unscheduled and not _graph_capture(x):
             self._warn_unscheduled()
         if inputs:
             return self._outlined(x, inputs)
