@@ -342,7 +342,11 @@ def parse_kwargs(items: Iterable[str] | None) -> dict[str, Any]:
 
 
 # Probe sizes live with the analysis that needs them (no trainer import on the apply path).
-from retrofit.graph.probe import fixed_image_size, probe_input_size  # noqa: E402, F401
+from retrofit.graph.probe import (  # noqa: E402, F401
+    VIDEO_PROBE,
+    fixed_image_size,
+    probe_input_size,
+)
 
 # One implementation of checkpoint loading, shared with the trainer.
 from retrofit.train.checkpoint import load_weights  # noqa: E402

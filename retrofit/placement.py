@@ -34,8 +34,14 @@ this stage's end. So for ResNet-50, stages [3, 4] give 6 + 3 DropBlocks.
 
 The block_size of an edit is clamped to its feature map at the probe input (a 9 on ResNet's 7×7
 ``layer4`` becomes 7) and the edit's note says so; at run time ``drop_block`` clamps to the map it
-actually sees. Every inserted DropBlock starts at keep_prob 1.0 and ramps to the recipe's target
-through ``retrofit.schedule.update(model, t)``.
+actually sees. A per-stage ``block_size`` / ``gamma_scale`` list gives each chosen stage its own
+value, matched to the stage by its position in ``dropblock.stages``. Every inserted DropBlock
+starts at keep_prob 1.0 and ramps to the recipe's target through
+``retrofit.schedule.update(model, t)``.
+
+Video CNNs (5-D input, T×H×W maps: torchvision's ``r3d_18``, ``mc3_18``, ``r2plus1d_18``) are
+placed the same way; the layer is 3-D DropBlock on their maps (blocks of bs×bs×bs, each side
+clamped to its dimension; ``retrofit/layers/dropblock.py``).
 """
 
 from __future__ import annotations
@@ -97,13 +103,15 @@ def select_stages(found: list[Stage], wanted: tuple[int | str, ...]) -> list[Sta
     return [chosen[i] for i in sorted(chosen)]
 
 
-def _hw(shape: tuple[int, ...] | None) -> tuple[int, int]:
-    assert shape is not None and len(shape) == 4
-    return shape[2], shape[3]
+def _dims(shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The map's (H, W), or (T, H, W) for a video map (N, C, T, H, W)."""
+    assert shape is not None and len(shape) in (4, 5)
+    return tuple(shape[2:])
 
 
 def _edit(
     spec: DropBlockSpec,
+    sizes: tuple[int, float],
     site: CallSite,
     shape: tuple[int, ...] | None,
     probe: tuple[int, ...],
@@ -114,29 +122,39 @@ def _edit(
     extra_note: str | None = None,
 ) -> Edit:
 
-    h, w = _hw(shape)
-    block_size = spec.block_size
+    dims = _dims(shape)
+    wanted, gamma_scale = sizes
+    block_size = wanted
     notes = [where]
-    if block_size > min(h, w):
-        block_size = min(h, w)
+    # The largest side a block can take: min(H, W) on a 2-D map (square blocks), the largest
+    # dimension of a video map (each side clamps on its own; see layers/dropblock.py).
+    largest = min(dims) if len(dims) == 2 else max(dims)
+    if block_size > largest:
+        block_size = largest
         notes.append(
-            f"block_size {spec.block_size} clamped to {block_size}: larger than the {h}×{w} "
-            f"map at the {probe[2]}×{probe[3]} probe input"
+            f"block_size {wanted} clamped to {block_size}: larger than the "
+            f"{'×'.join(map(str, dims))} map at the {'×'.join(map(str, probe[2:]))} probe input"
         )
     if extra_note:
         notes.append(extra_note)
+    params: dict[str, Any] = {
+        "block_size": block_size,
+        "keep_prob": spec.keep_prob,
+        "per_channel": spec.per_channel,
+        "ramp": spec.ramp,
+    }
+    # Only when they differ from the paper's, so existing plans read as before.
+    if gamma_scale != 1.0:
+        params["gamma_scale"] = gamma_scale
+    if not spec.scale:
+        params["scale"] = False
     return Edit.at(
         site,
         kind="dropblock",
         action="insert_after",
         target=target or None,
         block=block,
-        params={
-            "block_size": block_size,
-            "keep_prob": spec.keep_prob,
-            "per_channel": spec.per_channel,
-            "ramp": spec.ramp,
-        },
+        params=params,
         note="; ".join(notes),
     )
 
@@ -205,6 +223,10 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
     """
     sa = analysis.stages
     chosen = select_stages(sa.stages, spec.stages)
+    # The recipe's entry for each chosen stage, for per-stage block_size / gamma_scale.
+    sizes = {
+        select_stages(sa.stages, (item,))[0].index: spec.for_stage(item) for item in spec.stages
+    }
     probe = sa.probe_shape
     edits: list[Edit] = []
     blocks = _block_outputs(sa, analysis.residual_sites) if spec.placement == "blocks" else []
@@ -218,6 +240,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
             edits.append(
                 _edit(
                     spec,
+                    sizes[stage.index],
                     _checked(sa, _stage_site(stage), f"after {label}"),
                     stage.shape,
                     probe,
@@ -236,6 +259,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
             edits.append(
                 _edit(
                     spec,
+                    sizes[stage.index],
                     _checked(sa, call, where),
                     shape_of(node),
                     probe,
@@ -259,4 +283,6 @@ def dropblock_layer(edit: Edit) -> DropBlock:
         block_size=params["block_size"],
         per_channel=params.get("per_channel", False),
         ramp=params.get("ramp", 1.0),
+        gamma_scale=params.get("gamma_scale", 1.0),
+        scale=params.get("scale", True),
     )

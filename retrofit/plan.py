@@ -21,19 +21,9 @@ from retrofit.fixes import plan_dropout_fix, plan_uout
 from retrofit.graph.trace import Skipped
 from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
+from retrofit.schedule import block_survivals, survival  # survival: re-exported, it lived here
 
 __all__ = ["Analysis", "Edit", "Plan", "PLANNERS", "plan", "survival"]
-
-
-def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
-    """Survival probability of block ``depth`` (1-based) of ``num_blocks``.
-
-    Huang et al. 2016, linear decay rule: p_l = 1 − (l/L)(1 − p_L), so p_0 = 1 (the input is
-    always kept) and the last block survives with p_L. ``uniform`` gives every block p_L.
-    """
-    if schedule == "uniform":
-        return p_L
-    return 1.0 - (depth / num_blocks) * (1.0 - p_L)
 
 
 def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
@@ -44,13 +34,16 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
     sites = analysis.residual_sites
     blocks = list(dict.fromkeys(s.block for s in sites))  # first-seen order = execution order
     depth_of = {b: i + 1 for i, b in enumerate(blocks)}
+    p_of = block_survivals(blocks, spec.p_L, spec.schedule, stagewise=spec.stagewise)
     edits = []
     for site in sites:
         depth = depth_of[site.block]
-        p = survival(depth, len(blocks), spec.p_L, spec.schedule)
+        p = p_of[site.block]
         params: dict[str, Any] = {"mode": spec.mode, "scaling": spec.scaling}
         if getattr(spec, "seed", None) is not None:
             params["seed"] = spec.seed
+        if spec.warmup:
+            params["warmup"] = spec.warmup
         common = dict(
             kind="stochastic_depth",
             depth=depth,
@@ -62,6 +55,7 @@ def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
             site.existing_type not in (None, "identity placeholder", "retrofit.StochasticDepthGate")
             and spec.mode == "row"
             and spec.scaling == "inverted"
+            and not spec.warmup  # their rate is fixed; a warm-up needs a gate's set_progress
         )
         refusal = None
         if spec.mode in ("batch", "subset"):

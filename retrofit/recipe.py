@@ -197,13 +197,23 @@ class _Spec:
 class StochasticDepthSpec(_Spec):
     """Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth").
 
-    Block l of L keeps its residual branch with survival probability
-    ``p_l = 1 - (l / L) * (1 - p_L)`` (``schedule: linear``) or ``p_L`` for every block
-    (``schedule: uniform``).
+    Block l of L keeps its residual branch with survival probability p_l from
+    ``retrofit.schedule``: ``linear`` p_l = 1 - (l / L) * (1 - p_L) (the paper), ``uniform``
+    p_l = p_L, ``timm`` p_l = 1 - (1 - p_L) * (l - 1) / (L - 1) (timm's ``drop_path_rate``
+    spacing: block 1 never dropped).
 
     Args:
         p_L: survival probability of the last block, in (0, 1]; the paper uses 0.5.
-        schedule: ``linear`` (the paper's linear decay rule) or ``uniform``.
+        drop_path_rate: timm's name for 1 - p_L, accepted instead of p_L (not with it); it implies
+            ``schedule: timm`` and refuses any other schedule. Not stored: the resolved recipe
+            says ``p_L``.
+        schedule: ``linear`` (the paper's linear decay rule), ``uniform`` or ``timm``.
+        stagewise: apply the schedule over stages instead of blocks: every block of a stage gets
+            one rate (a block's stage is the container it sits in, ``layer3.1`` → ``layer3``;
+            see ``retrofit.schedule``). Not with ``uniform``, where it would change nothing.
+        warmup: fraction of training, in [0, 1], over which every survival goes linearly from 1
+            to its p_l (Composer's ``drop_warmup``); 0 is no warm-up. Driven by
+            ``retrofit.schedule.update(model, t)``.
         mode: ``row``: an independent draw per sample (timm's drop_path); ``batch``: one draw per
             block per step for the whole batch (the paper's formulation); a dropped block's
             branch is not computed at all; ``subset``: exactly round(p_l·N) samples of each
@@ -218,12 +228,15 @@ class StochasticDepthSpec(_Spec):
     """
 
     section: ClassVar[str] = "stochastic_depth"
-    SCHEDULES: ClassVar[tuple[str, ...]] = ("linear", "uniform")
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("linear", "uniform", "timm")
     MODES: ClassVar[tuple[str, ...]] = ("row", "batch", "subset")
     SCALINGS: ClassVar[tuple[str, ...]] = ("inverted", "paper")
+    ALIASES: ClassVar[tuple[str, ...]] = ("drop_path_rate",)
 
     p_L: float = 0.5
     schedule: str = "linear"
+    stagewise: bool = False
+    warmup: float = 0.0
     mode: str = "row"
     scaling: str = "inverted"
     seed: int | None = None
@@ -233,11 +246,44 @@ class StochasticDepthSpec(_Spec):
         """Validate a ``stochastic_depth:`` section (None → defaults)."""
         s = cls.section
         d = dict(d or {})
-        _check_keys(s, d, cls.field_names())
+        _check_keys(s, d, cls.field_names() + cls.ALIASES)
         seed = d.get("seed")
+        schedule = _choice(f"{s}.schedule", d.get("schedule", cls.schedule), cls.SCHEDULES)
+        p_L = _float(f"{s}.p_L", d.get("p_L", cls.p_L), low=0.0, high=1.0)
+        if "drop_path_rate" in d:
+            field = f"{s}.drop_path_rate"
+            rate = d["drop_path_rate"]
+            if "p_L" in d:
+                raise RecipeError(
+                    field,
+                    rate,
+                    "either p_L or drop_path_rate, not both",
+                    f"drop_path_rate is 1 - p_L; p_L is {d['p_L']!r}: keep one of the two",
+                )
+            if "schedule" in d and schedule != "timm":
+                raise RecipeError(
+                    field,
+                    rate,
+                    "drop_path_rate with schedule: timm (or no schedule, which means timm)",
+                    f"with schedule: {schedule} write p_L = 1 - drop_path_rate instead",
+                )
+            rate = _float(field, rate, low=0.0, high=1.0, low_open=False, high_open=True)
+            p_L, schedule = 1.0 - rate, "timm"
+        stagewise = _bool(f"{s}.stagewise", d.get("stagewise", cls.stagewise))
+        if stagewise and schedule == "uniform":
+            raise RecipeError(
+                f"{s}.stagewise",
+                True,
+                "stagewise with schedule linear or timm",
+                "schedule: uniform gives every block p_L, so stagewise would change nothing",
+            )
         return cls(
-            p_L=_float(f"{s}.p_L", d.get("p_L", cls.p_L), low=0.0, high=1.0),
-            schedule=_choice(f"{s}.schedule", d.get("schedule", cls.schedule), cls.SCHEDULES),
+            p_L=p_L,
+            schedule=schedule,
+            stagewise=stagewise,
+            warmup=_float(
+                f"{s}.warmup", d.get("warmup", cls.warmup), low=0.0, high=1.0, low_open=False
+            ),
             mode=_choice(f"{s}.mode", d.get("mode", cls.mode), cls.MODES),
             scaling=_choice(f"{s}.scaling", d.get("scaling", cls.scaling), cls.SCALINGS),
             seed=None if seed is None else _int(f"{s}.seed", seed, low=0),
@@ -250,9 +296,17 @@ class DropBlockSpec(_Spec):
 
     Args:
         stages: the stages to regularize, as 1-based indices into ``retrofit.stages(model)`` or
-            module names (``layer3``); the paper uses ResNet-50's groups 3 and 4.
-        block_size: side of the dropped squares; the paper uses 7 (clamped to the feature map).
+            module names (``layer3``); the paper uses ResNet-50's groups 3 and 4. Video CNNs
+            (5-D input) have stages too, on their T×H×W maps.
+        block_size: side of the dropped squares (cubes on video maps); the paper uses 7
+            (clamped to the feature map). A list gives one per stage, in the order of ``stages``
+            (timm's ResNet uses [5, 3] on stages 3 and 4).
         keep_prob: target keep probability in (0, 1]; the paper uses 0.9 (0.75-0.95 range).
+        gamma_scale: factor on the seed rate γ, > 0 (timm's ``gamma_scale``: 0.25 and 1.0 on
+            ResNet stages 3 and 4); a list gives one per stage. The dropped fraction is then
+            ≈ gamma_scale·(1 − keep_prob).
+        scale: rescale the kept activations by count/kept, as the paper does; false leaves them
+            unscaled (timm's ``scale_by_keep=False``).
         placement: ``stages``: one DropBlock on each chosen stage's output; ``blocks``: after
             every residual block inside the chosen stages, as the paper does for ResNet.
         per_channel: an independent mask per channel instead of one shared across channels.
@@ -264,8 +318,10 @@ class DropBlockSpec(_Spec):
     PLACEMENTS: ClassVar[tuple[str, ...]] = ("stages", "blocks")
 
     stages: tuple[int | str, ...] = (3, 4)
-    block_size: int = 7
+    block_size: int | tuple[int, ...] = 7
     keep_prob: float = 0.9
+    gamma_scale: float | tuple[float, ...] = 1.0
+    scale: bool = True
     placement: str = "stages"
     per_channel: bool = False
     ramp: float = 1.0
@@ -276,14 +332,49 @@ class DropBlockSpec(_Spec):
         s = cls.section
         d = dict(d or {})
         _check_keys(s, d, cls.field_names())
+        stages = cls._stages(d.get("stages", list(cls.stages)))
         return cls(
-            stages=cls._stages(d.get("stages", list(cls.stages))),
-            block_size=_int(f"{s}.block_size", d.get("block_size", cls.block_size), low=1),
+            stages=stages,
+            block_size=cls._per_stage(
+                "block_size",
+                d.get("block_size", cls.block_size),
+                stages,
+                lambda f, v: _int(f, v, low=1),
+            ),
             keep_prob=_float(f"{s}.keep_prob", d.get("keep_prob", cls.keep_prob), low=0, high=1),
+            gamma_scale=cls._per_stage(
+                "gamma_scale",
+                d.get("gamma_scale", cls.gamma_scale),
+                stages,
+                lambda f, v: _float(f, v, low=0.0, high=math.inf, high_open=True),
+            ),
+            scale=_bool(f"{s}.scale", d.get("scale", cls.scale)),
             placement=_choice(f"{s}.placement", d.get("placement", cls.placement), cls.PLACEMENTS),
             per_channel=_bool(f"{s}.per_channel", d.get("per_channel", cls.per_channel)),
             ramp=_float(f"{s}.ramp", d.get("ramp", cls.ramp), low=0.0, high=1.0),
         )
+
+    @classmethod
+    def _per_stage(cls, name: str, value: object, stages: tuple[int | str, ...], check: Any) -> Any:
+        """One value for every stage, or a list with one per stage (in ``stages`` order)."""
+        field = f"{cls.section}.{name}"
+        if not isinstance(value, (list, tuple)):
+            return check(field, value)
+        if len(value) != len(stages):
+            raise RecipeError(
+                field,
+                value,
+                f"one value, or a list of {len(stages)} (one per stage of stages: {list(stages)})",
+                f"the list has {len(value)}",
+            )
+        return tuple(check(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+    def for_stage(self, item: int | str) -> tuple[int, float]:
+        """(block_size, gamma_scale) for the stage the recipe lists as ``item``."""
+        i = self.stages.index(item)
+        bs = self.block_size[i] if isinstance(self.block_size, tuple) else self.block_size
+        gs = self.gamma_scale[i] if isinstance(self.gamma_scale, tuple) else self.gamma_scale
+        return bs, gs
 
     @classmethod
     def _stages(cls, value: object) -> tuple[int | str, ...]:
@@ -339,13 +430,21 @@ class CutoutSpec(_Spec):
 
     Args:
         n_holes: squares per image, >= 0; the paper uses 1.
-        length: side of each square in pixels, >= 1; the paper uses 16 on CIFAR-10, 8 on CIFAR-100.
+        length: side of each square: an integer >= 1 in pixels (the paper uses 16 on CIFAR-10,
+            8 on CIFAR-100), or a float in (0, 1], a fraction of the image's shorter side
+            (Composer's ``length``; 0.5 is Composer's default).
+        uniform_sampling: every pixel equally likely to be masked: centres may lie outside the
+            image by up to half the length (Composer's ``uniform_sampling``).
+        per_batch: one set of hole positions for the whole batch (Composer's behaviour) instead
+            of independent positions per image (the paper's).
     """
 
     section: ClassVar[str] = "cutout"
 
     n_holes: int = 1
-    length: int = 16
+    length: int | float = 16
+    uniform_sampling: bool = False
+    per_batch: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> CutoutSpec:
@@ -355,8 +454,31 @@ class CutoutSpec(_Spec):
         _check_keys(s, d, cls.field_names())
         return cls(
             n_holes=_int(f"{s}.n_holes", d.get("n_holes", cls.n_holes), low=0),
-            length=_int(f"{s}.length", d.get("length", cls.length), low=1),
+            length=cls._length(d.get("length", cls.length)),
+            uniform_sampling=_bool(
+                f"{s}.uniform_sampling", d.get("uniform_sampling", cls.uniform_sampling)
+            ),
+            per_batch=_bool(f"{s}.per_batch", d.get("per_batch", cls.per_batch)),
         )
+
+    @classmethod
+    def _length(cls, value: object) -> int | float:
+        field = f"{cls.section}.length"
+        allowed = "an integer >= 1 (pixels) or a float in (0, 1] (a fraction of the image side)"
+        if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+            raise RecipeError(field, value, allowed, f"write {int(value)} without quotes")
+        if isinstance(value, float) or _numeric_string(value) is not None:
+            number = _numeric_string(value) if isinstance(value, str) else value
+            assert isinstance(number, float)
+            if not 0.0 < number <= 1.0:
+                hint = None
+                if number > 1.0 and number.is_integer():
+                    hint = f"write {int(number)} for {int(number)} pixels"
+                raise RecipeError(field, value, allowed, hint)
+            return number
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(field, value, allowed)
+        return value
 
 
 _SECTIONS: dict[str, type[_Spec]] = {

@@ -128,6 +128,7 @@ def _gate(edit: Edit) -> nn.Module:
         scaling=edit.params.get("scaling", "inverted"),
         depth=edit.depth,
         seed=edit.params.get("seed"),
+        warmup=edit.params.get("warmup", 0.0),
         # Names the site for seeded draws: unique per site (a transformer block's two gates
         # share a depth but draw independently) and the same in every process.
         stream=f"{edit.module}:{edit.key}:{edit.ordinal}",

@@ -1,24 +1,62 @@
-"""Training-progress schedules for the inserted regularizers.
+"""Schedules: the survival of each residual block over depth, and every rate over training.
 
-Some rates are not constant over training. DropBlock's keep_prob goes linearly from 1 to its
-target (Ghiasi et al. 2018, "Scheduled DropBlock": a fixed low keep_prob from the start hurts
-early training). A training loop, retrofit's or the user's own, calls
+Pure functions of (position, hyper-parameters) — no model, no state — plus :func:`update`, which
+applies the training-progress schedules to a model's inserted layers.
+
+**Over depth** (stochastic depth, Huang et al. 2016, "Deep Networks with Stochastic Depth"):
+block l of L survives with
+
+* ``linear`` (the paper's linear decay rule, Composer's ``drop_distribution="linear"``):
+  p_l = 1 − (l/L)(1 − p_L), l = 1..L, so p_0 = 1 and the last block keeps p_L;
+* ``uniform`` (Composer's ``"uniform"``): p_l = p_L for every block;
+* ``timm`` (timm's ``drop_path_rate`` spacing, ``calculate_drop_path_rates`` and ResNet's
+  ``drop_path_rate · idx/(N − 1)``): with d = 1 − p_L (timm's ``drop_path_rate``),
+  p_l = 1 − d·(l − 1)/(L − 1). Block 1 is never dropped and block L keeps p_L. It differs from
+  the paper's rule by d·(L − l)/(L(L − 1)), at most d/L: 0.031 on ResNet-50 (L = 16) at p_L 0.5.
+
+``stagewise=True`` applies the rule over stages instead of blocks: every block of stage s of S
+gets the rule's value at position s of S (``linear``: 1 − (s/S)(1 − p_L); ``timm``:
+1 − d·(s − 1)/(S − 1), the "linear increase across stages, same rate within each stage" that
+timm's ``calculate_drop_path_rates(stagewise=True)`` documents). A block's stage is the
+container it sits in — its qualified module name without the last component (:func:`stage_of`):
+``layer3.1`` → ``layer3``, ``stages.2.blocks.0`` → ``stages.2.blocks``, ``blocks.7`` → ``blocks``
+(a ViT is one stage). Blocks that are siblings in one ``nn.Sequential``/``nn.ModuleList`` are one
+stage in every zoo this project measures; stages are numbered in the order their first block runs.
+
+**Over training** (progress t = step / total_steps ∈ [0, 1]): DropBlock's keep_prob goes
+linearly from 1 to its target (Ghiasi et al. 2018, "Scheduled DropBlock": a fixed low keep_prob
+from the start hurts early training), and with ``stochastic_depth.warmup`` each gate's survival
+goes linearly from 1 to its p_l over the first ``warmup`` fraction of training (Composer's
+``drop_warmup``: the drop rate ramps up from 0). A training loop, retrofit's or the user's own
+(or a callback of ``retrofit.integrations``), calls
 
     retrofit.schedule.update(model, t)      # t = step / total_steps, in [0, 1]
 
-once per step; every submodule with a ``set_progress(t)`` method is updated. Stochastic depth
-gates have no such method: their survival schedule is over depth (p_l = 1 − (l/L)(1 − p_L)),
-fixed when the plan is made, not over time.
+once per step; every submodule with a ``set_progress(t)`` method is updated.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-__all__ = ["current_rates", "linear_ramp", "update"]
+__all__ = [
+    "SCHEDULES",
+    "block_survivals",
+    "current_rates",
+    "linear_ramp",
+    "stage_of",
+    "summary",
+    "survival",
+    "update",
+    "warmed_up",
+]
+
+# Survival rules over depth; the recipe's ``stochastic_depth.schedule`` is one of these.
+SCHEDULES = ("linear", "uniform", "timm")
 
 
 def _progress(t: float) -> float:
@@ -44,6 +82,64 @@ def linear_ramp(t: float, start: float, end: float, ramp: float = 1.0) -> float:
     if frac == 1.0:
         return end
     return start - frac * (start - end)
+
+
+def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
+    """Survival probability p_l of block ``depth`` (l, 1-based) of ``num_blocks`` (L).
+
+    ``linear``: 1 − (l/L)(1 − p_L) (Huang et al. 2016); ``uniform``: p_L; ``timm``:
+    1 − (1 − p_L)·(l − 1)/(L − 1), block 1 never dropped (1.0 when L = 1, as timm's
+    ``linspace(0, rate, 1)`` gives rate 0). See the module docstring.
+    """
+    if not 1 <= depth <= num_blocks:
+        raise ValueError(f"depth has to be in 1..{num_blocks}, but got {depth}")
+    if not 0.0 <= p_L <= 1.0:
+        raise ValueError(f"p_L has to be in [0, 1], but got {p_L}")
+    if schedule == "linear":
+        return 1.0 - (depth / num_blocks) * (1.0 - p_L)
+    if schedule == "uniform":
+        return p_L
+    if schedule == "timm":
+        if num_blocks == 1:
+            return 1.0
+        return 1.0 - (1.0 - p_L) * (depth - 1) / (num_blocks - 1)
+    raise ValueError(f"schedule has to be one of {', '.join(SCHEDULES)}, but got {schedule!r}")
+
+
+def stage_of(block: str) -> str:
+    """The stage of a residual block: the container holding it (its name less the last part).
+
+    ``"layer3.1"`` → ``"layer3"``; ``"blocks.7"`` → ``"blocks"``; a residual add in the root's own
+    code (block ``""``) is a stage of its own, ``""``.
+    """
+    return block.rpartition(".")[0]
+
+
+def block_survivals(
+    blocks: Sequence[str], p_L: float, schedule: str = "linear", *, stagewise: bool = False
+) -> dict[str, float]:
+    """p_l for each block, ``blocks`` in execution order (block l = position l, 1-based).
+
+    With ``stagewise`` the rule runs over the stages (:func:`stage_of`, numbered by the order
+    their first block appears) and every block of a stage gets its stage's value.
+    """
+    if not stagewise:
+        return {b: survival(i, len(blocks), p_L, schedule) for i, b in enumerate(blocks, start=1)}
+    stages = list(dict.fromkeys(stage_of(b) for b in blocks))
+    index = {s: i for i, s in enumerate(stages, start=1)}
+    return {b: survival(index[stage_of(b)], len(stages), p_L, schedule) for b in blocks}
+
+
+def warmed_up(t: float, target: float, warmup: float) -> float:
+    """A rate that goes linearly from 1 (t = 0) to ``target`` (t >= warmup), then holds.
+
+    Stochastic depth's warm-up (Composer's ``drop_warmup``: the drop rate 1 − p_l ramps up from
+    0). ``warmup = 0`` is no warm-up: ``target`` at every t.
+    """
+    t = _progress(t)
+    if warmup == 0.0:
+        return target
+    return linear_ramp(t, 1.0, target, warmup)
 
 
 def update(model: nn.Module, t: float) -> None:
@@ -75,6 +171,8 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "kind": "stochastic_depth",
                 "depth": module.depth,
                 "survival": module.survival,
+                "target_survival": module.target_survival,
+                "warmup": module.warmup,
                 "mode": module.mode,
                 "scaling": module.scaling,
                 "calls": module.calls,
@@ -94,9 +192,32 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "block_size": module.block_size,
                 "per_channel": module.per_channel,
                 "ramp": module.ramp,
+                "gamma_scale": module.gamma_scale,
+                "scale": module.scale,
             }
         elif isinstance(module, Uout):
             rates[name] = {"kind": "uout", "beta": module.beta}
         elif isinstance(module, BatchCutout):
-            rates[name] = {"kind": "cutout", "n_holes": module.n_holes, "length": module.length}
+            rates[name] = {
+                "kind": "cutout",
+                "n_holes": module.n_holes,
+                "length": module.length,
+                "uniform_sampling": module.uniform_sampling,
+                "per_batch": module.per_batch,
+            }
     return rates
+
+
+def summary(rates: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Scalars for a framework's logger from :func:`current_rates`: the mean current survival
+    and mean kept fraction of the stochastic-depth gates (``sd_survival``, ``sd_kept``) and the
+    mean current DropBlock keep_prob (``keep_prob``); keys without layers are left out."""
+    out: dict[str, float] = {}
+    gates = [r for r in rates.values() if r.get("kind") == "stochastic_depth"]
+    blocks = [r for r in rates.values() if r.get("kind") == "dropblock"]
+    if gates:
+        out["sd_survival"] = sum(float(r["survival"]) for r in gates) / len(gates)
+        out["sd_kept"] = sum(float(r["kept_fraction"]) for r in gates) / len(gates)
+    if blocks:
+        out["keep_prob"] = sum(float(r["keep_prob"]) for r in blocks) / len(blocks)
+    return out

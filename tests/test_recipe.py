@@ -202,6 +202,8 @@ def test_yaml_file_round_trip(tmp_path):
     assert d["stochastic_depth"] == {
         "p_L": 0.8,
         "schedule": "linear",
+        "stagewise": False,
+        "warmup": 0.0,
         "mode": "batch",
         "scaling": "inverted",
         "seed": 3,

@@ -93,9 +93,18 @@ def test_current_rates():
         "block_size": 3,
         "per_channel": False,
         "ramp": 1.0,
+        "gamma_scale": 1.0,
+        "scale": True,
     }
     gate = rates["4"]
     assert gate["kind"] == "stochastic_depth" and gate["survival"] == 0.75 and gate["depth"] == 2
     assert gate["calls"] == 4 and gate["kept_fraction"] in {0.0, 0.25, 0.5, 0.75, 1.0}
     assert rates["5"] == {"kind": "uout", "beta": 0.2}
-    assert rates["0"] == {"kind": "cutout", "n_holes": 1, "length": 8}
+    assert gate["target_survival"] == 0.75 and gate["warmup"] == 0.0
+    assert rates["0"] == {
+        "kind": "cutout",
+        "n_holes": 1,
+        "length": 8,
+        "uniform_sampling": False,
+        "per_batch": False,
+    }

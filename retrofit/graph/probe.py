@@ -11,11 +11,16 @@ from collections.abc import Mapping
 
 from torch import nn
 
-__all__ = ["fixed_image_size", "probe_input_size"]
+__all__ = ["VIDEO_PROBE", "fixed_image_size", "probe_input_size"]
+
+# Clip size of torchvision's video classifiers (r3d_18, mc3_18, r2plus1d_18, s3d): 16 frames of
+# 112×112 in their weights' transforms.
+VIDEO_PROBE = (16, 112, 112)
 
 
-def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) input a model expects, for probe inputs in verification and analysis.
+def probe_input_size(model: nn.Module) -> tuple[int, ...]:
+    """The (C, H, W) input a model expects, for probe inputs in verification and analysis;
+    (C, T, H, W) for a video model (its first convolution is an ``nn.Conv3d``).
 
     Spatial size: a ViT-style ``patch_embed.img_size`` (timm; it reflects an ``img_size`` kwarg
     that the pretrained config does not), torchvision's ``image_size`` attribute, an HF config's
@@ -24,6 +29,9 @@ def probe_input_size(model: nn.Module) -> tuple[int, int, int]:
     channels than the config says (so ``in_chans=1`` models get one channel), else the
     config's, else 3.
     """
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
+    if isinstance(first, nn.Conv3d):
+        return (first.in_channels, *VIDEO_PROBE)
     c, h, w = 3, 224, 224
     cfg_size = None
     for attr in ("pretrained_cfg", "default_cfg"):

@@ -33,6 +33,13 @@ How stages are found (one pure analysis over the traced graph; nothing is rewrit
    ``features.5``). "Shallowest" keeps a downsampling layer's leading norm (ConvNeXt's
    ``features.2.0`` LayerNorm runs at the old resolution) out of the previous stage.
 
+**Video CNNs** (a 5-D probe, (N, C, T, H, W): torchvision's ``r3d_18``, ``mc3_18``,
+``r2plus1d_18``): the same analysis on their T×H×W maps, with the reduction read off H and W
+(time is reduced on its own schedule) and only 5-D maps counted, so an image model's shapes are
+never read this way. No stem rule: their stem is one strided conv that shares its level with
+the first residual stage (``stem`` → ``layer1`` both at reduction 2), so ``layer1``–``layer4``
+are stages 1–4 as in a 2-D ResNet.
+
 When the model has timm's ``feature_info``, its module names choose the stages (timm's own
 ``layer3``, ``stages.2``, ``blocks.4``), with the same stem rule, keeping only entries whose
 output is an NCHW map with the listed channel count (a ViT's or Swin's are not).
@@ -117,8 +124,9 @@ class Stage:
         module: qualified name of the module whose output ends the stage (``layer3``); a recipe
             may name it instead of the index. ``""`` only for a stage that ends in the root's own
             code (a functional op in ``forward``).
-        shape: the stage output's shape for the probe input, e.g. (1, 1024, 14, 14).
-        reduction: input size / feature map size (4, 8, 16, 32).
+        shape: the stage output's shape for the probe input, e.g. (1, 1024, 14, 14), or
+            (N, C, T, H, W) for a video CNN.
+        reduction: input size / feature map size (4, 8, 16, 32), spatially (H and W).
         node: the fx node producing the stage output in the model's full graph.
         site: where a layer "after the stage" goes (None if that call cannot be located).
         found_by: ``"feature_info"`` (timm's) or ``"shapes"`` (shape propagation).
@@ -138,7 +146,7 @@ class Stage:
 
     @property
     def spatial(self) -> tuple[int, int]:
-        return self.shape[2], self.shape[3]
+        return self.shape[-2], self.shape[-1]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -168,9 +176,9 @@ class StageAnalysis:
     _shallow: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def reduction_of(self, node: fx.Node) -> int | None:
-        """Reduction of ``node``'s output if it is an NCHW feature map, else None."""
-        n, _, h, w = self.probe_shape
-        return _reduction(shape_of(node), (h, w), n)
+        """Reduction of ``node``'s output if it is an NCHW (NCTHW) feature map, else None."""
+        probe = self.probe_shape
+        return _reduction(shape_of(node), (probe[-2], probe[-1]), probe[0], len(probe))
 
     def node(self, name: str) -> fx.Node:
         for n in self.graph_module.graph.nodes:
@@ -283,11 +291,14 @@ def _depth(name: str) -> int:
     return name.count(".") + 1 if name else 0
 
 
-def _reduction(shape: tuple[int, ...] | None, size: tuple[int, int], batch: int) -> int | None:
-    """Power-of-two reduction of an NCHW map relative to the input, or None if it is not one."""
-    if shape is None or len(shape) != 4 or shape[0] != batch:
+def _reduction(
+    shape: tuple[int, ...] | None, size: tuple[int, int], batch: int, rank: int = 4
+) -> int | None:
+    """Power-of-two reduction of an NCHW map (NCTHW when ``rank`` is 5, a video model's)
+    relative to the input, or None if it is not one."""
+    if shape is None or len(shape) != rank or shape[0] != batch:
         return None
-    h, w = shape[2], shape[3]
+    h, w = shape[-2], shape[-1]
     if h * w <= 1 or h > 2 * size[0] or w > 2 * size[1]:
         return None
     # Rounded in log space: Inception's unpadded 149/147/73/71… maps are reductions 2, 2, 4, 4.
@@ -351,10 +362,11 @@ def _levels(
     flow: DataFlow,
     size: tuple[int, int],
     batch: int,
+    rank: int = 4,
 ) -> list[tuple[int, list[fx.Node]]]:
     """(reduction, main-path nodes at it) for every level, in execution order."""
     nodes = list(gm.graph.nodes)
-    reduction = {n: _reduction(shape_of(n), size, batch) for n in nodes}
+    reduction = {n: _reduction(shape_of(n), size, batch, rank) for n in nodes}
     # A conv "inside" a level reads and writes maps at that reduction; a patch embedding
     # (image → r16 tokens-to-be) does not make r16 a level.
     convolved = {
@@ -376,7 +388,7 @@ def _levels(
         if not levels or r != levels[-1][0]:
             levels.append((r, []))
         levels[-1][1].append(node)
-    if levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
+    if rank == 4 and levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
         levels = [(r, ns) for r, ns in levels if r >= _STEM_REDUCTION]
     return levels
 
@@ -414,10 +426,11 @@ def _from_shapes(
     module_output: dict[str, fx.Node],
     size: tuple[int, int],
     batch: int,
+    rank: int = 4,
 ) -> list[tuple[str, fx.Node, int]]:
     out = []
     earlier: set[str] = set()  # modules that hold an earlier stage's end
-    for r, level in _levels(gm, main, flow, size, batch):
+    for r, level in _levels(gm, main, flow, size, batch, rank):
         node, module = _stage_end(level, module_output, earlier)
         out.append((module, node, r))
         earlier.update(_stack(node))
@@ -484,7 +497,7 @@ def analyse_stages(
         # As in verify.eval_output: a tuple is the forward's positional arguments, image first.
         args = probe if isinstance(probe, tuple) else (probe,)
     x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
         raise NoConvStagesError(
             f"DropBlock does not apply: no conv feature maps in {type(model).__name__} "
             f"(its input is not an image batch: {getattr(x, 'shape', type(x).__name__)})"
@@ -494,11 +507,14 @@ def analyse_stages(
     flow = DataFlow.of(gm)
     main = _main_path(nodes, flow)
     module_output = _module_outputs(nodes)
-    size, batch = (int(x.shape[2]), int(x.shape[3])), int(x.shape[0])
+    size, batch = (int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0])
 
-    found, found_by = _from_feature_info(model, module_output, size, batch), "feature_info"
+    found, found_by = None, "feature_info"
+    if x.ndim == 4:  # timm's feature_info describes image models
+        found = _from_feature_info(model, module_output, size, batch)
     if not found:
-        found, found_by = _from_shapes(gm, main, flow, module_output, size, batch), "shapes"
+        found = _from_shapes(gm, main, flow, module_output, size, batch, x.ndim)
+        found_by = "shapes"
     if not found:
         raise NoConvStagesError(
             f"DropBlock does not apply: no conv feature maps in {type(model).__name__}"

@@ -28,6 +28,18 @@ channel (pad + max-pool over N·C·H·W), rejects even block sizes and has no sh
 which makes it tens of times slower on a ResNet stage-3 map. This module seeds like the paper,
 shares the mask across channels by default and keeps all mask work on an (N, 1, H, W) tensor, so
 the only full-size operation is the final multiply (``tools/bench_layers.py`` measures it).
+
+Peer options (timm's ``DropBlock2d``, torchvision's ``DropBlock3d``):
+
+* ``gamma_scale`` multiplies γ (timm: 0.25 on ResNet stage 3, 1.0 on stage 4). The dropped
+  fraction is then ≈ gamma_scale·(1 − keep_prob): keep_prob no longer is the kept fraction.
+* ``scale=False`` leaves the kept activations unscaled (timm's ``scale_by_keep=False``).
+* 5-D (N, C, T, H, W) maps of video CNNs (torchvision's ``r3d_18``, ``mc3_18``,
+  ``r2plus1d_18``; torchvision's ``drop_block3d``): seeds on the (T − bt + 1)(H − bh + 1)(W − bw
+  + 1) valid region, blocks of bt × bh × bw, each side the block size clamped to its dimension
+  (a late-stage clip has T = 2 or 4 frames, far fewer than 7), and
+  γ = (1 − keep_prob)/(bt·bh·bw) · (T·H·W)/((T − bt + 1)(H − bh + 1)(W − bw + 1)): the 2-D rule
+  with volumes for areas. The same layer handles both ranks (what torchvision calls DropBlock3d).
 """
 
 from __future__ import annotations
@@ -44,18 +56,41 @@ from retrofit.schedule import linear_ramp
 __all__ = ["DropBlock", "drop_block", "dropblock_gamma", "expected_drop_fraction"]
 
 
-def _check(keep_prob: float, block_size: int) -> None:
+def _check(keep_prob: float, block_size: int, gamma_scale: float = 1.0) -> None:
     if not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"keep_prob has to be in (0, 1], but got {keep_prob}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size has to be an integer >= 1, but got {block_size!r}")
+    if not gamma_scale > 0.0:
+        raise ValueError(f"gamma_scale has to be > 0, but got {gamma_scale}")
 
 
-def dropblock_gamma(keep_prob: float, block_size: int, height: int, width: int) -> float:
-    """Seed rate γ of the paper, for an H × W map; block_size is clamped to min(H, W)."""
-    bs = min(block_size, height, width)
-    valid = (height - bs + 1) * (width - bs + 1)
-    return (1.0 - keep_prob) / (bs * bs) * (height * width) / valid
+def _sides(block_size: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Block sides for a map of ``dims`` (H, W) or (T, H, W): square min(bs, H, W) on 2-D maps
+    (the paper's clamp), each side clamped to its own dimension on 3-D maps (module docstring)."""
+    if len(dims) == 2:
+        bs = min(block_size, *dims)
+        return (bs, bs)
+    return tuple(min(block_size, d) for d in dims)
+
+
+def dropblock_gamma(
+    keep_prob: float,
+    block_size: int,
+    height: int,
+    width: int,
+    *,
+    depth: int | None = None,
+    gamma_scale: float = 1.0,
+) -> float:
+    """Seed rate γ of the paper for an H × W map (T × H × W with ``depth``), times
+    ``gamma_scale``; block sides clamped as in :func:`drop_block`."""
+    dims = (height, width) if depth is None else (depth, height, width)
+    sides = _sides(block_size, dims)
+    volume = valid = total = 1
+    for d, b in zip(dims, sides, strict=True):
+        volume, valid, total = volume * b, valid * (d - b + 1), total * d
+    return gamma_scale * (1.0 - keep_prob) / volume * total / valid
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,21 +119,48 @@ def _cover(seeds: Tensor, block_size: int) -> Tensor:
     return rows @ (seeds @ cols.T)
 
 
+def _cover3d(seeds: Tensor, sides: tuple[int, ...]) -> Tensor:
+    """:func:`_cover` on (..., T − bt + 1, H − bh + 1, W − bw + 1) seeds: one band matrix per
+    axis, the frames' band applied last (an einsum over the T axis)."""
+    bt, bh, bw = sides
+    frames = _band(seeds.shape[-3], bt, seeds.dtype, seeds.device)
+    rows = _band(seeds.shape[-2], bh, seeds.dtype, seeds.device)
+    cols = _band(seeds.shape[-1], bw, seeds.dtype, seeds.device)
+    planes = rows @ (seeds @ cols.T)
+    return torch.einsum("tv,...vhw->...thw", frames, planes)
+
+
+def _cover_nd(seeds: Tensor, sides: tuple[int, ...]) -> Tensor:
+    return _cover(seeds, sides[0]) if len(sides) == 2 else _cover3d(seeds, sides)
+
+
 def _blocks_from_seeds(seeds: Tensor, block_size: int) -> Tensor:
     """1 on every activation covered by a block anchored at a seed, else 0 (seeds' dtype)."""
     return (_cover(seeds, block_size) > 0).to(seeds.dtype)
 
 
-def expected_drop_fraction(keep_prob: float, block_size: int, height: int, width: int) -> float:
+def expected_drop_fraction(
+    keep_prob: float,
+    block_size: int,
+    height: int,
+    width: int,
+    *,
+    depth: int | None = None,
+    gamma_scale: float = 1.0,
+) -> float:
     """Exact E[fraction of dropped activations] for the seeding above.
 
     Activation (i, j) is dropped unless all n(i, j) seed positions whose block covers it are
     empty: P = 1 − (1 − γ)^n(i, j). This is below 1 − keep_prob because blocks overlap and
-    border activations are covered by fewer seed positions.
+    border activations are covered by fewer seed positions. ``depth``: a T × H × W map.
     """
-    bs = min(block_size, height, width)
-    gamma = dropblock_gamma(keep_prob, block_size, height, width)
-    n = _cover(torch.ones(height - bs + 1, width - bs + 1, dtype=torch.float64), bs)
+    dims = (height, width) if depth is None else (depth, height, width)
+    sides = _sides(block_size, dims)
+    gamma = dropblock_gamma(
+        keep_prob, block_size, height, width, depth=depth, gamma_scale=gamma_scale
+    )
+    valid = tuple(d - b + 1 for d, b in zip(dims, sides, strict=True))
+    n = _cover_nd(torch.ones(valid, dtype=torch.float64), sides)
     return float((1.0 - (1.0 - gamma) ** n).mean())
 
 
@@ -108,13 +170,15 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def _apply_blocks(x: Tensor, seeds: Tensor, block_size: int) -> Tensor:
-    """x · block_mask · count / kept; the mask is built in the seeds' float32 (float64 for
-    float64 x) and cast to x's dtype last: in bf16 a sum of ones stops being exact above 256."""
-    keep = _cover(seeds, block_size).eq_(0)  # in place: 1.0 where no block covers, else 0.0
-    kept = keep.sum()
-    # kept == 0 means everything is dropped; any finite scale then gives the right zeros.
-    keep.mul_(keep.numel() / kept.clamp_min(1.0))
+def _apply_blocks(x: Tensor, seeds: Tensor, sides: tuple[int, ...], scale: bool = True) -> Tensor:
+    """x · block_mask · count / kept (without the rescale when ``scale`` is False); the mask is
+    built in the seeds' float32 (float64 for float64 x) and cast to x's dtype last: in bf16 a
+    sum of ones stops being exact above 256."""
+    keep = _cover_nd(seeds, sides).eq_(0)  # in place: 1.0 where no block covers, else 0.0
+    if scale:
+        kept = keep.sum()
+        # kept == 0 means everything is dropped; any finite scale then gives the right zeros.
+        keep.mul_(keep.numel() / kept.clamp_min(1.0))
     keep = keep.to(dtype=x.dtype)
     if keep.shape[1] != 1:
         # Per-channel masks are as big as x: give them x's layout so the multiply stays
@@ -130,39 +194,59 @@ def drop_block(
     per_channel: bool = False,
     training: bool = True,
     generator: torch.Generator | None = None,
+    gamma_scale: float = 1.0,
+    scale: bool = True,
 ) -> Tensor:
-    """DropBlock (Ghiasi et al. 2018) on a 4-D (N, C, H, W) feature map.
+    """DropBlock (Ghiasi et al. 2018) on an (N, C, H, W) or video (N, C, T, H, W) feature map.
 
     Args:
         x: feature map, any float dtype (bf16/fp16 under AMP are kept) and memory format.
         keep_prob: target fraction of kept activations, in (0, 1]; 1 is the identity.
-        block_size: side of the dropped squares, >= 1; clamped to min(H, W).
-        per_channel: draw an independent mask per channel instead of one (N, 1, H, W) mask
-            shared by all channels.
+        block_size: side of the dropped squares (cubes on 5-D maps), >= 1; clamped to min(H, W)
+            on 4-D maps, to each dimension on 5-D maps.
+        per_channel: draw an independent mask per channel instead of one (N, 1, …) mask shared
+            by all channels.
         training: if False, return x.
         generator: optional RNG, on x's device.
+        gamma_scale: factor on the seed rate γ (timm's ``gamma_scale``), > 0.
+        scale: rescale the kept activations by count/kept (timm's ``scale_by_keep``).
 
     Returns:
-        x · block_mask · count(block_mask) / count_ones(block_mask).
+        x · block_mask · count(block_mask) / count_ones(block_mask) (x · block_mask when
+        ``scale`` is False).
     """
     if isinstance(x, torch.fx.Proxy):  # imported by name: see stochastic_depth
-        args = (x, keep_prob, block_size, per_channel, training, generator)
+        args = (x, keep_prob, block_size, per_channel, training, generator, gamma_scale, scale)
         return x.tracer.create_proxy("call_function", _drop_block, args, {})
-    _check(keep_prob, block_size)
-    if x.ndim != 4:
+    _check(keep_prob, block_size, gamma_scale)
+    if x.ndim not in (4, 5):
         raise ValueError(
-            f"drop_block expects a 4-D (N, C, H, W) input, but got shape {tuple(x.shape)}"
+            "drop_block expects a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) input, but got shape "
+            f"{tuple(x.shape)}"
         )
     if not training or keep_prob == 1.0:
         return x
-    n, c, h, w = x.shape
-    bs = min(block_size, h, w)
-    gamma = dropblock_gamma(keep_prob, bs, h, w)
+    n, c, *dims = x.shape
+    sides = _sides(block_size, tuple(dims))
+    gamma = dropblock_gamma(
+        keep_prob,
+        block_size,
+        dims[-2],
+        dims[-1],
+        depth=dims[0] if len(dims) == 3 else None,
+        gamma_scale=gamma_scale,
+    )
+    if gamma > 1.0:
+        raise ValueError(
+            f"seed rate gamma = {gamma:.3g} > 1 for keep_prob {keep_prob}, block_size {block_size}, "
+            f"gamma_scale {gamma_scale} on a {'×'.join(map(str, dims))} map; lower gamma_scale"
+        )
     mask_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    valid = tuple(d - b + 1 for d, b in zip(dims, sides, strict=True))
     seeds = torch.empty(
-        (n, c if per_channel else 1, h - bs + 1, w - bs + 1), dtype=mask_dtype, device=x.device
+        (n, c if per_channel else 1, *valid), dtype=mask_dtype, device=x.device
     ).bernoulli_(gamma, generator=generator)
-    return _apply_blocks(x, seeds, bs)
+    return _apply_blocks(x, seeds, sides, scale)
 
 
 torch.fx.wrap("drop_block")
@@ -178,8 +262,10 @@ class DropBlock(nn.Module):
             follows ``set_progress``; a training loop calls ``retrofit.schedule.update(model, t)``
             once per step. A layer never driven by the schedule never drops anything, and warns
             once about it.
-        block_size, per_channel: as in :func:`drop_block`.
+        block_size, per_channel, gamma_scale, scale: as in :func:`drop_block`.
         ramp: fraction of training over which keep_prob goes from 1 to its target, in (0, 1].
+
+    4-D and 5-D (video) maps alike: the rank of the input decides.
     """
 
     def __init__(
@@ -188,9 +274,11 @@ class DropBlock(nn.Module):
         block_size: int = 7,
         per_channel: bool = False,
         ramp: float = 1.0,
+        gamma_scale: float = 1.0,
+        scale: bool = True,
     ) -> None:
         super().__init__()
-        _check(keep_prob, block_size)
+        _check(keep_prob, block_size, gamma_scale)
         if not 0.0 < ramp <= 1.0:
             raise ValueError(f"ramp has to be in (0, 1], but got {ramp}")
         self.target_keep_prob = keep_prob
@@ -198,6 +286,8 @@ class DropBlock(nn.Module):
         self.block_size = block_size
         self.per_channel = per_channel
         self.ramp = ramp
+        self.gamma_scale = gamma_scale
+        self.scale = scale
         self._scheduled = False
 
     def set_progress(self, t: float) -> None:
@@ -211,6 +301,7 @@ class DropBlock(nn.Module):
             and not self._scheduled
             and self.keep_prob == 1.0
             and self.target_keep_prob < 1.0
+            and torch.is_grad_enabled()  # under no_grad it is a check (verify), not training
             and isinstance(x, Tensor)
             and not torch.compiler.is_compiling()
         ):
@@ -220,10 +311,21 @@ class DropBlock(nn.Module):
                 stacklevel=2,
             )
             self._scheduled = True  # warn once
-        return drop_block(x, self.keep_prob, self.block_size, self.per_channel, self.training)
+        return drop_block(
+            x,
+            self.keep_prob,
+            self.block_size,
+            self.per_channel,
+            self.training,
+            None,
+            self.gamma_scale,
+            self.scale,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"keep_prob={self.keep_prob:.4f}, target_keep_prob={self.target_keep_prob}, "
             f"block_size={self.block_size}, per_channel={self.per_channel}, ramp={self.ramp}"
+            + (f", gamma_scale={self.gamma_scale}" if self.gamma_scale != 1.0 else "")
+            + (", scale=False" if not self.scale else "")
         )

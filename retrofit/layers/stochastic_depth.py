@@ -39,6 +39,7 @@ Row mode always draws from the global RNG (its masks are per sample; ranks need 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import Tensor, nn
+
+from retrofit.schedule import warmed_up
 
 __all__ = ["Outline", "StochasticDepthGate", "is_gate", "stochastic_depth", "subset_rows"]
 
@@ -198,7 +201,12 @@ class StochasticDepthGate(nn.Module):
     """Stochastic depth on one residual site (see :func:`stochastic_depth`).
 
     ``survival``, ``mode``, ``scaling`` and ``depth`` (l, 1-based, for printing and plans) are
-    plain attributes that may be changed between steps. The gate owns no parameters and no
+    plain attributes that may be changed between steps. ``target_survival`` is the planned p_l;
+    with ``warmup`` > 0 (a fraction of training, Composer's ``drop_warmup``) ``survival`` starts
+    at 1 and :meth:`set_progress` ramps it linearly to ``target_survival`` over the first
+    ``warmup`` of training (``retrofit.schedule.update(model, t)`` calls it); a warm-up gate never
+    driven by the schedule never drops and warns once. Without warm-up ``survival`` is the
+    target and ``set_progress`` leaves it alone. The gate owns no parameters and no
     buffers, so inserting it leaves the model's state_dict keys unchanged.
 
     Called with one tensor it is the mask form (multiplies the branch output). Called as
@@ -232,10 +240,17 @@ class StochasticDepthGate(nn.Module):
         depth: int | None = None,
         seed: int | None = None,
         stream: str = "",
+        warmup: float = 0.0,
     ) -> None:
         super().__init__()
         _check(survival, mode, scaling)
-        self.survival = survival
+        if not 0.0 <= warmup <= 1.0:
+            raise ValueError(f"warmup has to be in [0, 1], but got {warmup}")
+        self.target_survival = survival
+        self.warmup = warmup
+        # Progress 0 before the first update: a warm-up starts from "never drop".
+        self.survival = 1.0 if warmup > 0.0 else survival
+        self._scheduled = warmup == 0.0
         self.mode = mode
         self.scaling = scaling
         self.depth = depth
@@ -249,6 +264,22 @@ class StochasticDepthGate(nn.Module):
         self._kept = 0
         self._masks: list[Tensor] = []
         self._count_on_device: Tensor | None = None
+
+    # ------------------------------------------------------------------ schedule
+
+    def set_progress(self, t: float) -> None:
+        """survival = 1 − min(t / warmup, 1)·(1 − target_survival); no-op without warm-up."""
+        if self.warmup > 0.0:
+            self.survival = warmed_up(t, self.target_survival, self.warmup)
+            self._scheduled = True
+
+    def _warn_unscheduled(self) -> None:
+        warnings.warn(
+            f"stochastic depth (depth={self.depth}) has warmup={self.warmup} but its schedule was "
+            "never set, so it never drops; call retrofit.schedule.update(model, t) once per step",
+            stacklevel=3,
+        )
+        self._scheduled = True  # warn once
 
     # ------------------------------------------------------------------ outlining
 
@@ -329,6 +360,10 @@ class StochasticDepthGate(nn.Module):
     def forward(
         self, x: Tensor, *inputs: Any, branch: Any = None, outline: Outline | None = None
     ) -> Tensor:
+        # Under no_grad it is a check (retrofit.verify's liveness forward), not training.
+        unscheduled = not self._scheduled and self.training and torch.is_grad_enabled()
+        if unscheduled and not _graph_capture(x):
+            self._warn_unscheduled()
         if branch is not None:
             return self._outlined(x, inputs, branch, outline or Outline())
         if inputs:
@@ -470,6 +505,8 @@ class StochasticDepthGate(nn.Module):
         extra = (f", seed={self.seed}" if self.seed is not None else "") + (
             ", outlined" if self.outlined else ""
         )
+        if self.warmup > 0.0:
+            extra += f", target_survival={self.target_survival:.4f}, warmup={self.warmup}"
         return (
             f"{depth}survival={self.survival:.4f}, mode={self.mode}, scaling={self.scaling}{extra}"
         )

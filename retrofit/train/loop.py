@@ -219,7 +219,7 @@ def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
         float(r["kept_fraction"]) for r in rates.values() if r.get("kind") == "stochastic_depth"
     ]
     keep_prob = [float(r["keep_prob"]) for r in rates.values() if r.get("kind") == "dropblock"]
-    moving = ("kept_fraction", "keep_prob")
+    moving = ("kept_fraction", "keep_prob", "survival")  # survival moves under a warm-up
     return {
         "sd_kept": sum(kept) / len(kept) if kept else None,
         "keep_prob": sum(keep_prob) / len(keep_prob) if keep_prob else None,
@@ -577,7 +577,8 @@ def _train_step(
         x, y = _to_device(x, y, env.device, precision)
         if cutout is not None:
             cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
-            x = cutout(x, cutout_cfg.n_holes, cutout_cfg.length, generator=cut_gen)
+            x = cutout(x, cutout_cfg.n_holes, cutout_cfg.length, generator=cut_gen,
+                       uniform_sampling=cutout_cfg.uniform_sampling, per_batch=cutout_cfg.per_batch)  # fmt: skip
         # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
         last = micro == cfg.grad_accum - 1
         sync = (
