@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -313,6 +314,10 @@ def default_args(module: nn.Module) -> dict[str, Any]:
     }
 
 
+# How many traces this process made, by kind: what the "one trace per owner" rule is held to.
+TRACES: Counter[str] = Counter()
+
+
 @dataclass
 class Traced:
     """One traced forward and what its graph assumed.
@@ -337,6 +342,7 @@ def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None =
     (:func:`default_args`); with it, the trace is specialised on that call (RetrofitTracer).
     Nothing the forward writes to the model while being traced survives (graph/sandbox.py).
     """
+    TRACES["shallow" if shallow else "deep"] += 1
     tracer = RetrofitTracer(shallow=shallow, call=call)
     with preserved(module), _watch_training(module) as reads:
         concrete = None if call is not None else (default_args(module) or None)
