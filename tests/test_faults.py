@@ -407,17 +407,18 @@ def test_kill_9_during_checkpoint_writes_never_loses_the_last_checkpoint(tmp_pat
     out = tmp_path / "run"
     rng = random.Random(20261130)  # the moments are random, and reproducible from this seed
     last_step, torn = 0, 0
-    for _ in range(4):
+    for attempt in range(4):
         proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         mine = f".{CHECKPOINT_NAME}.tmp-{proc.pid}"
         deadline = time.monotonic() + 300
         # Wait for one of this process's checkpoint writes to be under way, then kill it at a
-        # random moment inside (or just after) that write.
+        # random moment: early in that write (even attempts), or anywhere in the next half
+        # second, between or inside later writes (odd attempts).
         while not ((out / CHECKPOINT_NAME).is_file() and (out / mine).exists()):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
             time.sleep(0.001)
-        time.sleep(rng.uniform(0.0, 0.03))
+        time.sleep(rng.uniform(0.0, 0.01) if attempt % 2 == 0 else rng.uniform(0.01, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         state = load_checkpoint(out / CHECKPOINT_NAME)  # complete and readable, every time
