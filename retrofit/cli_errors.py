@@ -191,7 +191,7 @@ def run(command: Callable[[], int], *, debug: bool = False, prog: str = PROG) ->
             tail = f"full traceback in {where}" if where else "rerun with --debug for the traceback"
         print(
             f"{prog}: internal error: {one_line(_first_line(e))} ({type(e).__name__}); "
-            f"this is a bug in retrofit, not in your input; {tail}",
+            f"not a failure retrofit expects, so likely a bug: please report it; {tail}",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
