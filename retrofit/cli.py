@@ -10,9 +10,11 @@
     retrofit-cli lint --model densenet121 --model-kwargs drop_rate=0.2
 
 Exit codes: 0 ok; 1 lint findings (``lint``, and ``--train --strict-lint``); 2 bad input (recipe,
-model name, kwargs, weights, data, output directory), reported as one line on stderr with nothing
-written; 3 retrofit refused the model (it cannot be traced, or the rewrite would change its
-inference output), again with nothing written.
+model name, kwargs, weights, data, device, output directory, a full disk), reported as one line on
+stderr with nothing half-written; 3 retrofit refused the model (it cannot be traced, or the rewrite
+would change its inference output), again with nothing written; 70 an internal error (one line and
+where its traceback went); 130/143 a training run interrupted by SIGINT/SIGTERM after saving its
+checkpoint. :mod:`retrofit.cli_errors` is the boundary that maps exceptions to these.
 
 The heavy parts (tracing, planning, training) are imported inside the commands, so ``--help`` and
 argument errors are instant and the CLI imports even while a piece of the package is missing.
@@ -22,29 +24,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from retrofit.errors import ModelError, RecipeError, TraceError, VerifyError
+from retrofit import cli_errors
+from retrofit.cli_errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FINDINGS,
+    EXIT_OK,
+    EXIT_REFUSED,
+    ArgumentParser,
+)
+from retrofit.errors import RecipeError
 
-__all__ = ["main"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FINDINGS", "EXIT_OK", "EXIT_REFUSED", "main"]
 
-PROG = "retrofit-cli"
-EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
-
-
-class _BadInput(Exception):
-    """A user error found by the CLI itself (flag combinations, output directory)."""
-
-
-class _LintFailed(Exception):
-    """``--strict-lint`` refused to train; carries the trainer's message."""
+PROG = cli_errors.PROG
+_BadInput = cli_errors.BadInput
+_LintFailed = cli_errors.LintFailed
 
 
 # --- parsers ----------------------------------------------------------------------------------
@@ -69,7 +75,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
         description="Add regularizers (stochastic depth, DropBlock, Uout, Cutout) to a "
         "torchvision/timm/user model by reading its torch.fx graph, and fine-tune it.",
@@ -115,7 +121,7 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 def _lint_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=f"{PROG} lint",
         description="Find every Dropout whose output reaches a BatchNorm (Li et al. 2019, "
         "'variance shift'). Exit 1 with findings, 0 when clean, 2 on bad input.",
@@ -147,35 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv[1:] if is_lint else argv)
     except SystemExit as e:  # argparse exits 2 on bad flags and 0 on --help
         return int(e.code or 0)
-    try:
-        return _lint(args) if is_lint else _run(args)
-    except (RecipeError, ModelError, FileNotFoundError, _BadInput) as e:
-        return _fail(e, EXIT_BAD_INPUT)
-    except _LintFailed as e:
-        return _fail(e, EXIT_FINDINGS)
-    except (TraceError, VerifyError) as e:
-        return _fail(e, EXIT_REFUSED)
-    except Exception as e:
-        if _is_data_error(e):
-            return _fail(e, EXIT_BAD_INPUT)
-        raise
-
-
-def _fail(e: BaseException, code: int) -> int:
-    # One line, so scripts and CI logs show the whole reason.
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, FileNotFoundError) and e.filename:
-        text = f"no such file: {e.filename}"
-    print(f"{PROG}: error: {text}", file=sys.stderr)
-    return code
-
-
-def _is_data_error(e: BaseException) -> bool:
-    try:
-        from retrofit.train.data import DataError
-    except ImportError:
-        return False
-    return isinstance(e, DataError)
+    args.argv = argv  # to print the command that resumes an interrupted run
+    command = (lambda: _lint(args)) if is_lint else (lambda: _run(args))
+    return cli_errors.run(command, debug=cli_errors.debug_requested(args), prog=PROG)
 
 
 def _api(name: str) -> Any:
@@ -221,12 +201,20 @@ def _run(args: argparse.Namespace) -> int:
         raise _BadInput("--stages only lists the stages; run it without --train/--out")
     if args.weights and not Path(args.weights).is_file():
         raise _BadInput(f"--weights {args.weights!r}: no such file")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise _BadInput(f"--max-steps {args.max_steps}: allowed: an integer >= 0")
+    if args.device is not None:
+        from retrofit.train.distributed import check_device
+
+        check_device(args.device)
 
     kwargs = parse_kwargs(args.model_kwargs)
     recipe = _load_recipe(args) if args.recipe else None
     out = Path(args.out) if args.out else None
-    if out is not None and not args.resume:
-        _check_out_dir(out)
+    if out is not None:
+        from retrofit.train.rundir import check_out_dir
+
+        check_out_dir(out, resume=args.resume)
 
     if args.stages:
         model, info = create_model(args.model, kwargs=kwargs, meta=True)
@@ -234,6 +222,12 @@ def _run(args: argparse.Namespace) -> int:
 
     # Only planning needs no weights: build on the meta device (no memory, no init time).
     real = bool(args.train or out)
+    if args.train:
+        # --seed seeds everything, the model's initial weights included (fit seeds the rest).
+        from retrofit.train.loop import seed_all
+        from retrofit.train.prepare import train_config_of
+
+        seed_all(train_config_of(recipe).seed)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
     if args.weights:
         load_weights(model, args.weights)
@@ -281,7 +275,17 @@ def _load_recipe(args: argparse.Namespace) -> Any:
     if overrides:
         d = recipe.to_dict()
         d["train"] = {**d.get("train", {}), **overrides}
-        recipe = Recipe.from_dict(d)
+        try:
+            recipe = Recipe.from_dict(d)
+        except RecipeError as e:
+            key = e.field.removeprefix("train.")
+            if key not in overrides:
+                raise _BadInput(f"{args.recipe} with the command line's overrides: {e}") from None
+            # Name the flag, not the recipe field: the flag is what the user typed.
+            flag = "--" + key.replace("_", "-")
+            raise _BadInput(
+                f"{flag} {overrides[key]!r} ({e.field}): allowed: {e.allowed}"
+            ) from None
     return recipe
 
 
@@ -311,39 +315,60 @@ def _plan_dict(plan: Any, info: Any) -> dict[str, Any]:
 # --- --out ------------------------------------------------------------------------------------
 
 
-def _check_out_dir(out: Path) -> None:
-    """Refuse before any work: --out must be new or an empty directory, never overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise _BadInput(
-            f"--out {str(out)!r} exists and is not an empty directory; choose a new one "
-            "(with --train, --resume continues the run in it)"
-        )
-
-
 def _write_out(out: Path, model: Any, recipe: Any, plan: dict[str, Any], info: Any) -> None:
     """Write weights, recipe and plan into a temp dir beside ``out``, then rename it into place.
 
-    The rename is atomic on one filesystem, so ``out`` either holds all three files or nothing.
+    The rename is atomic on one filesystem, so ``out`` either holds all three files or nothing;
+    ``out`` is locked meanwhile (:func:`retrofit.train.rundir.lock_run_dir`), so a concurrent run
+    into it refuses instead of mixing files. The temp dir's name carries this process's pid, so
+    one a killed run left behind is recognised and removed by the next.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from retrofit.train.checkpoint import WriteError
+    from retrofit.train.rundir import lock_run_dir
+
+    metadata = {"format": "pt", "model": info.spec, "kwargs": json.dumps(info.kwargs, default=str)}
+    blob = save(_state_for_safetensors(model), metadata=metadata)
+    with lock_run_dir(out, fresh=True):
+        _remove_stale_out_temps(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            (tmp / "model.safetensors").write_bytes(blob)
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+            out.rmdir()  # empty (checked under the lock): rename cannot replace a directory everywhere
+            os.replace(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _BadInput(
+                    f"--out {str(out)!r}: another process wrote it while this one was writing; "
+                    "nothing of this run was written"
+                ) from None
+            raise WriteError(out, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _remove_stale_out_temps(out: Path) -> None:
+    """Temp dirs of ``--out`` writes whose process is gone (killed mid-write)."""
+    prefix = f".{out.name}.tmp-"
+    for p in out.parent.glob(f"{prefix}*"):
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        metadata = {
-            "format": "pt",
-            "model": info.spec,
-            "kwargs": json.dumps(info.kwargs, default=str),
-        }
-        save_file(_state_for_safetensors(model), str(tmp / "model.safetensors"), metadata=metadata)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked before): rename cannot replace a directory everywhere
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _state_for_safetensors(model: Any) -> dict[str, Any]:
@@ -412,29 +437,52 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
         from retrofit.train import fit
     except ImportError:  # the package may not re-export it (yet)
         from retrofit.train.loop import fit
+    from retrofit.train.checkpoint import WriteError
     from retrofit.train.prepare import LintFindingsError
+    from retrofit.train.rundir import lock_run_dir
 
     try:
-        result = fit(
-            model,
-            recipe,
-            args.data,
-            out=out,
-            device=args.device,
-            resume=args.resume,
-            strict_lint=args.strict_lint,
-            progress=not args.no_progress,
-            max_steps=args.max_steps,
-            model_name=info.spec,
-        )
+        # Locked from here (fit locks it too): a second run into --out refuses, nothing mixes.
+        with lock_run_dir(out, fresh=not args.resume) if out is not None else nullcontext():
+            result = fit(
+                model,
+                recipe,
+                args.data,
+                out=out,
+                device=args.device,
+                resume=args.resume,
+                strict_lint=args.strict_lint,
+                progress=not args.no_progress,
+                max_steps=args.max_steps,
+                model_name=info.spec,
+            )
     except LintFindingsError as e:
         raise _LintFailed(str(e)) from None
+    except WriteError as e:
+        hint = f"once it can be written, continue with: {_resume_command(args)}"
+        raise _BadInput(f"{e}; {hint}") from None
     if args.json:
         print(json.dumps(_run_dict(result, info), indent=2, default=str))
     else:
         print(_model_line(info))
         print(_run_summary(result))
+    if result.stop_reason in ("SIGINT", "SIGTERM"):
+        # A scheduler must tell an interrupted run from a finished one: 128 + the signal number.
+        saved = (
+            f"checkpoint of step {result.step} saved in {result.checkpoint}; continue with: "
+            f"{_resume_command(args)}"
+            if result.checkpoint
+            else "nothing was saved (no --out)"
+        )
+        print(f"{PROG}: interrupted by {result.stop_reason}; {saved}", file=sys.stderr)
+        return cli_errors.exit_code_for_signal(result.stop_reason)
     return EXIT_OK
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the same arguments, with ``--resume``."""
+    argv = [a for a in getattr(args, "argv", None) or [] if a != "--resume"]
+    return shlex.join([PROG, *argv, "--resume"])
 
 
 def _run_dict(result: Any, info: Any) -> dict[str, Any]:

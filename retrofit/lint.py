@@ -396,6 +396,7 @@ def measure_variance_shift(
 
     Raises:
         ValueError: the model is on the meta device, or no batch was given.
+        DataError: ``data`` names nothing readable (even when there is nothing to measure).
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "meta":
@@ -412,9 +413,13 @@ def measure_variance_shift(
         names = list(dict.fromkeys(f.norm for f in found))
     modules = dict(work.named_modules())
     targets = {n: modules[n] for n in names if n in modules and is_running_stat_norm(modules[n])}
+    if not targets and data is None:
+        return {}
+    # Data named by the caller is read even when there is nothing to measure: a path that does
+    # not exist is an error, never silently ignored (DataError names it).
+    probe = _probe_batches(work, batches, data, num_batches, batch_size, seed)
     if not targets:
         return {}
-    probe = _probe_batches(work, batches, data, num_batches, batch_size, seed)
     if not probe:
         raise ValueError("measure_variance_shift needs at least one probe batch")
     device = next((t.device for t in work.parameters()), torch.device("cpu"))

@@ -26,6 +26,7 @@ import ast
 import difflib
 import functools
 import importlib
+import math
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ from retrofit.errors import ModelError
 
 __all__ = [
     "ModelInfo",
+    "check_kwargs",
     "create_model",
     "load_weights",
     "parse_kwargs",
@@ -202,6 +204,12 @@ def _import_factory(spec: str) -> Any:
             f"model {spec!r}: cannot import module {module_name!r} ({e}); "
             "is it installed or in the current directory?"
         ) from None
+    except Exception as e:
+        # The user's module failed while it was imported (a SyntaxError, an exception at import
+        # time): their code, so bad input, not a crash of ours.
+        raise ModelError(
+            f"model {spec!r}: importing module {module_name!r} failed: {_describe(e)}"
+        ) from None
     try:
         factory = getattr(module, attr)
     except AttributeError:
@@ -263,9 +271,9 @@ def create_model(
     if pretrained and meta:
         raise ModelError("pretrained weights cannot be loaded into a meta-device model")
     kwargs = dict(kwargs or {})
+    check_kwargs(kwargs)
     source, resolved, note = resolve_model_name(name)
     info = ModelInfo(source, resolved, kwargs, note, pretrained)
-    shown = info.spec
     try:
         if not meta:
             model = _build(source, resolved, pretrained, kwargs)
@@ -279,28 +287,94 @@ def create_model(
                 model = _build(source, resolved, False, kwargs).to("meta")
     except ModelError:
         raise
-    except (TypeError, ValueError) as e:
-        if pretrained and "expected value" in str(e):
-            # torchvision refuses e.g. num_classes != 1000 together with its pretrained weights.
-            raise ModelError(f"model {shown!r} with pretrained weights: {e}") from None
-        what = f" with kwargs {kwargs}" if kwargs else ""
-        raise ModelError(f"model {shown!r} cannot be built{what}: {e}") from None
-    except (OSError, RuntimeError) as e:
-        if not pretrained:
+    except Exception as e:
+        error = _build_error(e, info)
+        if error is None:
             raise
+        raise error from None
+    return model, info
+
+
+def _build_error(e: Exception, info: ModelInfo) -> ModelError | None:
+    """The ModelError a failed build means for the user, or None for a failure of ours.
+
+    A builder fails because of what the user asked for: kwargs it rejects (a TypeError for an
+    unknown one, a ValueError or RuntimeError for a value such as a negative size), pretrained
+    weights that cannot be fetched, or their own factory's code. A zoo builder failing with no
+    kwargs and no download involved is not the user's doing, so it stays an internal error.
+    """
+    shown, kwargs = info.spec, info.kwargs
+    what = f" with kwargs {kwargs}" if kwargs else ""
+    if info.pretrained and "expected value" in str(e):
+        # torchvision refuses e.g. num_classes != 1000 together with its pretrained weights.
+        return ModelError(f"model {shown!r} with pretrained weights: {_first_line(e)}")
+    if info.source == "user":
+        return ModelError(f"model {shown!r}: the factory{what} raised {_describe(e)}")
+    if isinstance(e, (TypeError, ValueError)):
+        return ModelError(f"model {shown!r} cannot be built{what}: {_first_line(e)}")
+    if info.pretrained and isinstance(e, (OSError, RuntimeError)):
         # URLError, requests' ConnectionError and huggingface_hub's offline errors are OSErrors;
         # timm raises RuntimeError for a model that has no pretrained weights.
-        raise ModelError(
-            f"model {shown!r}: pretrained weights could not be loaded ({type(e).__name__}: "
-            f"{_first_line(e)}); without network access, fill the cache on a connected machine "
-            "or pass a local checkpoint with --weights FILE"
-        ) from None
-    return model, info
+        return ModelError(
+            f"model {shown!r}: pretrained weights could not be loaded ({_describe(e)}); "
+            "without network access, fill the cache on a connected machine or pass a local "
+            "checkpoint with --weights FILE"
+        )
+    if kwargs:
+        return ModelError(f"model {shown!r} cannot be built{what}: {_describe(e)}")
+    return None
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception (KeyError's repr-quoted message included)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+# Keyword arguments whose meaning is the same across torchvision, timm and most user factories,
+# checked before building so that a bad value gets its own message rather than whatever the
+# constructor trips over (num_classes=-1: "Trying to create tensor with negative dimension").
+_COUNT_KWARGS = {"num_classes": 0, "in_chans": 1, "in_channels": 1}
+_RATE_KWARGS = (
+    "drop_rate",
+    "drop_path_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "pos_drop_rate",
+    "dropout",
+    "attention_dropout",
+    "stochastic_depth_prob",
+)
+
+
+def check_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Refuse builder kwargs whose values cannot be meant: every number finite, counts
+    (``num_classes``, ``in_chans``) integers in range, drop rates in [0, 1).
+
+    Raises:
+        ModelError: names the ``--model-kwargs`` item and what is allowed.
+    """
+    for key, value in kwargs.items():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ModelError(f"--model-kwargs {key}={value!r}: allowed: finite numbers")
+        if key in _COUNT_KWARGS:
+            low = _COUNT_KWARGS[key]
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value < 2**31
+            if not ok:
+                extra = " (0: no classifier head, timm)" if low == 0 else ""
+                raise ModelError(
+                    f"--model-kwargs {key}={value!r}: allowed: an integer in [{low}, 2**31-1]{extra}"
+                )
+        if key in _RATE_KWARGS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+            if not ok:
+                raise ModelError(f"--model-kwargs {key}={value!r}: allowed: a number in [0, 1)")
 
 
 # --- --model-kwargs ---------------------------------------------------------------------------

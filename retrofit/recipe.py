@@ -122,23 +122,31 @@ def _float(
         value = number
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(field, value, allowed)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        raise RecipeError(field, value, allowed) from None
     too_low = v <= low if low_open else v < low
     too_high = v >= high if high_open else v > high
-    if math.isnan(v) or too_low or too_high:
+    if not math.isfinite(v) or too_low or too_high:
         raise RecipeError(field, value, allowed)
     return v
 
 
+# Integers end up in torch/numpy int64 (seeds, sizes, counts): nothing larger is meaningful.
+INT64_MAX = 2**63 - 1
+
+
 def _int(field: str, value: object, *, low: int) -> int:
-    """An int >= low. Floats are rejected even when whole: 7.0 for a block size is a typo."""
-    allowed = f"an integer >= {low}"
+    """An int in [low, 2**63-1]. Floats are rejected even when whole: 7.0 for a block size is a
+    typo."""
+    allowed = f"an integer in [{low}, 2**63-1]"
     if isinstance(value, bool) or not isinstance(value, int):
         hint = None
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             hint = f"write {int(value)} without quotes"
         raise RecipeError(field, value, allowed, hint)
-    if value < low:
+    if not low <= value <= INT64_MAX:
         raise RecipeError(field, value, allowed)
     return value
 

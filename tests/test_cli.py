@@ -277,7 +277,7 @@ def test_failure_during_write_leaves_nothing(capsys, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise FileNotFoundError(2, "disk vanished", "model.safetensors")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors.torch, "save", broken)
     out = tmp_path / "out"
     code, _, _ = _run(capsys, "--model", TINY, "--recipe", SD, "--out", str(out))
     assert code != 0

@@ -10,6 +10,7 @@ Modules, one job each:
 - ``precision``    autocast dtype, grad scaler, channels_last per device
 - ``distributed``  torchrun: process group, DDP flags, SyncBatchNorm, collectives
 - ``checkpoint``   atomic checkpoints, RNG state, safetensors export, ``load_weights``
+- ``rundir``       the run directory: checked early, locked while a run writes, stale temps removed
 - ``metrics``      accuracy counts and ``metrics.jsonl``
 - ``plots``        curves and the survival schedule as PNGs
 - ``interrupt``    SIGINT/SIGTERM → save and stop after the current step

@@ -3,7 +3,11 @@
 Atomic write: serialise into a temporary file in the *same directory*, flush and ``fsync`` it,
 then ``os.replace`` it over the target (a rename is atomic within one filesystem) and ``fsync``
 the directory so the rename itself survives a power loss. A process killed at any point leaves
-either the old file or the new one, never a torn one; the temp file is removed on error.
+either the old file or the new one, never a torn one; the temp file is removed on error. A
+``kill -9`` cannot run that cleanup: its temp file (``.NAME.tmp-PID``, :func:`is_temp_name`) is
+removed when the next run takes the directory (:mod:`retrofit.train.rundir`). A write that fails
+in the operating system (a full disk, a quota, a read-only mount) raises :class:`WriteError`,
+which names the file and leaves the previous version in place.
 
 Reading: checkpoints with ``torch.load(..., weights_only=True)`` (no pickled code runs), weights
 from safetensors or such a state_dict. To keep checkpoints loadable that way, RNG states are
@@ -12,9 +16,12 @@ stored as tensors and plain tuples, never as numpy objects.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +39,52 @@ VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "num_classes", "per_rank")
 
 
+_TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+
+
+class WriteError(OSError):
+    """The operating system refused a write (disk full, quota, read-only, permission).
+
+    Raised by :func:`atomic_write` once its temp file is removed: the target still holds its
+    previous version (or does not exist). ``errno``, ``strerror`` and ``filename`` are the
+    OSError's, so callers can tell a full disk (``errno.ENOSPC``) from the rest.
+    """
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        code = cause.errno if cause.errno is not None else errno.EIO
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(code, reason, str(path))
+
+    def __str__(self) -> str:
+        name = Path(str(self.filename)).name
+        return (
+            f"cannot write {str(self.filename)!r}: {self.strerror}; nothing partial was left "
+            f"(the previous {name}, if there was one, is intact)"
+        )
+
+
+def temp_path(path: Path) -> Path:
+    """Where :func:`atomic_write` stages ``path``: a hidden sibling that names the writer's pid."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_write`'s temp files (``.NAME.tmp-PID``)."""
+    return bool(_TEMP_RE.match(name))
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: torch.save reports a failed write as a RuntimeError whose
+    context is the OSError the file object raised."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -46,22 +99,37 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temp file beside ``path``, then atomically move it to ``path``."""
+    """Call ``write(f)`` on a temp file beside ``path``, then atomically move it to ``path``.
+
+    Raises:
+        WriteError: the operating system refused the write (the temp file is removed first).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # BaseException: a KeyboardInterrupt mid-write must not leave the temp file behind either.
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the directory itself may have gone
+            tmp.unlink(missing_ok=True)
+        real = isinstance(e, Exception) and not isinstance(e, WriteError)
+        cause = _os_error_in(e) if real else None
+        if cause is not None:
+            raise WriteError(path, cause) from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | str) -> Path:
+    """:func:`atomic_write` for content already in memory (text is written as UTF-8)."""
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    return atomic_write(path, lambda f: f.write(blob))
 
 
 def _serialize(obj: Any, f: IO[bytes]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from retrofit.errors import RecipeError
 # needs a validation metric and steps per epoch, which breaks "the lr is a function of the step".
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# Integers end up in torch/numpy int64 (seeds in torch.manual_seed, counts in tensors).
+INT64_MAX = 2**63 - 1
 
 
 def _optimizers() -> list[str]:
@@ -56,7 +59,9 @@ class TrainConfig:
             ``bf16``, ``fp16`` or ``off``. CPU runs are fp32 under ``auto``.
         channels_last: NHWC memory format; ``auto`` means on for CUDA, off for CPU.
         compile: wrap the training forward in ``torch.compile``.
-        seed: seeds the weights of a resized classifier, the data order and every random regularizer.
+        seed: seeds everything random in a run: the data order, a resized classifier, every random
+            regularizer, and (``retrofit-cli --train``, which builds the model) the model's initial
+            weights; a Python caller of ``fit`` builds the model, so seeds that itself.
         workers: data-loader worker processes for file datasets (in-memory data needs none).
         img_size: input side in pixels; None takes it from the model's pretrained config
             (the embedded digits data defaults to 32 px, see ``retrofit.train.data``).
@@ -161,12 +166,19 @@ _FLOATS = {
 }
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v: Any, low: int = 0) -> bool:
+    """An int (not a bool) in [low, 2**63-1]."""
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= INT64_MAX
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (not a bool): inf and nan are never a valid setting."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _validate(c: TrainConfig) -> None:
@@ -175,20 +187,18 @@ def _validate(c: TrainConfig) -> None:
             raise RecipeError(f"train.{key}", getattr(c, key), allowed, hint)
 
     for key in ("epochs", "batch_size", "grad_accum", "log_every"):
-        v = getattr(c, key)
-        need(key, _is_int(v) and v >= 1, "an integer >= 1")
+        need(key, _is_int(getattr(c, key), 1), "an integer in [1, 2**63-1]")
     for key in ("seed", "workers", "checkpoint_every"):
+        need(key, _is_int(getattr(c, key), 0), "an integer in [0, 2**63-1]")
+    need("lr", _is_num(c.lr) and c.lr > 0, "a finite number > 0")
+    for key in ("warmup_lr", "min_lr", "weight_decay", "momentum"):
         v = getattr(c, key)
-        need(key, _is_int(v) and v >= 0, "an integer >= 0")
-    for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "momentum"):
-        v = getattr(c, key)
-        need(key, _is_num(v) and v >= 0, "a number >= 0")
+        need(key, _is_num(v) and v >= 0, "a finite number >= 0")
     need(
         "warmup_epochs",
         c.warmup_epochs is None or (_is_num(c.warmup_epochs) and c.warmup_epochs >= 0),
-        "null (a tenth of the run, at most 1 epoch) or a number >= 0",
+        "null (a tenth of the run, at most 1 epoch) or a finite number >= 0",
     )
-    need("lr", c.lr > 0, "a number > 0")
     need(
         "label_smoothing",
         _is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1,
@@ -201,12 +211,12 @@ def _validate(c: TrainConfig) -> None:
     need(
         "clip_grad",
         c.clip_grad is None or (_is_num(c.clip_grad) and c.clip_grad > 0),
-        "null or a number > 0",
+        "null or a finite number > 0",
     )
     need(
         "img_size",
-        c.img_size is None or (_is_int(c.img_size) and c.img_size >= 8),
-        "null or an integer >= 8",
+        c.img_size is None or _is_int(c.img_size, 8),
+        "null or an integer in [8, 2**63-1]",
     )
     for key in ("ema", "compile", "sync_bn", "tensorboard"):
         need(key, isinstance(getattr(c, key), bool), "true or false")

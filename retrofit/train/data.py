@@ -294,6 +294,22 @@ def build_data(
     return bundle
 
 
+def steps_per_epoch(bundle: DataBundle, cfg: TrainConfig) -> int:
+    """Optimizer steps in one epoch of ``bundle`` under ``cfg``.
+
+    Raises:
+        DataError: not even one step (batch_size·grad_accum above this rank's share of the data).
+    """
+    steps = bundle.train.num_batches // cfg.grad_accum
+    if steps < 1:
+        raise DataError(
+            f"data {bundle.source!r}: {bundle.train.num_batches} batch(es) per rank per epoch, "
+            f"fewer than grad_accum={cfg.grad_accum}; lower train.batch_size ({cfg.batch_size}) "
+            "or grad_accum"
+        )
+    return steps
+
+
 def _accepts_side(model: nn.Module, channels: int, side: int) -> bool:
     """Whether ``model`` runs on a ``side``×``side`` image (ViTs only take their trained size)."""
     was_training = model.training

@@ -38,6 +38,56 @@ class DistEnv:
         return self.rank == 0
 
 
+class DeviceError(ValueError):
+    """A device that torch does not know, or that this machine does not have."""
+
+
+def available_devices() -> list[str]:
+    """The devices this process can train on, in words a ``--device`` flag accepts."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused unless this machine can run on it.
+
+    torch accepts ``torch.device("cuda")`` on a machine without a GPU and only fails at the first
+    tensor moved there, deep in a run; this turns that into one clear error before any work.
+
+    Raises:
+        DeviceError: not a device name, the meta device (no data), or not available here.
+    """
+    allowed = "allowed here: " + ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a torch device name; {allowed}") from None
+    if dev.type == "meta":
+        raise DeviceError(f"device {device!r} holds no data and cannot train; {allowed}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r}: CUDA is not available on this machine (no GPU or no "
+                f"driver); {allowed}"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s); {allowed}"
+            )
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if not callable(is_available) or not is_available():
+            raise DeviceError(f"device {device!r} is not available on this machine; {allowed}")
+    return dev
+
+
 def setup(device: str | torch.device | None = None) -> DistEnv:
     """Join torchrun's process group when launched by it (``RANK``/``WORLD_SIZE`` set).
 
@@ -49,7 +99,7 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())

@@ -51,12 +51,14 @@ from retrofit.train.checkpoint import (
 )
 from retrofit.train.classifier import resize_classifier
 from retrofit.train.config import TrainConfig
-from retrofit.train.data import DataBundle, DataError, build_data
+from retrofit.train.data import DataBundle, build_data
+from retrofit.train.data import steps_per_epoch as count_steps
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
 from retrofit.train.plots import plot_curves, plot_survival
 from retrofit.train.precision import Precision, resolve_precision
 from retrofit.train.prepare import core, prepare_model, recipe_dict, resolve_recipe, train_config_of
+from retrofit.train.rundir import lock_run_dir
 
 log = logging.getLogger("retrofit.train")
 
@@ -147,12 +149,19 @@ def fit(
         RecipeError: invalid recipe or train settings.
         ModelError: ``resume`` found a checkpoint that is unreadable or does not fit this model.
         LintFindingsError: ``strict_lint`` and findings.
+        DeviceError: ``device`` is not a device name or not available on this machine.
+        RunDirError: ``out`` cannot be a run directory, or another run holds it.
+        WriteError: the disk refused a write (full, read-only); the previous checkpoint is intact.
     """
     env = D.setup(device)
+    out = Path(out) if out is not None else None
     try:
-        return _fit(model, recipe, data, env=env, out=Path(out) if out is not None else None, resume=resume,
-                    strict_lint=strict_lint, progress=progress, max_steps=max_steps, config=config,
-                    model_name=model_name, apply=apply)  # fmt: skip
+        # Rank 0 holds the run directory for the whole run: a second run into it refuses, and
+        # temp files that killed writes left there are removed first.
+        with lock_run_dir(out if env.is_main else None):
+            return _fit(model, recipe, data, env=env, out=out, resume=resume,
+                        strict_lint=strict_lint, progress=progress, max_steps=max_steps, config=config,
+                        model_name=model_name, apply=apply)  # fmt: skip
     finally:
         D.teardown(env)
 
@@ -311,6 +320,7 @@ def _fit(
             data, model, cfg, rank=env.rank, world_size=env.world_size, device=env.device
         )
     )
+    steps_per_epoch = count_steps(bundle, cfg)  # DataError before anything is written
     # Each rank seeds with seed + rank so that dropout masks and gates differ between ranks; the
     # heads they initialise differ too, until broadcast_state below hands everyone rank 0's.
     resize_classifier(model, bundle.num_classes)
@@ -332,12 +342,6 @@ def _fit(
         else:
             log.warning("sync_bn ignored: SyncBatchNorm needs CUDA")
 
-    steps_per_epoch = bundle.train.num_batches // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise DataError(
-            f"data {bundle.source!r}: {bundle.train.num_batches} batch(es) per rank per epoch, fewer than "
-            f"grad_accum={cfg.grad_accum}; lower train.batch_size ({cfg.batch_size}) or grad_accum"
-        )
     total_steps = cfg.epochs * steps_per_epoch
 
     from timm.optim import create_optimizer_v2

@@ -88,17 +88,16 @@ class MetricsLog:
             # Records past the checkpoint belong to steps that will be run again: drop them, so the
             # resumed log is the uninterrupted run's log, line for line.
             self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
+        from retrofit.train.checkpoint import atomic_write_bytes
+
+        # Atomic: a full disk here must not cost the records of the steps already run.
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         rec = jsonable(dict(record))
         self.records.append(rec)
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            _append_line(self.path, json.dumps(rec) + "\n")
         if self._tb is not None:
             for key, value in rec.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
@@ -111,6 +110,22 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one whole line or nothing: a write the disk refuses is cut back to the last full
+    line (a torn JSON line would break :func:`read_metrics` on resume)."""
+    from retrofit.train.checkpoint import WriteError
+
+    data = line.encode("utf-8")
+    with open(path, "ab") as f:
+        end = f.tell()
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as e:
+            f.truncate(end)
+            raise WriteError(path, e) from None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ matplotlib runs on the Agg backend (no display needed, safe on servers and in wo
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path 
         ax.legend(fontsize=8)
 
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_survival(plan: Mapping[str, Any] | None, path: str | Path) -> Path | None:
@@ -105,7 +103,16 @@ def plot_survival(plan: Mapping[str, Any] | None, path: str | Path) -> Path | No
         ax.set_xticks(xs)
         ax.set_xticklabels([e.get("module") or "(root)" for e in edits], rotation=90, fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Render into memory, then write atomically: a full disk never leaves half a PNG."""
+    from retrofit.train.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        _pyplot().close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

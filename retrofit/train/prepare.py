@@ -184,12 +184,17 @@ def prepare_model(
     if out is not None:
         import yaml
 
+        from retrofit.train.checkpoint import atomic_write_bytes
+
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False))
+        atomic_write_bytes(
+            out / "recipe.yaml", yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False)
+        )
         if plan_dict is not None:
-            (out / "plan.json").write_text(json.dumps(plan_dict, indent=2, default=str))
-        (out / "lint.json").write_text(
-            json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str)
+            atomic_write_bytes(out / "plan.json", json.dumps(plan_dict, indent=2, default=str))
+        atomic_write_bytes(
+            out / "lint.json",
+            json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str),
         )
     if strict_lint and findings:
         raise LintFindingsError(findings)
