@@ -310,25 +310,66 @@ def _hf_config(name: str, kwargs: dict[str, Any]) -> Any:
     return config
 
 
+# Where a model type's class is looked up, in order: a classifier first (what retrofit's users
+# fine-tune), then the base model, then the task heads of models that have no base entry
+# (EoMT: universal segmentation; RF-DETR's DINOv2: a backbone).
+_HF_MAPPINGS = (
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_MAPPING_NAMES",
+    "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+)
+
+
 def hf_model_class(config: Any) -> type[nn.Module]:
     """The transformers class built for ``config``: its image-classification class when the
-    architecture has one, else its base model. Where transformers maps a model type to several
-    classes (LeViT: with and without a distillation teacher), the one named in the config's
-    ``architectures``, else the first: the Auto classes themselves fail on such a config when it
-    names none."""
+    architecture has one, else its base model, else a task model (see ``_HF_MAPPINGS``), else —
+    for a multimodal model's tower config that no mapping names (X-CLIP's vision config) — the
+    model class of the config's own module whose ``config_class`` it is. Where transformers maps
+    a model type to several classes (LeViT: with and without a distillation teacher), the one
+    named in the config's ``architectures``, else the first: the Auto classes themselves fail on
+    such a config when it names none."""
+    import importlib
+
     import transformers
     from transformers.models.auto import modeling_auto
 
-    for mapping in (
-        modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        modeling_auto.MODEL_MAPPING_NAMES,
-    ):
-        names = mapping.get(config.model_type)
+    for mapping_name in _HF_MAPPINGS:
+        names = getattr(modeling_auto, mapping_name, {}).get(config.model_type)
         if names is None:
             continue
         names = (names,) if isinstance(names, str) else tuple(names)
         wanted = [n for n in names if n in (getattr(config, "architectures", None) or ())]
         return getattr(transformers, (wanted or names)[0])
+    package = type(config).__module__.rsplit(".", 1)[0]
+    try:
+        module = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[-1]}")
+    except ImportError:
+        module = None
+    candidates = (
+        [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, nn.Module)
+            and getattr(obj, "config_class", None) is type(config)
+            and obj.__name__.endswith(("Model", "Backbone"))
+            and not obj.__name__.endswith("PreTrainedModel")
+        ]
+        if module is not None
+        else []
+    )
+    if candidates:
+        # the tower itself (XCLIPVisionModel) before wrappers that happen to share its config
+        candidates.sort(
+            key=lambda c: (
+                not c.__name__.endswith("VisionModel"),
+                not c.__name__.endswith("Model"),
+                len(c.__name__),
+            )
+        )
+        return candidates[0]
     raise ModelError(
         f"transformers has no model class for config type {config.model_type!r} "
         f"({type(config).__name__})"
