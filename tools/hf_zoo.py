@@ -45,6 +45,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -765,15 +766,20 @@ def main(argv: list[str] | None = None) -> int:
     # results of models not in this run are kept (a filtered run updates its rows only)
     kept = [r for r in read_results(args.results) if r["model"] not in {e.name for e in todo}]
     tmp = args.results.with_suffix(".partial")
-    with tmp.open("w") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-        bar = tqdm(todo, desc="hf_zoo", unit="model", dynamic_ncols=True)
-        for entry in bar:
-            bar.set_postfix_str(entry.name, refresh=True)
-            rec = run_isolated(entry, args.timeout)
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # killed: clean up as on Ctrl-C
+    try:
+        with tmp.open("w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+            bar = tqdm(todo, desc="hf_zoo", unit="model", dynamic_ncols=True)
+            for entry in bar:
+                bar.set_postfix_str(entry.name, refresh=True)
+                rec = run_isolated(entry, args.timeout)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(args.results)  # nothing half-written: the old file stays until the run ends
     t = totals(read_results(args.results))
     print(json.dumps(t, indent=1))

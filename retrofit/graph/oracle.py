@@ -162,19 +162,34 @@ class DropPathPlacement:
 
 
 class _Watch(TorchFunctionMode):
-    """Follows drop-path outputs (``marks``: tensor id → slot) and random masks to adds."""
+    """Follows drop-path outputs and random masks to adds.
 
-    def __init__(self, stack: list[str], batch: int):
+    ``marks``: tensor id → (slot, tick when marked); ``stack``: the running forwards as
+    (module name, tick when its forward began). A marked operand of an add is the *branch* only
+    if it was marked during the add owner's own forward: a block that applies drop path to its
+    whole output (CvT) hands the next block a marked tensor as its *shortcut*, which is not a
+    drop path on that block's branch.
+    """
+
+    def __init__(self, batch: int):
         super().__init__()
-        self.stack = stack
         self.batch = batch
-        self.marks: dict[int, str] = {}
+        self.stack: list[tuple[str, int]] = []
+        self.ticks = 0
+        self.marks: dict[int, tuple[str, int]] = {}
         self.random: set[int] = set()
         self.alive: list[torch.Tensor] = []  # marked tensors stay alive: ids are never reused
         self.adds: list[tuple[str, str]] = []  # (owner, slot)
 
+    def tick(self) -> int:
+        self.ticks += 1
+        return self.ticks
+
+    def owner(self) -> str:
+        return self.stack[-1][0] if self.stack else ""
+
     def mark(self, tensor: torch.Tensor, slot: str) -> None:
-        self.marks[id(tensor)] = slot
+        self.marks[id(tensor)] = (slot, self.tick())
         self.alive.append(tensor)
 
     def _per_sample(self, t: torch.Tensor) -> bool:
@@ -184,9 +199,16 @@ class _Watch(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        marked = [self.marks[id(a)] for a in tensors if id(a) in self.marks]
+        marked = [self.marks[id(a)][0] for a in tensors if id(a) in self.marks]
         if func in _ADDS and marked and len(tensors) == 2:
-            self.adds.append((self.stack[-1] if self.stack else "", marked[0]))
+            began = self.stack[-1][1] if self.stack else 0
+            branch = [
+                self.marks[id(a)]
+                for a in tensors
+                if id(a) in self.marks and self.marks[id(a)][1] > began
+            ]
+            if branch:  # the latest-marked operand is the branch
+                self.adds.append((self.owner(), max(branch, key=lambda m: m[1])[0]))
         if not isinstance(out, torch.Tensor):
             return out
         if func in _RANDOM or (tensors and all(id(a) in self.random for a in tensors)):
@@ -203,7 +225,7 @@ class _Watch(TorchFunctionMode):
             others = [a for a in tensors if id(a) not in self.random]
             if rnd and len(others) == 1:
                 # branch × per-sample random mask: an inline drop path in this module's forward
-                self.mark(out, f"inline:{self.stack[-1] if self.stack else ''}")
+                self.mark(out, f"inline:{self.owner()}")
             elif marked and all(
                 id(a) in self.marks or sum(d > 1 for d in a.shape) <= 1 for a in tensors
             ):
@@ -220,8 +242,13 @@ def drop_path_placement(model: nn.Module, example_input: Any) -> DropPathPlaceme
     module (:func:`is_drop_path_module`), and on each ``nn.Identity`` in the same slot as one
     (the linear schedule gives block 0 rate 0, and timm and HF then build an ``nn.Identity``),
     marks its output tensor; a ``TorchFunctionMode`` carries the mark through shape operations,
-    slicing and scaling by a constant or a per-channel layer scale, and records every add with a
-    marked operand and a second tensor operand, with the module on top of the stack as its owner.
+    slicing and scaling by a constant or a per-channel layer scale, and records every add of two
+    tensors one of which was marked during the forward of the module on top of the stack (the
+    add's owner; a tensor marked earlier, in another block, is that add's shortcut). HF names its
+    drop-path class per family (``BeitDropPath``, ``SwinDropPath``, ``ConvNextDropPath``, …,
+    43 classes in transformers 5.24); SwiftFormer's conv encoder calls an ``nn.Dropout``
+    ``drop_path`` and PoolFormer uses a ``PoolFormerDropPath`` as the MLP's dropout: neither is a
+    drop path on a residual branch, and neither is counted.
     An Identity slot counts only where its pattern (indices as ``*``) holds a real drop path in
     another block, as in :func:`library_drop_path_owners`. An add whose operand is multiplied by a
     per-sample random mask made inline (``torch.rand`` / ``bernoulli_``, shape ``(B, 1, …)``) is
@@ -252,18 +279,16 @@ def drop_path_placement(model: nn.Module, example_input: Any) -> DropPathPlaceme
             and _slot_pattern(n) in real_patterns
         )
     }
-    batch = _batch_of(example_input)
-    stack: list[str] = []
-    watch = _Watch(stack, batch)
+    watch = _Watch(_batch_of(example_input))
     called: set[str] = set()
     handles = []
 
     def push(module: nn.Module, args: Any) -> None:
-        stack.append(names.get(id(module), "?"))
+        watch.stack.append((names.get(id(module), "?"), watch.tick()))
 
     def pop(module: nn.Module, args: Any, output: Any) -> None:
-        if stack:
-            stack.pop()
+        if watch.stack:
+            watch.stack.pop()
 
     def slot_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
