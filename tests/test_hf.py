@@ -254,3 +254,13 @@ def test_hf_drop_path_owners_matches_placement():
     assert owners == {
         n.rpartition(".")[0] for n, _ in model.named_modules() if n.endswith("drop_path")
     }
+
+
+def test_cli_bad_hf_name_is_exit_2_with_one_line(tmp_path, capsys):
+    from retrofit.cli import main
+
+    recipe = Path(__file__).parent.parent / "recipes" / "sd.yaml"
+    code = main(["--model", f"hf:{tmp_path / 'missing'}", "--recipe", str(recipe)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "no such directory" in err
