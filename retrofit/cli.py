@@ -60,8 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         metavar="NAME",
-        help="tv:NAME, timm:NAME, package.module:factory, or a bare NAME "
-        "(torchvision first when both zoos have it)",
+        help="tv:NAME, timm:NAME, hf:CONFIG_DIR or hf:HUB_ID (transformers), "
+        "package.module:factory, or a bare NAME (torchvision first when both zoos have it)",
     )
     p.add_argument(
         "--model-kwargs",

@@ -6,6 +6,14 @@ Names, in the order they are tried:
   detection, segmentation, video, …).
 - ``timm:NAME``: any timm model, with or without a pretrained tag (``timm:resnet50.a1_in1k``);
   ``hf-hub:ORG/NAME`` and ``local-dir:PATH`` are passed to timm as is.
+- ``hf:NAME``: a HuggingFace ``transformers`` model (the optional extra ``retrofit[hf]``). NAME
+  is a local directory holding a ``config.json`` (random initialisation through the Auto
+  classes' ``from_config``; works offline) or a hub id (its ``config.json`` is downloaded where
+  the network allows; offline, a :class:`~retrofit.errors.ModelError` says so). The model is the
+  config's image-classification class when transformers has one for that architecture
+  (``SwinForImageClassification``), else its base model (``SegformerModel``). ``--model-kwargs``
+  set config fields (``drop_path_rate=0.1``, ``num_labels=10``; ``num_classes`` is read as
+  ``num_labels``); a field the config does not have is an error.
 - ``package.module:factory``: a user's factory, imported only when named in this form (importing
   runs the user's code, so it never happens for a bare name). The current directory is put on
   ``sys.path`` so that a module next to the user's script is found, as ``python -m`` would.
@@ -43,6 +51,7 @@ __all__ = [
     "ModelInfo",
     "check_kwargs",
     "create_model",
+    "hf_model_class",
     "load_weights",
     "parse_kwargs",
     "probe_input_size",
@@ -51,6 +60,7 @@ __all__ = [
 
 _TV_PREFIXES = ("tv", "torchvision")
 _TIMM_PREFIXES = ("timm",)
+_HF_PREFIXES = ("hf",)
 # timm's own name schemes that carry a colon and must not be mistaken for user factories.
 _TIMM_SCHEMES = ("hf-hub", "hf_hub", "local-dir")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -61,7 +71,7 @@ class ModelInfo:
     """Where a model came from, so a run can be reproduced and its zoo choice explained.
 
     Attributes:
-        source: ``"torchvision"``, ``"timm"`` or ``"user"``.
+        source: ``"torchvision"``, ``"timm"``, ``"transformers"`` or ``"user"``.
         name: the name inside its source (``resnet50``, ``resnet50.a1_in1k``, ``pkg.mod:fn``).
         kwargs: the keyword arguments the builder was called with (``--model-kwargs``).
         note: how a bare name was resolved, when it was ambiguous; otherwise None.
@@ -81,6 +91,8 @@ class ModelInfo:
             return f"tv:{self.name}"
         if self.source == "timm":
             return f"timm:{self.name}"
+        if self.source == "transformers":
+            return f"hf:{self.name}"
         return self.name
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,11 +176,18 @@ def resolve_model_name(name: str) -> tuple[str, str, str | None]:
         raise _unknown(rest, _timm_all(), "not in timm's model registry", other)
     if sep and lowered in _TIMM_SCHEMES:
         return "timm", name, None
+    if sep and lowered in _HF_PREFIXES:
+        if not rest.strip():
+            raise ModelError(
+                f"model {name!r}: hf: needs a local directory holding a config.json or a hub id "
+                "(hf:./my_config_dir, hf:microsoft/swin-tiny-patch4-window7-224)"
+            )
+        return "transformers", rest.strip(), None
     if sep:
         if not _FACTORY_RE.match(name):
             raise ModelError(
-                f"model {name!r}: a name with ':' must be tv:NAME, timm:NAME or a user factory "
-                "package.module:function"
+                f"model {name!r}: a name with ':' must be tv:NAME, timm:NAME, hf:NAME or a user "
+                "factory package.module:function"
             )
         return "user", name, None
     in_tv = name in _tv_classification()
@@ -233,6 +252,8 @@ def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> 
         import timm
 
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if source == "transformers":
+        return _build_hf(name, pretrained, kwargs)
     factory = _import_factory(name)
     # Only pass `pretrained` when asked, so factories that do not know the argument still work.
     model = factory(pretrained=True, **kwargs) if pretrained else factory(**kwargs)
@@ -241,6 +262,144 @@ def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> 
             f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _is_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name``): it exists, or it is written as a path."""
+    return os.path.exists(name) or name.startswith(("/", "./", "../", "~", "."))
+
+
+def _hf_config(name: str, kwargs: dict[str, Any]) -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(
+            f"model 'hf:{name}' needs the transformers package: pip install 'retrofit[hf]'"
+        ) from None
+    if _is_local(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise ModelError(
+                f"model 'hf:{name}': no such directory (hf:PATH must be a directory holding a "
+                "config.json, or a hub id such as hf:microsoft/swin-tiny-patch4-window7-224)"
+            )
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"model 'hf:{name}': the directory holds no config.json")
+        name = path
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        if _is_local(name):
+            raise ModelError(
+                f"model 'hf:{name}': config.json cannot be read: {_first_line(e)}"
+            ) from None
+        # OSError covers both "not on the hub" and "no network"; transformers' message says which.
+        raise ModelError(
+            f"model 'hf:{name}': the hub id's config could not be fetched ({_first_line(e)}); "
+            "a local directory holding a config.json works offline (--model hf:PATH)"
+        ) from None
+    for key, value in kwargs.items():
+        # ``num_classes`` is what timm/torchvision users (and the trainer) call num_labels.
+        field_name = "num_labels" if key == "num_classes" else key
+        if field_name != "num_labels" and not hasattr(config, field_name):
+            known = sorted(k for k in config.to_dict() if not k.startswith("_"))
+            close = difflib.get_close_matches(field_name, known, n=5, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ModelError(
+                f"model 'hf:{name}': {type(config).__name__} has no field {key!r}{hint}"
+            )
+        try:
+            setattr(config, field_name, value)  # transformers 5 configs validate field types
+        except (TypeError, ValueError) as e:
+            raise ModelError(
+                f"model 'hf:{name}': {type(config).__name__}.{field_name} = {value!r} is refused: "
+                f"{_first_line(e.__cause__ or e)}"
+            ) from None
+    return config
+
+
+# Where a model type's class is looked up, in order: a classifier first (what retrofit's users
+# fine-tune), then the base model, then the task heads of models that have no base entry
+# (EoMT: universal segmentation; RF-DETR's DINOv2: a backbone).
+_HF_MAPPINGS = (
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_MAPPING_NAMES",
+    "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+)
+
+
+def hf_model_class(config: Any) -> type[nn.Module]:
+    """The transformers class built for ``config``: its image-classification class when the
+    architecture has one, else its base model, else a task model (see ``_HF_MAPPINGS``), else —
+    for a multimodal model's tower config that no mapping names (X-CLIP's vision config) — the
+    model class of the config's own module whose ``config_class`` it is. Where transformers maps
+    a model type to several classes (LeViT: with and without a distillation teacher), the one
+    named in the config's ``architectures``, else the first: the Auto classes themselves fail on
+    such a config when it names none."""
+    import importlib
+
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping_name in _HF_MAPPINGS:
+        names = getattr(modeling_auto, mapping_name, {}).get(config.model_type)
+        if names is None:
+            continue
+        names = (names,) if isinstance(names, str) else tuple(names)
+        wanted = [n for n in names if n in (getattr(config, "architectures", None) or ())]
+        return getattr(transformers, (wanted or names)[0])
+    package = type(config).__module__.rsplit(".", 1)[0]
+    try:
+        module = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[-1]}")
+    except ImportError:
+        module = None
+    candidates = (
+        [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, nn.Module)
+            and getattr(obj, "config_class", None) is type(config)
+            and obj.__name__.endswith(("Model", "Backbone"))
+            and not obj.__name__.endswith("PreTrainedModel")
+        ]
+        if module is not None
+        else []
+    )
+    if candidates:
+        # the tower itself (XCLIPVisionModel) before wrappers that happen to share its config
+        candidates.sort(
+            key=lambda c: (
+                not c.__name__.endswith("VisionModel"),
+                not c.__name__.endswith("Model"),
+                len(c.__name__),
+            )
+        )
+        return candidates[0]
+    raise ModelError(
+        f"transformers has no model class for config type {config.model_type!r} "
+        f"({type(config).__name__})"
+    )
+
+
+def _build_hf(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """A transformers model from a config (:func:`hf_model_class`); random initialisation unless
+    ``pretrained``."""
+    config = _hf_config(name, kwargs)
+    cls = hf_model_class(config)
+    if not pretrained:
+        return cls._from_config(config)  # what AutoModel.from_config calls once it has the class
+    where = os.path.expanduser(name) if _is_local(name) else name
+    try:
+        return cls.from_pretrained(where, config=config)
+    except OSError as e:
+        raise ModelError(
+            f"model 'hf:{name}': pretrained weights could not be loaded ({_first_line(e)}); "
+            "without network access, drop --pretrained (random initialisation from the config) "
+            "or pass a directory holding the weights"
+        ) from None
 
 
 def create_model(
@@ -253,8 +412,8 @@ def create_model(
     """Build a model by name (see the module docstring for the name forms).
 
     Args:
-        name: ``tv:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or a
-            bare ``NAME``.
+        name: ``tv:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:NAME`` (a config directory or
+            a hub id), ``package.module:factory`` or a bare ``NAME``.
         pretrained: download (or take from the cache) the zoo's default pretrained weights.
         kwargs: keyword arguments for the builder (``num_classes``, ``drop_rate``, …).
         meta: build on the meta device: the structure without memory or initialisation, for

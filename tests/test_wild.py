@@ -1,0 +1,106 @@
+"""Acceptance tests of issue 10 on hand-written models (``tests/wild_models.py``).
+
+For each failure class, ``retrofit.apply`` either instruments the model — the exact residual
+sites known by construction, eval output unchanged on a fresh input, every module it added,
+replaced or re-rated called in one training forward (row and batch mode) — or, where the case
+allows it, refuses with a retrofit error and hands the model back exactly as it came.
+``retrofit.plan`` is pure and repeatable on every one of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import retrofit
+from tests.checks import (
+    assert_instrumented,
+    assert_unchanged,
+    differences,
+    retrofit_errors,
+    snapshot,
+)
+from tests.wild_models import CASES, FeatureListEncoder, OwnDropPathMixer, WildCase, image
+
+MODES = ("row", "batch")
+
+
+def _build(case: WildCase) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = case.build()
+    if case.eval_first:
+        model.eval()
+    return model
+
+
+def _site_owners(model: torch.nn.Module) -> Counter:
+    plan = retrofit.applied_plan(model)
+    assert plan is not None, "apply returned but recorded no plan"
+    return Counter(e.module for e in plan.by_kind("stochastic_depth"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_apply_instruments_or_refuses_cleanly(case: WildCase, mode: str):
+    model = _build(case)
+    x_probe, x_fresh = image(0), image(1)
+    snap = snapshot(model, x_fresh)
+    try:
+        retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x_probe)
+    except retrofit_errors() as e:
+        assert_unchanged(model, snap, x_fresh)
+        assert case.expect == "either", f"{case.failure}: refused ({type(e).__name__}: {e})"
+        return
+    assert _site_owners(model) == Counter(case.owners), case.failure
+    assert_instrumented(model, snap, x_probe, x_fresh)
+    retrofit.strip(model)
+    assert_unchanged(model, snap, x_fresh)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_plan_is_pure_and_repeatable(case: WildCase):
+    model = _build(case)
+    snap = snapshot(model, image(1))
+    first = retrofit.plan(model, {"stochastic_depth": {}})
+    assert not differences(model, snap, image(1))
+    second = retrofit.plan(model, {"stochastic_depth": {}})
+    assert first.to_dict() == second.to_dict()
+    assert_unchanged(model, snap, image(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_own_drop_path_is_reused_not_doubled(mode: str):
+    """One stochastic-depth operation per residual branch: the model's own ``TinyDropPath``
+    (re-rated) or retrofit's gate in its slot or on the branch (the slot then at rate 0)."""
+    torch.manual_seed(0)
+    model = OwnDropPathMixer()
+    before = {n for n, _ in model.named_modules()}
+    retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=image(0))
+    plan = retrofit.applied_plan(model)
+    survival = {e.module: e.survival for e in plan.by_kind("stochastic_depth")}
+    assert sorted(survival) == ["blocks.0", "blocks.1", "blocks.2"]
+    for block, p_l in survival.items():
+        active = []
+        for name, m in model.get_submodule(block).named_modules():
+            rate = getattr(m, "drop_prob", None)
+            if type(m).__name__ == "StochasticDepthGate" and m.survival < 1.0:
+                active.append((name, 1.0 - m.survival))
+            elif isinstance(rate, float) and rate > 0.0:
+                active.append((name, rate))
+        assert len(active) == 1, f"{block}: stochastic depth applied {len(active)} times: {active}"
+        assert active[0][1] == pytest.approx(1.0 - p_l)
+    if mode == "row":
+        # the slot itself is reused: nothing added beside it
+        assert {n for n, _ in model.named_modules()} == before
+
+
+def test_stages_of_an_encoder_returning_feature_maps():
+    """Issue 10, item 5: an encoder whose forward returns a list of maps has stages."""
+    stages = retrofit.stages(FeatureListEncoder(), example_input=image(0))
+    assert [(s.index, s.module, s.reduction) for s in stages] == [
+        (1, "layer1", 2),
+        (2, "layer2", 4),
+        (3, "layer3", 8),
+    ]

@@ -1,0 +1,841 @@
+"""Small models written the way real model code is written, one per failure class of issue 10.
+
+Each reproduces a pattern that defeats symbolic tracing with arguments frozen at their defaults,
+as found in public model code (EfficientNet ports, HF transformers, Swin, ConvNeXt, dual-path
+networks, segmentation encoders, early-exit networks). They are tiny (a few channels, 16×16
+inputs) so the whole set runs in milliseconds, and each knows its residual sites by
+construction: ``CASES`` lists, per model, the number of sites, their owners and what a user
+would want from ``retrofit.apply`` (instrumented and live, or either that or a clean refusal).
+
+Residual sites here are the adds ``shortcut + branch`` where the branch holds learned maps, the
+definition in ``retrofit/graph/residual.py``; every model's docstring says where they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IMAGE = (3, 16, 16)
+
+
+def image(seed: int, batch: int = 2, size: tuple[int, int, int] = IMAGE) -> torch.Tensor:
+    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+# --- 1. a block called with a non-default argument: EfficientNet's drop_connect_rate ---------
+
+
+def drop_connect(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """EfficientNet's per-sample drop connect (Tan & Le 2019; the stochastic depth of Huang et
+    al. 2016 under another name)."""
+    if not training:
+        return x
+    keep = 1.0 - p
+    mask = torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device) + keep
+    return x / keep * torch.floor(mask)
+
+
+class MBConv(nn.Module):
+    """Inverted residual with squeeze-excite; ``x + project(...)`` when stride 1 and in == out."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 2):
+        super().__init__()
+        mid = cin * expand
+        self.has_skip = stride == 1 and cin == cout
+        self.expand = conv_bn(cin, mid, 1)
+        self.dw = conv_bn(mid, mid, 3, stride, groups=mid)
+        self.se_reduce = nn.Conv2d(mid, max(1, cin // 2), 1)
+        self.se_expand = nn.Conv2d(max(1, cin // 2), mid, 1)
+        self.project = conv_bn(mid, cout, 1)
+
+    def forward(self, inputs: torch.Tensor, drop_connect_rate: float | None = None):
+        x = F.silu(self.expand(inputs))
+        x = F.silu(self.dw(x))
+        s = F.adaptive_avg_pool2d(x, 1)
+        x = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(s)))) * x
+        x = self.project(x)
+        if self.has_skip:
+            if drop_connect_rate:
+                x = drop_connect(x, p=drop_connect_rate, training=self.training)
+            x = x + inputs
+        return x
+
+
+class DropConnectEfficientNet(nn.Module):
+    """EfficientNet-B0-style: the root passes each block its own rate, ``block(x,
+    drop_connect_rate=r)`` with r = rate·idx/n (here built with rate 0.0, drop connect off, so
+    the blocks are called with 0.0, not their default None). Sites: the skip adds of blocks 0, 2,
+    3 (stride 1, in == out)."""
+
+    def __init__(self, num_classes: int = 10, drop_connect_rate: float = 0.0):
+        super().__init__()
+        self.drop_connect_rate = drop_connect_rate
+        self.stem = conv_bn(3, 4, 3, 2)
+        spec = [(4, 4, 1), (4, 8, 2), (8, 8, 1), (8, 8, 1), (8, 16, 2)]
+        self.blocks = nn.ModuleList(MBConv(i, o, s) for i, o, s in spec)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.stem(inputs))
+        for idx, block in enumerate(self.blocks):
+            rate = self.drop_connect_rate
+            rate *= float(idx) / len(self.blocks)
+            x = block(x, drop_connect_rate=rate)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# --- 2. a state threaded through the blocks: None for the first, a tensor afterwards -----------
+
+
+class ContextBlock(nn.Module):
+    """A basic residual block whose branch is gated by a channel context computed by the block
+    before it (None for the first block). Returns ``(out, context)``; site: ``x + h``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.context = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        h = self.conv2(F.relu(self.conv1(x)))
+        if state is not None:
+            h = h * state
+        out = F.relu(x + h)
+        return out, torch.sigmoid(self.context(F.adaptive_avg_pool2d(out, 1)))
+
+
+class StateResNet(nn.Module):
+    """``x, state = block(x, state)`` over four blocks: four sites, one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6, depth: int = 4):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.ModuleList(ContextBlock(width) for _ in range(depth))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        state = None
+        for block in self.blocks:
+            x, state = block(x, state)
+        return self.fc(x.mean((2, 3)))
+
+
+# --- 3. a leaf module's tuple output unpacked: nn.MultiheadAttention ---------------------------
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block on ``nn.MultiheadAttention``, whose forward returns
+    ``(output, weights)``; sites: ``x + h`` and ``x + mlp(...)``."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        h, _ = self.attn(y, y, y, need_weights=False)
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+class TupleAttentionViT(nn.Module):
+    """A two-block ViT: four sites, two per block."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        self.blocks = nn.Sequential(*(AttentionBlock(dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention as HF transformers 5 writes it: the head shape is built with
+    ``(*input_shape, -1, head_dim)`` from ``hidden_states.shape[:-1]``; returns
+    ``(output, weights)``."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        weights = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        if attention_mask is not None:
+            weights = weights + attention_mask
+        weights = weights.softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.dense(out), weights
+
+
+class HFStyleLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(dim)
+        self.attention = SelfAttention(dim)
+        self.layernorm_after = nn.LayerNorm(dim)
+        self.intermediate = nn.Linear(dim, 2 * dim)
+        self.output = nn.Linear(2 * dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask)
+        hidden_states = attention_output + hidden_states
+        layer_output = self.output(F.gelu(self.intermediate(self.layernorm_after(hidden_states))))
+        return layer_output + hidden_states
+
+
+class StarShapeViT(nn.Module):
+    """Two HF-style layers (``attention_output, _ = self.attention(...)``). Sites: two per
+    layer."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 2):
+        super().__init__()
+        self.embeddings = nn.Conv2d(3, dim, 4, 4)
+        self.layer = nn.ModuleList(HFStyleLayer(dim) for _ in range(depth))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embeddings(pixel_values).flatten(2).transpose(1, 2)
+        for layer_module in self.layer:
+            hidden_states = layer_module(hidden_states)
+        return self.classifier(hidden_states.mean(1))
+
+
+# --- 4. None-default tensor arguments at the root (HF's pixel_values=None) ---------------------
+
+
+class MixerLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.spatial = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim),
+            nn.GELU(),
+            nn.Conv2d(dim, dim, 1),
+            nn.BatchNorm2d(dim),
+        )
+        self.norm = nn.BatchNorm2d(dim)
+
+
+class OptionalInputMixer(nn.Module):
+    """A ConvMixer-like network (Trockman & Kolter 2022) with an HF-style signature:
+    ``forward(pixel_values=None, mask=None)``, called with a tensor. The residual
+    ``x + layer.spatial(x)`` (a depthwise then a pointwise conv) is written in the root's loop.
+    Sites: two, owned by the root."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, dim, 2, 2), nn.GELU(), nn.BatchNorm2d(dim))
+        self.layers = nn.ModuleList(MixerLayer(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        x = self.embed(pixel_values)
+        if mask is not None:
+            x = x * mask
+        for layer in self.layers:
+            x = layer.norm(x + layer.spatial(x))
+        return self.head(x.mean((2, 3)))
+
+
+# --- 5. *args/**kwargs wrappers around forward ------------------------------------------------
+
+
+def checkpointable(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Activation checkpointing as a decorator, the way many codebases add it to their blocks."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "grad_checkpointing", False) and self.training:
+            return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.grad_checkpointing = False
+
+    @checkpointable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class DecoratedForwardNet(nn.Module):
+    """Blocks whose ``forward`` is wrapped by a ``functools.wraps`` decorator taking
+    ``(self, *args, **kwargs)``. Sites: one per block, two blocks."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.Sequential(DecoratedBlock(width), DecoratedBlock(width))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class CheckpointingLayer(nn.Module):
+    """HF transformers' ``GradientCheckpointingLayer`` pattern: ``__call__(self, *args,
+    **kwargs)`` overridden to checkpoint the module's call in training."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class WrappedForwardLayer(nn.Module):
+    """HF transformers 5's ``GradientCheckpointingLayer``: ``__init_subclass__`` replaces each
+    subclass's ``forward`` by a ``functools.wraps`` wrapper ``(self, *args, **kwargs)``."""
+
+    gradient_checkpointing = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        forward = cls.forward
+
+        @functools.wraps(forward)
+        def forward_with_checkpointing(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+            return forward(self, *args, **kwargs)
+
+        cls.forward = forward_with_checkpointing
+
+
+def _build_encoder_layer(layer: nn.Module, dim: int) -> None:
+    layer.layernorm_before = nn.LayerNorm(dim)
+    layer.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
+    layer.layernorm_after = nn.LayerNorm(dim)
+    layer.intermediate = nn.Linear(dim, 2 * dim)
+    layer.output = nn.Linear(2 * dim, dim)
+
+
+class EncoderLayer(CheckpointingLayer):
+    """HF-style layer: keyword arguments with None defaults, a tuple output."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        _build_encoder_layer(self, dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        normed = self.layernorm_before(hidden_states)
+        attn, weights = self.attention(
+            normed, normed, normed, attn_mask=attention_mask, need_weights=output_attentions
+        )
+        hidden_states = attn + hidden_states
+        layer_output = self.output(F.gelu(self.intermediate(self.layernorm_after(hidden_states))))
+        layer_output = layer_output + hidden_states
+        return (layer_output, weights) if output_attentions else (layer_output,)
+
+
+class WrappedEncoderLayer(WrappedForwardLayer):
+    def __init__(self, dim: int):
+        super().__init__()
+        _build_encoder_layer(self, dim)
+
+    forward = EncoderLayer.forward
+
+
+class CallOverrideEncoder(nn.Module):
+    """Two HF-style layers called as ``layer(hidden_states, attention_mask,
+    output_attentions=False)[0]``. Sites: two per layer (owners ``layer.0``, ``layer.1``)."""
+
+    layer_class: type[nn.Module] = EncoderLayer
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 2):
+        super().__init__()
+        self.embeddings = nn.Conv2d(3, dim, 4, 4)
+        self.layer = nn.ModuleList(self.layer_class(dim) for _ in range(depth))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        hidden_states = self.embeddings(pixel_values).flatten(2).transpose(1, 2)
+        for layer_module in self.layer:
+            layer_outputs = layer_module(hidden_states, None, output_attentions=output_attentions)
+            hidden_states = layer_outputs[0]
+        return self.classifier(hidden_states.mean(1))
+
+
+class SubclassWrappedEncoder(CallOverrideEncoder):
+    """The same encoder with transformers 5's forward-wrapping layer base."""
+
+    layer_class = WrappedEncoderLayer
+
+
+# --- 6. shape-dependent control flow -----------------------------------------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm for channels-first maps and token sequences alike (ConvNeXt/HF style): it
+    branches on ``x.ndim``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.permute(0, 2, 3, 1)
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return x.permute(0, 3, 1, 2)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim)
+        self.pwconv1 = nn.Conv2d(dim, 4 * dim, 1)
+        self.pwconv2 = nn.Conv2d(4 * dim, dim, 1)
+        self.gamma = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(self.dwconv(x)))))
+        return x + self.gamma * h
+
+
+class NdimNormConvNeXt(nn.Module):
+    """ConvNeXt blocks whose norm branches on ``x.ndim``; the root's norm too. Sites: one per
+    block, three blocks."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8, depth: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), LayerNorm2d(dim))
+        self.stages = nn.Sequential(*(ConvNeXtBlock(dim) for _ in range(depth)))
+        self.norm = LayerNorm2d(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    b = windows.shape[0] // ((h // ws) * (w // ws))
+    x = windows.view(b, h // ws, w // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, -1)
+
+
+class WindowBlock(nn.Module):
+    """Swin-style block on a (B, H, W, C) map: the window is ``min(window_size, H, W)``, the map
+    is padded to a multiple of it (sizes from ``x.shape``), attention runs per window. Sites:
+    ``shortcut + attention`` and ``x + mlp(...)``."""
+
+    def __init__(self, dim: int, window_size: int = 3):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, channels = x.shape
+        ws = min(self.window_size, height, width)
+        shortcut = x
+        x = self.norm1(x)
+        pad_b = (ws - height % ws) % ws
+        pad_r = (ws - width % ws) % ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = height + pad_b, width + pad_r
+        windows = window_partition(x, ws)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(channels)
+        windows = self.proj(attn.softmax(-1) @ v)
+        x = window_reverse(windows, ws, hp, wp)[:, :height, :width, :].contiguous()
+        x = shortcut + x
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class WindowPadSwin(nn.Module):
+    """Two window blocks on a 4×4 map with window 3 (padded to 6×6). Sites: four, two per block."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8, depth: int = 2):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(*(WindowBlock(dim) for _ in range(depth)))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        return self.head(self.blocks(x).mean((1, 2)))
+
+
+# --- 7. an assert on an argument ---------------------------------------------------------------
+
+
+class DualStreamBlock(nn.Module):
+    """Two streams mixed, each with its own residual: ``x1 + branch1(h)``, ``x2 + branch2(h)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mix = conv_bn(2 * channels, channels, 1)
+        self.branch1 = conv_bn(channels, channels)
+        self.branch2 = conv_bn(channels, channels)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor | None = None):
+        assert x2 is not None, "DualStreamBlock needs both streams"
+        h = F.relu(self.mix(torch.cat([x1, x2], dim=1)))
+        return x1 + self.branch1(h), x2 + self.branch2(h)
+
+
+class DualStreamNet(nn.Module):
+    """Two blocks, two sites each."""
+
+    def __init__(self, num_classes: int = 10, width: int = 4, depth: int = 2):
+        super().__init__()
+        self.stem1 = conv_bn(3, width)
+        self.stem2 = conv_bn(3, width, 5)
+        self.blocks = nn.ModuleList(DualStreamBlock(width) for _ in range(depth))
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = F.relu(self.stem1(x)), F.relu(self.stem2(x))
+        for block in self.blocks:
+            x1, x2 = block(x1, x2)
+        return self.fc(torch.cat([x1, x2], 1).mean((2, 3)))
+
+
+# --- 8. an owner that cannot be read in training mode only --------------------------------------
+
+
+class NoisyBlock(nn.Module):
+    """A residual block with multiplicative Gaussian noise on its branch in training, only when
+    the batch has more than one sample: ``if self.training and x.size(0) > 1`` reads a shape in
+    training mode only (short-circuit in eval)."""
+
+    def __init__(self, channels: int, sigma: float = 0.0):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(x)))
+        if self.training and x.size(0) > 1:
+            out = out * torch.empty_like(out).normal_(1.0, self.sigma)
+        return F.relu(x + out)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class TrainOnlyFailureNet(nn.Module):
+    """Three blocks, the middle one noisy (sigma 0: the noise is off, the code path is not). A
+    model applied after ``model.eval()``: the analysis reads the eval graph; a rewrite that
+    re-traces the owners in training mode fails on the middle block after the first one is done.
+    Sites: three, one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.Sequential(PlainBlock(width), NoisyBlock(width), PlainBlock(width))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+# --- 9. an encoder returning a list of feature maps ---------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        mid = cout // 2
+        self.conv1 = conv_bn(cin, mid, 1)
+        self.conv2 = conv_bn(mid, mid, 3, stride)
+        self.conv3 = conv_bn(mid, cout, 1)
+        self.downsample = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return F.relu(out + identity)
+
+
+class FeatureListEncoder(nn.Module):
+    """A segmentation-style ResNet encoder: ``forward`` returns ``[c1, c2, c3]``, the outputs of
+    its three stages at strides 2, 4, 8. Sites: six bottlenecks (two per stage), each its own."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 12, 16)):
+        super().__init__()
+        self.stem = conv_bn(3, widths[0], 3, 2)
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            stage = nn.Sequential(Bottleneck(cin, w, 1 if i == 0 else 2), Bottleneck(w, w))
+            self.add_module(f"layer{i + 1}", stage)
+            cin = w
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.relu(self.stem(x))
+        features = []
+        for name in ("layer1", "layer2", "layer3"):
+            x = getattr(self, name)(x)
+            features.append(x)
+        return features
+
+
+# --- 10. data-dependent control flow at the root: an early-exit network --------------------------
+
+
+class EarlyExitNet(nn.Module):
+    """BranchyNet-style early exit (Teerapittayanon et al. 2016): in eval, a confident first exit
+    returns at once; in training both exits are computed. The root reads a tensor's value; its
+    blocks are plain. Sites: one per block, four blocks."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6, threshold: float = 0.99):
+        super().__init__()
+        self.threshold = threshold
+        self.stem = conv_bn(3, width)
+        self.early = nn.Sequential(PlainBlock(width), PlainBlock(width))
+        self.late = nn.Sequential(PlainBlock(width), PlainBlock(width))
+        self.exit1 = nn.Linear(width, num_classes)
+        self.exit2 = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.early(F.relu(self.stem(x)))
+        logits1 = self.exit1(h.mean((2, 3)))
+        if not self.training and logits1.softmax(-1).max() > self.threshold:
+            return logits1
+        logits2 = self.exit2(self.late(h).mean((2, 3)))
+        return (logits1 + logits2) / 2 if self.training else logits2
+
+
+# --- 11. an HF-style *DropPath module already on the branch -------------------------------------
+
+
+class TinyDropPath(nn.Module):
+    """Per-sample drop path written the way HF writes its ``BeitDropPath``/``SwinDropPath``: a
+    ``drop_prob`` attribute, identity in eval."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        random_tensor = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        return hidden_states.div(keep_prob) * torch.floor(random_tensor + keep_prob)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class MlpBlock(nn.Module):
+    def __init__(self, dim: int, drop_path: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        # HF and timm build an Identity where the linear schedule gives rate 0 (block 0)
+        self.drop_path = TinyDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class OwnDropPathMixer(nn.Module):
+    """Three MLP blocks with drop path 0, 0.05, 0.1 (linear schedule). Sites: three, each with
+    a drop-path slot that must be reused (set to retrofit's rate or replaced in place), not
+    doubled by a second gate."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 3, rate: float = 0.1):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        rates = [rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*(MlpBlock(dim, r) for r in rates))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WildCase:
+    """One failure class: how to build the model, its sites by construction, what a user wants.
+
+    ``expect``: ``"instrumented"`` (apply must return, verified and live) or ``"either"``
+    (instrumented and live, or refused with a retrofit error and the model as it came).
+    ``owners``: module → number of sites it owns. ``eval_first``: apply after ``model.eval()``.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    owners: dict[str, int]
+    expect: str = "instrumented"
+    eval_first: bool = False
+    failure: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> int:
+        return sum(self.owners.values())
+
+
+CASES: list[WildCase] = [
+    WildCase(
+        "drop_connect_arg",
+        DropConnectEfficientNet,
+        {"blocks.0": 1, "blocks.2": 1, "blocks.3": 1},
+        failure="blocks called as block(x, drop_connect_rate=r), a non-default argument",
+    ),
+    WildCase(
+        "state_threaded",
+        StateResNet,
+        {f"blocks.{i}": 1 for i in range(4)},
+        failure="block(x, state): None for the first block, a tensor afterwards",
+    ),
+    WildCase(
+        "tuple_leaf_unpacked",
+        TupleAttentionViT,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="h, _ = self.attn(...): a leaf module's tuple output unpacked",
+    ),
+    WildCase(
+        "star_shape_attention",
+        StarShapeViT,
+        {"layer.0": 2, "layer.1": 2},
+        failure="HF attention: attention_output, _ = self.attention(...) with a head shape "
+        "built as (*input_shape, -1, head_dim)",
+    ),
+    WildCase(
+        "none_default_root",
+        OptionalInputMixer,
+        {"": 2},
+        failure="forward(pixel_values=None, mask=None) called with a tensor",
+    ),
+    WildCase(
+        "decorated_forward",
+        DecoratedForwardNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="a functools.wraps decorator making forward(self, *args, **kwargs)",
+    ),
+    WildCase(
+        "call_override",
+        CallOverrideEncoder,
+        {"layer.0": 2, "layer.1": 2},
+        failure="HF GradientCheckpointingLayer: __call__(self, *args, **kwargs) overridden",
+    ),
+    WildCase(
+        "subclass_wrapped_forward",
+        SubclassWrappedEncoder,
+        {"layer.0": 2, "layer.1": 2},
+        failure="transformers 5 GradientCheckpointingLayer: __init_subclass__ wraps forward "
+        "as (self, *args, **kwargs)",
+    ),
+    WildCase(
+        "ndim_branch",
+        NdimNormConvNeXt,
+        {"stages.0": 1, "stages.1": 1, "stages.2": 1},
+        failure="a norm layer branching on x.ndim",
+    ),
+    WildCase(
+        "window_padding",
+        WindowPadSwin,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="window = min(window_size, H, W), padding computed from x.shape",
+    ),
+    WildCase(
+        "assert_on_argument",
+        DualStreamNet,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="assert x2 is not None on an argument with a None default",
+    ),
+    WildCase(
+        "raises_mid_rewrite",
+        TrainOnlyFailureNet,
+        {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1},
+        expect="either",
+        eval_first=True,
+        failure="an owner whose re-trace fails in training mode only, after another is rewritten",
+    ),
+    WildCase(
+        "feature_list_encoder",
+        FeatureListEncoder,
+        {f"layer{s}.{b}": 1 for s in (1, 2, 3) for b in (0, 1)},
+        failure="an encoder returning a list of feature maps",
+        extra={"stages": ["layer1", "layer2", "layer3"]},
+    ),
+    WildCase(
+        "data_dependent_root",
+        EarlyExitNet,
+        {"early.0": 1, "early.1": 1, "late.0": 1, "late.1": 1},
+        failure="the root reads a tensor's value (early exit); its blocks are plain",
+    ),
+    WildCase(
+        "own_drop_path",
+        OwnDropPathMixer,
+        {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1},
+        failure="an HF-style *DropPath module (drop_prob) already on the residual branch",
+        extra={"slots": ["blocks.0.drop_path", "blocks.1.drop_path", "blocks.2.drop_path"]},
+    ),
+]
