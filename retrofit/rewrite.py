@@ -52,8 +52,8 @@ from retrofit.errors import RewriteError
 from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.capture import Call, CallKey
 from retrofit.graph.dataflow import locate, node_key
+from retrofit.graph.existing import drop_rate_attribute
 from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
-from retrofit.graph.residual import drop_rate_attribute
 from retrofit.graph.trace import Traced, is_passthrough, trace_graph
 from retrofit.layers import StochasticDepthGate
 from retrofit.layers.stochastic_depth import Outline

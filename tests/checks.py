@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from retrofit.layers import StochasticDepthGate
+
 __all__ = [
     "Snapshot",
     "assert_instrumented",
@@ -194,6 +196,11 @@ def call_counts(model: nn.Module, x: Any, names: Iterable[str]) -> dict[str, int
         handles.append(module.register_forward_hook(hook))
     flags = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # Liveness asks whether a module is called, not what a draw decided: every stochastic-depth
+    # branch is kept for the check (a dropped batch-mode branch, slot included, does not run).
+    survivals = [(m, m.survival) for m in model.modules() if isinstance(m, StochasticDepthGate)]
+    for m, _ in survivals:
+        m.survival = 1.0
     model.train()
     try:
         with torch.no_grad():
@@ -203,6 +210,8 @@ def call_counts(model: nn.Module, x: Any, names: Iterable[str]) -> dict[str, int
             h.remove()
         for m, flag in flags:
             m.training = flag
+        for m, p in survivals:
+            m.survival = p
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from retrofit.graph.dataflow import DataFlow, is_add, node_key
+from retrofit.graph.existing import drop_rate_attribute
 from retrofit.graph.trace import TracedPart, TraceResult
 
-__all__ = ["ResidualSite", "drop_rate_attribute", "existing_drop_path", "find_residual_sites"]
+__all__ = ["ResidualSite", "existing_drop_path", "find_residual_sites"]
 
 # Existing drop-path slots: a site whose branch output goes through one of these reuses it.
 _DROP_PATH_NAMES = ("drop_path", "droppath", "stochastic_depth")
@@ -67,25 +68,6 @@ class ResidualSite:
         return {k: v for k, v in self.__dict__.items() if k != "position"}
 
 
-def drop_rate_attribute(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """How to set the rate of an existing drop-path module: (attribute holding its drop
-    probability, other attributes to set), or None if ``module`` is not one.
-
-    torchvision's ``StochasticDepth`` (``p``, row mode); timm's ``DropPath`` and every other
-    library's ``*DropPath`` class (HF's ``BeitDropPath``, ``SwinDropPath`` …: a float
-    ``drop_prob``, no parameters) — the drop-path convention timm set and others copied.
-    """
-    name = type(module).__name__
-    if next(module.parameters(), None) is not None:
-        return None
-    if name == "StochasticDepth" and isinstance(getattr(module, "p", None), float | int):
-        return "p", {"mode": "row"}
-    if name.endswith("DropPath") and isinstance(getattr(module, "drop_prob", None), float | int):
-        extra = {"scale_by_keep": True} if hasattr(module, "scale_by_keep") else {}
-        return "drop_prob", extra
-    return None
-
-
 def _drop_path_kind(module: nn.Module, attr: str) -> str | None:
     name = type(module).__name__
     if name == "StochasticDepthGate":
@@ -106,6 +88,45 @@ def existing_drop_path(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return None
     module = gm.get_submodule(str(node.target))
     return _drop_path_kind(module, str(node.target).rsplit(".", 1)[-1])
+
+
+_REDUCING_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "flatten", "logsumexp"}
+_REDUCING_FUNCTIONS = {
+    torch.mean,
+    torch.sum,
+    torch.amax,
+    torch.amin,
+    torch.flatten,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
+_REDUCING_MODULES = (
+    nn.Flatten,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def _reduces(nodes: list[fx.Node], gm: fx.GraphModule) -> bool:
+    """Whether any of ``nodes`` pools or flattens a tensor's dimensions away."""
+    for node in nodes:
+        if node.op == "call_method" and node.target in _REDUCING_METHODS:
+            return True
+        if node.op == "call_function" and node.target in _REDUCING_FUNCTIONS:
+            return True
+        if node.op == "call_module" and isinstance(
+            gm.get_submodule(str(node.target)), _REDUCING_MODULES
+        ):
+            return True
+    return False
 
 
 def _slot_on_branch(branch: fx.Node, gm: fx.GraphModule, flow: DataFlow) -> fx.Node | None:
@@ -226,9 +247,14 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
             flow.depth(region_b) if wa == wb else 0,
         ):
             branch, b_arg, b_region, b_weight, shortcut, s_weight = a, ia, region_a, wa, b, wb
+            s_region = region_b
         else:
             branch, b_arg, b_region, b_weight, shortcut, s_weight = b, ib, region_b, wb, a, wa
-        if s_weight > 1:
+            s_region = region_a
+        if s_weight > 1 or _reduces(flow.region_nodes(s_region), gm):
+            # A shortcut carries its input's representation forward (identity, or a projection
+            # of it); one that pools it away is a head: ``(exit1(h.mean()) + exit2(g(h))) / 2``
+            # averages two classifiers (early-exit and deep-supervision models).
             continue
         if b_weight == 0 and (s_weight or _slot_on_branch(branch, gm, flow) is None):
             # No learned map: not a block (ConvNeXt-V2's GRN), unless the model's author put a

@@ -69,11 +69,11 @@ from torch import nn
 
 from retrofit.errors import ModelError, TraceError
 from retrofit.graph.dataflow import DataFlow, node_key
+from retrofit.graph.existing import regularizer_types
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.shapes import meta_like, propagate_shapes, shape_of
 from retrofit.graph.trace import (
     TraceResult,
-    _regularizer_types,
     is_passthrough,
     trace,
     trace_module,
@@ -352,7 +352,7 @@ def _root_graph(model: nn.Module, traced: TraceResult) -> fx.GraphModule:
 
 def _is_regularizer(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and isinstance(
-        gm.get_submodule(str(node.target)), _regularizer_types()
+        gm.get_submodule(str(node.target)), regularizer_types()
     )
 
 

@@ -37,6 +37,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from retrofit.graph.capture import Call, CallKey
 from retrofit.graph.concrete import Concretizer, concrete_dunders
+from retrofit.graph.existing import is_existing_regularizer, regularizer_types
 from retrofit.graph.sandbox import preserved
 
 __all__ = [
@@ -57,35 +58,6 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _RETROFIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-def _regularizer_types() -> tuple[type, ...]:
-    """Existing regularizer classes: kept as single leaf nodes (they are analysed, not traced)."""
-    types: list[type] = [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout]
-    try:
-        from timm.layers import DropBlock2d, DropPath
-
-        types += [DropPath, DropBlock2d]
-    except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable without
-        pass
-    try:
-        from torchvision.ops import DropBlock2d as TvDropBlock2d
-        from torchvision.ops import DropBlock3d, StochasticDepth
-
-        types += [StochasticDepth, TvDropBlock2d, DropBlock3d]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from retrofit import layers as rf_layers
-
-        types += [
-            getattr(rf_layers, n)
-            for n in ("StochasticDepthGate", "DropBlock", "Uout", "BatchCutout")
-            if hasattr(rf_layers, n)
-        ]
-    except ImportError:  # pragma: no cover - layers land with their own change
-        pass
-    return tuple(types)
-
-
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     try:
         import timm.models  # noqa: F401  (importing the models registers their no-trace entries)
@@ -99,7 +71,7 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
 
 def leaf_types() -> tuple[type, ...]:
     """Module classes every retrofit trace keeps as leaves (timm no-trace + regularizers)."""
-    return _timm_notrace()[0] + _regularizer_types()
+    return _timm_notrace()[0] + regularizer_types()
 
 
 class RetrofitTracer(fx.Tracer):
@@ -136,7 +108,7 @@ class RetrofitTracer(fx.Tracer):
         self.call = call
         self.concretizer: Concretizer | None = None
         self.out_spec: TreeSpec | None = None
-        self._leaves = notrace_modules + _regularizer_types() + tuple(extra_leaves)
+        self._leaves = notrace_modules + regularizer_types() + tuple(extra_leaves)
         self._root: nn.Module | None = None
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
@@ -156,7 +128,7 @@ class RetrofitTracer(fx.Tracer):
             # Children are leaves, except pass-through containers, whose chaining is inlined
             # so the owner's graph reaches the modules they hold (is_passthrough).
             return not is_passthrough(m)
-        if isinstance(m, self._leaves):
+        if isinstance(m, self._leaves) or is_existing_regularizer(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
