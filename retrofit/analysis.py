@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.graph.capture import Call, record_calls
+from retrofit.graph.capture import Call, NoCall, record_calls
 from retrofit.graph.dataflow import locate
 from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, training_mode
 from retrofit.graph.outline import NotOutlinable, branch_region
@@ -82,9 +82,21 @@ class Analysis:
             return {}
 
     def call(self, module: str) -> Call | None:
-        """The first recorded call of ``module`` (qualified name, "" for the root), or None."""
+        """The first recorded call of ``module`` (qualified name, "" for the root), or None
+        if it did not run on the probe.
+
+        Raises:
+            NoCall: the model could not run on the probe input at all (the message says why).
+        """
         recorded = self.calls.get(module)
-        return recorded[0] if recorded else None
+        if recorded:
+            return recorded[0]
+        if self.recording_error is not None:
+            raise NoCall(
+                f"no call recorded: the model does not run on the probe input "
+                f"({self.recording_error}); pass example_input"
+            )
+        return None
 
     # ------------------------------------------------------------------ traces
 
@@ -110,12 +122,18 @@ class Analysis:
             module.training = True
             self.counts["owner trace"] += 1
             try:
-                self._owner_traces[owner] = trace_graph(module, shallow=True, call=self.call(owner))
+                self._owner_traces[owner] = trace_graph(module, shallow=True, call=self._call(owner))
             except Exception:  # fx raises many types; the rewrite will raise the same, with context
                 self._owner_traces[owner] = None
             finally:
                 module.training = saved
         return self._owner_traces[owner]
+
+    def _call(self, module: str) -> Call | None:
+        try:
+            return self.call(module)
+        except NoCall:
+            return None
 
     def seed(self, owner: str) -> Traced | None:
         """A trace of ``owner`` already made, for the rewrite to reuse (never a new one)."""
@@ -131,7 +149,7 @@ class Analysis:
     def stages(self) -> StageAnalysis:
         # Shapes at the model's own input size (its config), as ``retrofit.stages`` reports
         # them; a root specialised on a recorded call uses that call's shapes.
-        return analyse_stages(self.model, self.traced, calls=self.call)
+        return analyse_stages(self.model, self.traced, calls=self._call)
 
     @cached_property
     def dropout_bn(self) -> DropoutBNAnalysis:

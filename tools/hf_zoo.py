@@ -15,7 +15,8 @@ size fields of the default config shrunk generically, with per-family overrides 
 
 * ``trace``: ``complete`` (nothing skipped), ``partial`` (modules fx could not read, with the
   reasons), or ``error``;
-* ``sites`` / ``blocks`` / ``owners``: ``retrofit.plan(model, {"stochastic_depth": {}})``;
+* ``sites`` / ``blocks`` / ``owners``: ``retrofit.plan(model, {"stochastic_depth": {}},
+  example_input=probe)``;
 * the oracle: the same tiny config with ``drop_path_rate=0.1``, HF's drop-path modules followed
   by execution to the adds they feed (``retrofit.graph.oracle.drop_path_placement``); its owners
   are the HF blocks, compared with the owners of retrofit's sites (``found``, ``missing``,
@@ -426,7 +427,7 @@ def analyse(entry: Entry) -> dict[str, Any]:
 
         step = "plan"
         try:
-            the_plan = retrofit.plan(model, SD_RECIPE)
+            the_plan = retrofit.plan(model, SD_RECIPE, example_input=x)
             sd = the_plan.by_kind("stochastic_depth")
             rec["skipped"] = [s.to_dict() for s in the_plan.skipped]
             rec["trace"] = "partial" if the_plan.skipped else "complete"

@@ -29,12 +29,17 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 
 from retrofit.graph.sandbox import preserved
 
-__all__ = ["Call", "CallKey", "GUARDS", "record_calls"]
+__all__ = ["Call", "CallKey", "GUARDS", "NoCall", "record_calls"]
 
 # How much of a tensor argument a specialised graph depends on, least to most: nothing (the
 # code only passed it on), its rank (``B, L, C = x.shape``), or its shape, dtype and device
 # (``if H % 7``, ``math.ceil(W / 2)``, ``if x.dtype != w.dtype``).
 GUARDS = ("none", "rank", "shape")
+
+
+class NoCall(LookupError):
+    """No recorded call for a module: the recording forward failed (the message says why), or the
+    module did not run in it."""
 
 
 @dataclass

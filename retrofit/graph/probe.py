@@ -20,7 +20,8 @@ VIDEO_PROBE = (16, 112, 112)
 
 def probe_input_size(model: nn.Module) -> tuple[int, ...]:
     """The (C, H, W) input a model expects, for probe inputs in verification and analysis;
-    (C, T, H, W) for a video model (its first convolution is an ``nn.Conv3d``).
+    (C, T, H, W) for a video model (its first convolution is an ``nn.Conv3d``), (T, C, H, W) for
+    an HF video model (its config has ``num_frames``).
 
     Spatial size: a ViT-style ``patch_embed.img_size`` (timm; it reflects an ``img_size`` kwarg
     that the pretrained config does not), torchvision's ``image_size`` attribute, an HF config's
@@ -30,6 +31,12 @@ def probe_input_size(model: nn.Module) -> tuple[int, ...]:
     config's, else 3.
     """
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
+    frames = _hf_config(model, "num_frames")
+    if isinstance(frames, int) and frames > 0:
+        # HF's video models (TimeSformer, V-JEPA 2, VideoMT) read (batch, frames, C, H, W).
+        c = _hf_config(model, "num_channels")
+        size = fixed_image_size(model) or (224, 224)
+        return (frames, c if isinstance(c, int) and c > 0 else 3, *size)
     if isinstance(first, nn.Conv3d):
         return (first.in_channels, *VIDEO_PROBE)
     c, h, w = 3, 224, 224

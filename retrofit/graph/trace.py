@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from retrofit.graph.capture import Call, CallKey
+from retrofit.graph.capture import Call, CallKey, NoCall
 from retrofit.graph.concrete import Concretizer, concrete_dunders
 from retrofit.graph.existing import is_existing_regularizer, regularizer_types
 from retrofit.graph.sandbox import preserved
@@ -471,7 +471,11 @@ def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -
         # The root symbolically first: no forward is needed when that reads it.
         gm = one(None) if not prefix else None
         if gm is None:
-            call = calls(prefix) if calls is not None else None
+            try:
+                call = calls(prefix) if calls is not None else None
+            except NoCall as exc:
+                call = None
+                reasons.append(str(exc))
             if call is not None:
                 gm = one(call)
             if gm is None and prefix:
