@@ -18,6 +18,7 @@ from retrofit import schedule
 from retrofit.api import RetrofitWarning, apply
 from retrofit.errors import (
     ModelError,
+    PartialError,
     RecipeError,
     RefusedError,
     RewriteError,
@@ -39,6 +40,7 @@ __all__ = [
     "Edit",
     "Finding",
     "ModelError",
+    "PartialError",
     "Plan",
     "Recipe",
     "RecipeError",

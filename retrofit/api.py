@@ -13,6 +13,7 @@ from torch import nn
 from retrofit.analysis import Analysis
 from retrofit.errors import (
     ModelError,
+    PartialError,
     RecipeError,
     RefusedError,
     RewriteError,
@@ -44,6 +45,7 @@ def apply(
     *,
     example_input: Any = None,
     verify: bool = True,
+    allow_partial: bool = True,
 ) -> nn.Module:
     """Add the recipe's regularizers to ``model`` in place and return it.
 
@@ -59,7 +61,8 @@ def apply(
     :class:`~retrofit.errors.RewriteError` (an edit could not be made),
     :class:`~retrofit.errors.VerifyError` (the output changed, or a regularizer would never
     run). A plan that found no site for a requested technique, or skipped modules it could not
-    read, raises :class:`RetrofitWarning`.
+    read, warns (:class:`RetrofitWarning`), or with ``allow_partial=False`` is refused with
+    :class:`~retrofit.errors.PartialError` (what ``retrofit-cli`` does unless ``--allow-partial``).
     """
     _module(model, "apply")
     recipe = load_recipe(recipe)
@@ -70,7 +73,10 @@ def apply(
             strip(model)
         analysis = Analysis(model, example_input)
         the_plan = plan(model, recipe, analysis=analysis)
-        for reason in the_plan.partial():
+        partial = the_plan.partial()
+        if partial and not allow_partial:
+            raise PartialError("; ".join(partial) + " (allow a partial result to proceed)")
+        for reason in partial:
             warnings.warn(f"retrofit: {reason}", RetrofitWarning, stacklevel=2)
         if verify:
             phase = "running the original model on the probe input"

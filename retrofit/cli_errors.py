@@ -73,7 +73,7 @@ _BAD_INPUT = (
     "retrofit.train.distributed:DeviceError",
     "retrofit.train.checkpoint:WriteError",
 )
-_REFUSED = ("retrofit.errors:TraceError", "retrofit.errors:VerifyError")
+_REFUSED = ("retrofit.errors:RefusedError",)  # TraceError, RewriteError, VerifyError, PartialError
 _FINDINGS = ("retrofit.train.prepare:LintFindingsError",)
 
 # OSErrors a user's paths and machine cause (a missing or unwritable path, a full disk), as
