@@ -605,8 +605,16 @@ def never_valid(draw: st.DrawFn) -> tuple[tuple[str, str], object]:
     return draw(st.sampled_from(FIELDS)), draw(non_finite)
 
 
+# DropBlock fields that take one value per stage as a list (issue 15).
+PER_STAGE = {("dropblock", "block_size"), ("dropblock", "gamma_scale")}
+
+
 def _in_schema(field: tuple[str, str], value: object) -> bool:
     low, high, low_open, high_open, integer, null_ok = SCHEMA[field]
+    if isinstance(value, tuple) and field in PER_STAGE:  # one value per stage
+        return bool(value) and all(_in_schema(field, v) for v in value)
+    if field == ("cutout", "length") and isinstance(value, float):
+        return 0.0 < value <= 1.0  # a fraction of the image side (issue 15)
     if value is None:
         return null_ok
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -634,7 +642,9 @@ def test_every_recipe_number_is_either_in_range_or_an_error_naming_its_field(fie
     try:
         loaded = _load(field, value)
     except RecipeError as e:
-        assert e.field == dotted and f"'{dotted}'" in str(e)
+        # A per-stage list names the bad element: dropblock.block_size[1]
+        assert e.field == dotted or e.field.startswith(dotted + "["), (e.field, dotted)
+        assert f"'{e.field}'" in str(e)
         assert "allowed" in str(e) and "\n" not in str(e)
         return
     assert _in_schema(field, loaded), (dotted, value, loaded)
