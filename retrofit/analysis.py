@@ -122,7 +122,9 @@ class Analysis:
             module.training = True
             self.counts["owner trace"] += 1
             try:
-                self._owner_traces[owner] = trace_graph(module, shallow=True, call=self._call(owner))
+                self._owner_traces[owner] = trace_graph(
+                    module, shallow=True, call=self._call(owner)
+                )
             except Exception:  # fx raises many types; the rewrite will raise the same, with context
                 self._owner_traces[owner] = None
             finally:

@@ -1,8 +1,8 @@
 """Sites + recipe → a Plan: the list of edits a rewrite will make. The dry run is a plan.
 
-Each technique has a planner: a function ``(analysis, spec) -> list[Edit]`` registered in
-``PLANNERS`` under its recipe section name. Planners read the analysis (traced graphs and the
-sites found in them) and never touch the model.
+Each technique's planner (``retrofit/techniques/``) is a function ``(analysis, spec) ->
+list[Edit]``. Planners read the analysis (traced graphs and the sites found in them) and never
+touch the model.
 """
 
 from __future__ import annotations
@@ -17,103 +17,21 @@ from torch import nn
 from retrofit.analysis import Analysis
 from retrofit.edit import Edit
 from retrofit.errors import TraceError
-from retrofit.fixes import plan_dropout_fix, plan_uout
 from retrofit.graph.trace import Skipped
-from retrofit.placement import plan_dropblock
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.schedule import block_survivals, survival  # survival: re-exported, it lived here
+from retrofit.schedule import survival  # re-exported: it lived here
+from retrofit.techniques import TECHNIQUES
 
-__all__ = ["Analysis", "Edit", "Plan", "PLANNERS", "plan", "survival"]
+__all__ = ["Analysis", "Edit", "Plan", "plan", "planners", "survival"]
 
 
-def plan_stochastic_depth(analysis: Analysis, spec: Any) -> list[Edit]:
-    """One edit per residual site. Row mode multiplies the branch by a mask (``wrap_arg``, or an
-    existing drop-path module set to the rate); batch and subset modes outline the branch so a
-    dropped one is not computed (Huang et al. 2016's saving), unless the owner's code forbids it.
-    """
-    sites = analysis.residual_sites
-    blocks = list(dict.fromkeys(s.block for s in sites))  # first-seen order = execution order
-    depth_of = {b: i + 1 for i, b in enumerate(blocks)}
-    p_of = block_survivals(blocks, spec.p_L, spec.schedule, stagewise=spec.stagewise)
-    edits = []
-    for site in sites:
-        depth = depth_of[site.block]
-        p = p_of[site.block]
-        params: dict[str, Any] = {"mode": spec.mode, "scaling": spec.scaling}
-        if getattr(spec, "seed", None) is not None:
-            params["seed"] = spec.seed
-        if spec.warmup:
-            params["warmup"] = spec.warmup
-        common = dict(
-            kind="stochastic_depth",
-            depth=depth,
-            survival=p,
-            block=site.block,
-            params=params,
-        )
-        reuse_rate = (
-            site.existing_type not in (None, "identity placeholder", "retrofit.StochasticDepthGate")
-            and spec.mode == "row"
-            and spec.scaling == "inverted"
-            and not spec.warmup  # their rate is fixed; a warm-up needs a gate's set_progress
-        )
-        refusal = None
-        if spec.mode in ("batch", "subset"):
-            refusal = analysis.outline_refusal(site, subset=spec.mode == "subset")
-            if refusal is None:
-                slot = f"; {site.existing_type} {site.existing} " + (
-                    "left in place"
-                    if site.existing_type == "identity placeholder"
-                    else "left in place at rate 0"
-                )
-                edits.append(
-                    Edit.at(
-                        site,
-                        **common,
-                        action="outline",
-                        arg=site.branch_arg,
-                        target=site.existing,
-                        note="outlined: a dropped branch is not computed"
-                        + (slot if site.existing_type else ""),
-                    )
-                )
-                continue
-            refusal = f"not outlined ({refusal}): the branch is masked, no compute saved"
-        if reuse_rate:
-            edits.append(
-                Edit.at(
-                    site,
-                    **common,
-                    action="set_rate",
-                    target=site.existing,
-                    note=f"reused {site.existing_type}",
-                )
-            )
-        elif site.existing_type:
-            note = f"reused the {site.existing_type} slot"
-            edits.append(
-                Edit.at(
-                    site,
-                    **common,
-                    action="replace_module",
-                    target=site.existing,
-                    note=f"{note}; {refusal}" if refusal else note,
-                )
-            )
-        else:
-            edits.append(
-                Edit.at(site, **common, action="wrap_arg", arg=site.branch_arg, note=refusal)
-            )
-    return edits
+def planners() -> dict[str, Planner]:
+    """Section name → planner, for every technique that edits the model (read from
+    ``retrofit.techniques.TECHNIQUES`` each time: the registry is the one place)."""
+    return {name: t.planner for name, t in TECHNIQUES.items() if t.planner is not None}
 
 
 Planner = Callable[[Analysis, Any], list[Edit]]
-PLANNERS: dict[str, Planner] = {
-    "stochastic_depth": plan_stochastic_depth,
-    "dropblock": plan_dropblock,
-    "uout": plan_uout,
-    "dropout_fix": plan_dropout_fix,
-}
 
 
 @dataclass
@@ -240,7 +158,7 @@ def plan(
     edits: list[Edit] = []
     notes: list[str] = []
     empty: list[str] = []
-    for section, planner in PLANNERS.items():
+    for section, planner in planners().items():
         spec = getattr(recipe, section, None)
         if spec is None:
             continue

@@ -49,19 +49,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from retrofit.errors import RewriteError
-from retrofit.fixes import dropout_fix_layer, uout_layer
 from retrofit.graph.capture import Call, CallKey
 from retrofit.graph.dataflow import locate, node_key
 from retrofit.graph.existing import drop_rate_attribute
 from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
 from retrofit.graph.trace import Traced, is_passthrough, trace_graph
-from retrofit.layers import StochasticDepthGate
 from retrofit.layers.stochastic_depth import Outline
-from retrofit.placement import dropblock_layer
 from retrofit.plan import Edit, Plan
+from retrofit.techniques import TECHNIQUES
 
 __all__ = [
-    "LAYER_FACTORIES",
     "Rewrite",
     "RewriteError",
     "RetrofitForward",
@@ -121,34 +118,11 @@ class Rewrite:
         return out
 
 
-def _gate(edit: Edit) -> nn.Module:
-    return StochasticDepthGate(
-        survival=edit.survival if edit.survival is not None else 1.0,
-        mode=edit.params.get("mode", "row"),
-        scaling=edit.params.get("scaling", "inverted"),
-        depth=edit.depth,
-        seed=edit.params.get("seed"),
-        warmup=edit.params.get("warmup", 0.0),
-        # Names the site for seeded draws: unique per site (a transformer block's two gates
-        # share a depth but draw independently) and the same in every process.
-        stream=f"{edit.module}:{edit.key}:{edit.ordinal}",
-    )
-
-
-# kind → factory building the module an edit inserts. Techniques register theirs here.
-LAYER_FACTORIES: dict[str, Callable[[Edit], nn.Module]] = {
-    "stochastic_depth": _gate,
-    "dropblock": dropblock_layer,
-    "uout": uout_layer,
-    "dropout_fix": dropout_fix_layer,
-}
-
-
 def _layer(edit: Edit, parent: nn.Module) -> nn.Module:
-    try:
-        factory = LAYER_FACTORIES[edit.kind]
-    except KeyError:
-        raise RewriteError(f"no layer registered for edit kind {edit.kind!r}") from None
+    technique = TECHNIQUES.get(edit.kind)
+    factory = technique.layer if technique is not None else None
+    if factory is None:
+        raise RewriteError(f"no layer registered for edit kind {edit.kind!r}")
     # A new module starts in training mode; in a model already in eval() it must not.
     return factory(edit).train(parent.training)
 
@@ -364,6 +338,11 @@ class RetrofitForward:
         for s in self.specialised:
             if (s.training is None or s.training == training) and s.key.matches(leaves, spec):
                 return s.run(self.owner, leaves)
+        if any(isinstance(v, fx.Proxy) for v in leaves):
+            raise RewriteError(
+                f"{self.name or '<root>'}: the rewritten forward is being traced with torch.fx "
+                "for a call it has never run; run the model once on a real input first"
+            )
         return self._specialise(Call(args, kwargs), training).run(self.owner, leaves)
 
     def _traced(self, call: Call, training: bool) -> Traced:

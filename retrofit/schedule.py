@@ -37,11 +37,13 @@ once per step; every submodule with a ``set_progress(t)`` method is updated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+
+from retrofit.layers.protocol import Progressive, Reporting
+from retrofit.layers.ramps import linear_ramp, progress, warmed_up
 
 __all__ = [
     "SCHEDULES",
@@ -57,31 +59,6 @@ __all__ = [
 
 # Survival rules over depth; the recipe's ``stochastic_depth.schedule`` is one of these.
 SCHEDULES = ("linear", "uniform", "timm")
-
-
-def _progress(t: float) -> float:
-    try:
-        value = float(t)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0.0 <= value <= 1.0:  # also rejects nan
-        raise ValueError(f"training progress t has to be in [0, 1], but got {t!r}")
-    return value
-
-
-def linear_ramp(t: float, start: float, end: float, ramp: float = 1.0) -> float:
-    """Value at progress t of a ramp from ``start`` (t = 0) to ``end`` (t >= ramp), then flat.
-
-    ``start + min(t / ramp, 1) · (end − start)``; returns ``start`` and ``end`` exactly at the
-    two ends, so a test (or a log) can compare them with ==.
-    """
-    t = _progress(t)
-    if not 0.0 < ramp <= 1.0:
-        raise ValueError(f"ramp has to be in (0, 1], but got {ramp}")
-    frac = min(t / ramp, 1.0)
-    if frac == 1.0:
-        return end
-    return start - frac * (start - end)
 
 
 def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
@@ -130,25 +107,12 @@ def block_survivals(
     return {b: survival(index[stage_of(b)], len(stages), p_L, schedule) for b in blocks}
 
 
-def warmed_up(t: float, target: float, warmup: float) -> float:
-    """A rate that goes linearly from 1 (t = 0) to ``target`` (t >= warmup), then holds.
-
-    Stochastic depth's warm-up (Composer's ``drop_warmup``: the drop rate 1 − p_l ramps up from
-    0). ``warmup = 0`` is no warm-up: ``target`` at every t.
-    """
-    t = _progress(t)
-    if warmup == 0.0:
-        return target
-    return linear_ramp(t, 1.0, target, warmup)
-
-
 def update(model: nn.Module, t: float) -> None:
     """Set every inserted regularizer's rate for training progress t ∈ [0, 1]."""
-    t = _progress(t)
+    t = progress(t)
     for module in model.modules():
-        set_progress = getattr(module, "set_progress", None)
-        if callable(set_progress):
-            set_progress(t)
+        if isinstance(module, Progressive):
+            module.set_progress(t)
 
 
 def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -161,51 +125,11 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
     the kept fraction of each training call since the last ``reset_stats()`` (at most
     ``StochasticDepthGate.HISTORY``).
     """
-    # Imported here: retrofit.layers.dropblock imports linear_ramp from this module.
-    from retrofit.layers import BatchCutout, DropBlock, StochasticDepthGate, Uout
-
-    rates: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, StochasticDepthGate):
-            rates[name] = {
-                "kind": "stochastic_depth",
-                "depth": module.depth,
-                "survival": module.survival,
-                "target_survival": module.target_survival,
-                "warmup": module.warmup,
-                "mode": module.mode,
-                "scaling": module.scaling,
-                "calls": module.calls,
-                "kept_fraction": module.kept_fraction,
-                "outlined": module.outlined,
-                "seed": module.seed,
-                "draws": module.draws,
-                # Kept fraction of each recent training call (1.0/0.0 in batch mode): the
-                # kept/dropped sequence since the last reset_stats().
-                "recent": list(module.history),
-            }
-        elif isinstance(module, DropBlock):
-            rates[name] = {
-                "kind": "dropblock",
-                "keep_prob": module.keep_prob,
-                "target_keep_prob": module.target_keep_prob,
-                "block_size": module.block_size,
-                "per_channel": module.per_channel,
-                "ramp": module.ramp,
-                "gamma_scale": module.gamma_scale,
-                "scale": module.scale,
-            }
-        elif isinstance(module, Uout):
-            rates[name] = {"kind": "uout", "beta": module.beta}
-        elif isinstance(module, BatchCutout):
-            rates[name] = {
-                "kind": "cutout",
-                "n_holes": module.n_holes,
-                "length": module.length,
-                "uniform_sampling": module.uniform_sampling,
-                "per_batch": module.per_batch,
-            }
-    return rates
+    return {
+        name: {"kind": module.kind, **module.rates()}
+        for name, module in model.named_modules()
+        if isinstance(module, Reporting)
+    }
 
 
 def summary(rates: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from retrofit import schedule
 from retrofit.errors import RecipeError
 from retrofit.graph.stages import NoConvStagesError
 from retrofit.layers import DropBlock, StochasticDepthGate
-from retrofit.placement import SequentialOwnerError
+from retrofit.techniques.dropblock import SequentialOwnerError
 from tests.user_models import TinyResNet
 
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.utils._pytree import TreeSpec, tree_flatten
 
@@ -107,10 +108,15 @@ class CallKey:
         return cls(spec, described, tensors, guard)
 
     def matches(self, leaves: list[Any], spec: TreeSpec) -> bool:
+        """Whether a call with these pytree leaves may run the specialised graph. A torch.fx
+        Proxy counts as a tensor whose shape is unknown (someone is tracing the rewritten
+        model: lint after apply), so it matches a tensor slot of any guard."""
         if len(leaves) != len(self.leaves) or spec != self.spec:
             return False
         for value, expected, is_tensor in zip(leaves, self.leaves, self.tensors, strict=True):
             if is_tensor:
+                if isinstance(value, torch.fx.Proxy):
+                    continue
                 if not isinstance(value, Tensor):
                     return False
                 if self.guard != "none" and self.describe_tensor(value, self.guard) != expected:

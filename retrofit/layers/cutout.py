@@ -30,6 +30,8 @@ from torch's RNG (not numpy's), so DataLoader workers get distinct streams.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 from torch import Tensor, nn
@@ -215,6 +217,17 @@ class BatchCutout(nn.Module):
             uniform_sampling=self.uniform_sampling,
             per_batch=self.per_batch,
         )
+
+    kind = "cutout"
+
+    def rates(self) -> dict[str, Any]:
+        """Settings for logging (``retrofit.layers.protocol.Reporting``)."""
+        return {
+            "n_holes": self.n_holes,
+            "length": self.length,
+            "uniform_sampling": self.uniform_sampling,
+            "per_batch": self.per_batch,
+        }
 
     def extra_repr(self) -> str:
         return (

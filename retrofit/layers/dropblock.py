@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from retrofit.schedule import linear_ramp
+from retrofit.layers.ramps import linear_ramp
 
 __all__ = ["DropBlock", "drop_block", "dropblock_gamma", "expected_drop_fraction"]
 
@@ -321,6 +322,20 @@ class DropBlock(nn.Module):
             self.gamma_scale,
             self.scale,
         )
+
+    kind = "dropblock"
+
+    def rates(self) -> dict[str, Any]:
+        """Settings for logging (``retrofit.layers.protocol.Reporting``)."""
+        return {
+            "keep_prob": self.keep_prob,
+            "target_keep_prob": self.target_keep_prob,
+            "block_size": self.block_size,
+            "per_channel": self.per_channel,
+            "ramp": self.ramp,
+            "gamma_scale": self.gamma_scale,
+            "scale": self.scale,
+        }
 
     def extra_repr(self) -> str:
         return (

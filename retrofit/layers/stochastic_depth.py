@@ -48,7 +48,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from retrofit.schedule import warmed_up
+from retrofit.layers.ramps import warmed_up
 
 __all__ = ["Outline", "StochasticDepthGate", "is_gate", "stochastic_depth", "subset_rows"]
 
@@ -499,6 +499,27 @@ class StochasticDepthGate(nn.Module):
         return self._join(shortcut, out, alpha, index, spec)
 
     _outlined = torch.compiler.disable(_outlined, recursive=False)
+
+    kind = "stochastic_depth"
+
+    def rates(self) -> dict[str, Any]:
+        """Settings and counters for logging (``retrofit.layers.protocol.Reporting``);
+        ``kept_fraction`` may synchronise an accelerator once, and ``recent`` is the kept
+        fraction of each training call since the last ``reset_stats()`` (1.0/0.0 in batch mode)."""
+        return {
+            "depth": self.depth,
+            "survival": self.survival,
+            "target_survival": self.target_survival,
+            "warmup": self.warmup,
+            "mode": self.mode,
+            "scaling": self.scaling,
+            "calls": self.calls,
+            "kept_fraction": self.kept_fraction,
+            "outlined": self.outlined,
+            "seed": self.seed,
+            "draws": self.draws,
+            "recent": list(self.history),
+        }
 
     def extra_repr(self) -> str:
         depth = f"depth={self.depth}, " if self.depth is not None else ""

@@ -62,5 +62,11 @@ class Uout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return uout(x, self.beta, self.training)
 
+    kind = "uout"
+
+    def rates(self) -> dict[str, float]:
+        """Settings for logging (``retrofit.layers.protocol.Reporting``)."""
+        return {"beta": self.beta}
+
     def extra_repr(self) -> str:
         return f"beta={self.beta}"

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrofit.techniques import model_edits
 from retrofit.train.config import TrainConfig
 
 log = logging.getLogger("retrofit.train")
 
-MODEL_SECTIONS = ("stochastic_depth", "dropblock", "uout", "dropout_fix")
+# The sections that edit the model, read from the one registry of techniques.
+MODEL_SECTIONS = model_edits()
 
 
 class LintFindingsError(RuntimeError):

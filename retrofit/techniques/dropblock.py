@@ -1,4 +1,7 @@
-"""DropBlock placement: stages (graph/stages.py) + a ``dropblock:`` recipe section → edits.
+"""DropBlock (Ghiasi et al. 2018, "DropBlock: A regularization method for convolutional
+networks", NeurIPS): the ``dropblock:`` section, its placement and its layer.
+
+Placement: stages (graph/stages.py) + a ``dropblock:`` recipe section → edits.
 
 Ghiasi et al. 2018 ("DropBlock: A regularization method for convolutional networks", NeurIPS)
 apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped linearly from 1 to
@@ -46,7 +49,10 @@ clamped to its dimension; ``retrofit/layers/dropblock.py``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
 
@@ -57,17 +63,129 @@ from retrofit.graph.shapes import shape_of
 from retrofit.graph.stages import CallSite, Stage, StageAnalysis
 from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
+from retrofit.spec import Spec, boolean, check_keys, choice, integer, number, section_body
+from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
     from retrofit.analysis import Analysis
-    from retrofit.recipe import DropBlockSpec
 
 __all__ = [
+    "DropBlockSpec",
     "SequentialOwnerError",
+    "TECHNIQUE",
     "dropblock_layer",
     "plan_dropblock",
     "select_stages",
 ]
+
+
+@dataclass(frozen=True)
+class DropBlockSpec(Spec):
+    """DropBlock (Ghiasi et al. 2018, "DropBlock: A regularization method for conv networks").
+
+    Args:
+        stages: the stages to regularize, as 1-based indices into ``retrofit.stages(model)`` or
+            module names (``layer3``); the paper uses ResNet-50's groups 3 and 4. Video CNNs
+            (5-D input) have stages too, on their T×H×W maps.
+        block_size: side of the dropped squares (cubes on video maps); the paper uses 7
+            (clamped to the feature map). A list gives one per stage, in the order of ``stages``
+            (timm's ResNet uses [5, 3] on stages 3 and 4).
+        keep_prob: target keep probability in (0, 1]; the paper uses 0.9 (0.75-0.95 range).
+        gamma_scale: factor on the seed rate γ, > 0 (timm's ``gamma_scale``: 0.25 and 1.0 on
+            ResNet stages 3 and 4); a list gives one per stage. The dropped fraction is then
+            ≈ gamma_scale·(1 − keep_prob).
+        scale: rescale the kept activations by count/kept, as the paper does; false leaves them
+            unscaled (timm's ``scale_by_keep=False``).
+        placement: ``stages``: one DropBlock on each chosen stage's output; ``blocks``: after
+            every residual block inside the chosen stages, as the paper does for ResNet.
+        per_channel: an independent mask per channel instead of one shared across channels.
+        ramp: fraction of training over which keep_prob goes linearly from 1 to its target
+            (the paper ramps over the whole run: 1.0).
+    """
+
+    section: ClassVar[str] = "dropblock"
+    PLACEMENTS: ClassVar[tuple[str, ...]] = ("stages", "blocks")
+
+    stages: tuple[int | str, ...] = (3, 4)
+    block_size: int | tuple[int, ...] = 7
+    keep_prob: float = 0.9
+    gamma_scale: float | tuple[float, ...] = 1.0
+    scale: bool = True
+    placement: str = "stages"
+    per_channel: bool = False
+    ramp: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DropBlockSpec:
+        """Validate a ``dropblock:`` section (None → defaults)."""
+        s = cls.section
+        d = dict(d or {})
+        check_keys(s, d, cls.field_names())
+        stages = cls._stages(d.get("stages", list(cls.stages)))
+        return cls(
+            stages=stages,
+            block_size=cls._per_stage(
+                "block_size",
+                d.get("block_size", cls.block_size),
+                stages,
+                lambda f, v: integer(f, v, low=1),
+            ),
+            keep_prob=number(f"{s}.keep_prob", d.get("keep_prob", cls.keep_prob), low=0, high=1),
+            gamma_scale=cls._per_stage(
+                "gamma_scale",
+                d.get("gamma_scale", cls.gamma_scale),
+                stages,
+                lambda f, v: number(f, v, low=0.0, high=math.inf, high_open=True),
+            ),
+            scale=boolean(f"{s}.scale", d.get("scale", cls.scale)),
+            placement=choice(f"{s}.placement", d.get("placement", cls.placement), cls.PLACEMENTS),
+            per_channel=boolean(f"{s}.per_channel", d.get("per_channel", cls.per_channel)),
+            ramp=number(f"{s}.ramp", d.get("ramp", cls.ramp), low=0.0, high=1.0),
+        )
+
+    @classmethod
+    def _per_stage(cls, name: str, value: object, stages: tuple[int | str, ...], check: Any) -> Any:
+        """One value for every stage, or a list with one per stage (in ``stages`` order)."""
+        field = f"{cls.section}.{name}"
+        if not isinstance(value, (list, tuple)):
+            return check(field, value)
+        if len(value) != len(stages):
+            raise RecipeError(
+                field,
+                value,
+                f"one value, or a list of {len(stages)} (one per stage of stages: {list(stages)})",
+                f"the list has {len(value)}",
+            )
+        return tuple(check(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+    def for_stage(self, item: int | str) -> tuple[int, float]:
+        """(block_size, gamma_scale) for the stage the recipe lists as ``item``."""
+        i = self.stages.index(item)
+        bs = self.block_size[i] if isinstance(self.block_size, tuple) else self.block_size
+        gs = self.gamma_scale[i] if isinstance(self.gamma_scale, tuple) else self.gamma_scale
+        return bs, gs
+
+    @classmethod
+    def _stages(cls, value: object) -> tuple[int | str, ...]:
+        field = f"{cls.section}.stages"
+        allowed = "a non-empty list of 1-based stage indices or module names, e.g. [3, 4]"
+        # A single stage may be written without the list brackets.
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise RecipeError(field, value, allowed)
+        out: list[int | str] = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise RecipeError(field, value, allowed)
+            if isinstance(item, int) and item < 1:
+                raise RecipeError(field, value, allowed, f"stage {item}: stages count from 1")
+            if isinstance(item, str) and not item.strip():
+                raise RecipeError(field, value, allowed, "empty module name")
+            if item in out:
+                raise RecipeError(field, value, allowed, f"stage {item!r} is listed twice")
+            out.append(item)
+        return tuple(out)
+
 
 _FIELD = "dropblock.stages"
 
@@ -215,7 +333,7 @@ def _blocks_in(
 
 
 def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
-    """Planner for the recipe's ``dropblock:`` section (registered in ``plan.PLANNERS``).
+    """Planner for the recipe's ``dropblock:`` section (its technique record's planner).
 
     Raises:
         NoConvStagesError: the model has no conv feature maps (a ViT).
@@ -272,7 +390,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
 
 
 def dropblock_layer(edit: Edit) -> DropBlock:
-    """The layer a ``dropblock`` edit inserts (registered in ``rewrite.LAYER_FACTORIES``).
+    """The layer a ``dropblock`` edit inserts (its technique record's layer).
 
     It starts at keep_prob 1.0; ``retrofit.schedule.update(model, t)`` ramps it to
     ``params["keep_prob"]``.
@@ -286,3 +404,18 @@ def dropblock_layer(edit: Edit) -> DropBlock:
         gamma_scale=params.get("gamma_scale", 1.0),
         scale=params.get("scale", True),
     )
+
+
+def parse(value: Any) -> DropBlockSpec | None:
+    """The ``dropblock:`` section: a mapping (empty or bare for the defaults), or false."""
+    body = section_body("dropblock", value)
+    return None if body is None else DropBlockSpec.from_dict(body)
+
+
+TECHNIQUE = Technique(
+    name="dropblock",
+    parse=parse,
+    fields=DropBlockSpec.field_names(),
+    planner=plan_dropblock,
+    layer=dropblock_layer,
+)

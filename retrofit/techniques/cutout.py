@@ -1,0 +1,84 @@
+"""Cutout (DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural Networks with
+Cutout"): the ``cutout:`` section. It acts on the input images, not on the model: no planner;
+the trainer (or your loop, with ``retrofit.layers.BatchCutout``) applies it to each batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from retrofit.errors import RecipeError
+from retrofit.spec import Spec, boolean, check_keys, integer, numeric_string, section_body
+from retrofit.techniques.record import Technique
+
+__all__ = ["CutoutSpec", "TECHNIQUE"]
+
+
+@dataclass(frozen=True)
+class CutoutSpec(Spec):
+    """Cutout (DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout").
+
+    Zeroes ``n_holes`` squares of side ``length`` at uniform random centres of each training
+    image (clipped at the border).
+
+    Args:
+        n_holes: squares per image, >= 0; the paper uses 1.
+        length: side of each square: an integer >= 1 in pixels (the paper uses 16 on CIFAR-10,
+            8 on CIFAR-100), or a float in (0, 1], a fraction of the image's shorter side
+            (Composer's ``length``; 0.5 is Composer's default).
+        uniform_sampling: every pixel equally likely to be masked: centres may lie outside the
+            image by up to half the length (Composer's ``uniform_sampling``).
+        per_batch: one set of hole positions for the whole batch (Composer's behaviour) instead
+            of independent positions per image (the paper's).
+    """
+
+    section: ClassVar[str] = "cutout"
+
+    n_holes: int = 1
+    length: int | float = 16
+    uniform_sampling: bool = False
+    per_batch: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> CutoutSpec:
+        """Validate a ``cutout:`` section (None → defaults)."""
+        s = cls.section
+        d = dict(d or {})
+        check_keys(s, d, cls.field_names())
+        return cls(
+            n_holes=integer(f"{s}.n_holes", d.get("n_holes", cls.n_holes), low=0),
+            length=cls._length(d.get("length", cls.length)),
+            uniform_sampling=boolean(
+                f"{s}.uniform_sampling", d.get("uniform_sampling", cls.uniform_sampling)
+            ),
+            per_batch=boolean(f"{s}.per_batch", d.get("per_batch", cls.per_batch)),
+        )
+
+    @classmethod
+    def _length(cls, value: object) -> int | float:
+        field = f"{cls.section}.length"
+        allowed = "an integer >= 1 (pixels) or a float in (0, 1] (a fraction of the image side)"
+        if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+            raise RecipeError(field, value, allowed, f"write {int(value)} without quotes")
+        if isinstance(value, float) or numeric_string(value) is not None:
+            number = numeric_string(value) if isinstance(value, str) else value
+            assert isinstance(number, float)
+            if not 0.0 < number <= 1.0:
+                hint = None
+                if number > 1.0 and number.is_integer():
+                    hint = f"write {int(number)} for {int(number)} pixels"
+                raise RecipeError(field, value, allowed, hint)
+            return number
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(field, value, allowed)
+        return value
+
+
+def parse(value: Any) -> CutoutSpec | None:
+    """The ``cutout:`` section: a mapping (empty or bare for the defaults), or false."""
+    body = section_body("cutout", value)
+    return None if body is None else CutoutSpec.from_dict(body)
+
+
+TECHNIQUE = Technique(name="cutout", parse=parse, fields=CutoutSpec.field_names())

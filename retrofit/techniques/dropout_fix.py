@@ -1,0 +1,109 @@
+"""``dropout_fix: after_last_bn`` (Li et al. 2019, and where torchvision/timm put ``drop_rate``):
+remove the dropouts that reach a BatchNorm and put one Dropout after the last BN."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from retrofit.edit import Edit
+from retrofit.graph.dropout_bn import HeadPlace, find_head_place
+from retrofit.spec import choice
+from retrofit.techniques.dropout_sites import replace, why
+from retrofit.techniques.record import Technique
+
+if TYPE_CHECKING:
+    from retrofit.analysis import Analysis
+
+__all__ = ["DROPOUT_FIXES", "TECHNIQUE", "dropout_fix_layer", "plan_dropout_fix"]
+
+DROPOUT_FIXES = ("after_last_bn",)
+
+
+def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
+    """``dropout_fix: after_last_bn``: remove the flagged dropouts, add one after the last BN.
+
+    Each dropout that reaches a BatchNorm becomes an ``nn.Identity``; one ``nn.Dropout`` with
+    their p (the largest, if they differ) goes on the classifier's input when no BN comes after
+    it — into an existing ``Identity``/``Dropout(0)`` slot there, else wrapped around the
+    classifier's argument. If an active dropout already sits there it is kept. When the graph has
+    no such place, the dropouts are still removed and the first edit's note says why.
+    """
+
+    if spec != "after_last_bn":
+        raise ValueError(f"dropout_fix has to be 'after_last_bn', but got {spec!r}")
+    result = analysis.dropout_bn
+    edits: list[Edit] = []
+    done: set[str] = set()
+    rates: list[float] = []
+    for site in result.flagged():
+        edit = replace(
+            site,
+            "dropout_fix",
+            {"role": "remove"},
+            f"removed {site.op}(p={site.p}): {why(result, site)}",
+            done,
+        )
+        if edit is not None:
+            edits.append(edit)
+            rates.append(0.5 if site.p is None else site.p)
+    if not edits:
+        return edits
+    p = max(rates)
+    mixed = "" if len(set(rates)) == 1 else f" (largest of p = {sorted(set(rates))})"
+    place = find_head_place(analysis.traced_training)
+    if isinstance(place, str):
+        edits[0].note = f"{edits[0].note}; no place after the last BN before a classifier: {place}"
+        return edits
+    if place.action == "existing":
+        edits[0].note = (
+            f"{edits[0].note}; the classifier {place.classifier} already has Dropout(p={place.p}) "
+            f"{place.target} on its input, after the last BN: nothing added"
+        )
+        return edits
+    edits.append(_insert(place, p, mixed))
+    return edits
+
+
+def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:
+
+    common = dict(kind="dropout_fix")
+    note = f"Dropout(p={p}){mixed} after the last BN, on the input of {place.classifier}"
+    if place.action == "replace_module":
+        return Edit.at(
+            place,
+            **common,
+            action="replace_module",
+            target=place.target,
+            params={"role": "insert", "p": p},
+            note=note + f" (reuses the empty slot {place.target})",
+        )
+    return Edit.at(
+        place, **common, action="wrap_arg", arg=0, params={"role": "insert", "p": p}, note=note
+    )
+
+
+def dropout_fix_layer(edit: Edit) -> nn.Module:
+    """The layer a ``dropout_fix`` edit inserts: Identity for a removed dropout, Dropout(p) for the
+    one after the last BN."""
+    role = edit.params.get("role")
+    if role == "remove":
+        return nn.Identity()
+    if role == "insert":
+        return nn.Dropout(float(edit.params["p"]))
+    raise ValueError(f"dropout_fix edit role has to be 'remove' or 'insert', but got {role!r}")
+
+
+def parse(value: Any) -> str | None:
+    """The ``dropout_fix:`` value: one of :data:`DROPOUT_FIXES`, or null/absent."""
+    return None if value is None else choice("dropout_fix", value, DROPOUT_FIXES)
+
+
+TECHNIQUE = Technique(
+    name="dropout_fix",
+    parse=parse,
+    planner=plan_dropout_fix,
+    layer=dropout_fix_layer,
+    excludes={"uout": "'uout' replaces them and 'dropout_fix' removes them; keep one of the two"},
+)
