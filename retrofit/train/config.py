@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,26 @@ from retrofit.errors import RecipeError
 # needs a validation metric and steps per epoch, which breaks "the lr is a function of the step".
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+# More loader workers than this per process rarely feed a fine-tune faster; each one is a process.
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and schedulers set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | None, processes_per_node: int = 1) -> int:
+    """Data-loader workers for one process: ``workers``, or (None) what the machine has, at most
+    :data:`MAX_AUTO_WORKERS`; never more than this process's share of the CPUs (above the CPU
+    count the workers only compete for cores, and PyTorch's DataLoader warns about it)."""
+    share = available_cpus() // max(int(processes_per_node), 1)
+    if workers is None:
+        return min(share, MAX_AUTO_WORKERS)
+    return min(workers, share)
 
 
 def _optimizers() -> list[str]:
@@ -57,7 +78,8 @@ class TrainConfig:
         channels_last: NHWC memory format; ``auto`` means on for CUDA, off for CPU.
         compile: wrap the training forward in ``torch.compile``.
         seed: seeds the weights of a resized classifier, the data order and every random regularizer.
-        workers: data-loader worker processes for file datasets (in-memory data needs none).
+        workers: data-loader worker processes for file datasets (in-memory data needs none);
+            None = what the machine has (:func:`resolve_workers`), never above the CPU count.
         img_size: input side in pixels; None takes it from the model's pretrained config
             (the embedded digits data defaults to 32 px, see ``retrofit.train.data``).
         log_every: optimizer steps between ``metrics.jsonl`` step records.
@@ -86,7 +108,7 @@ class TrainConfig:
     channels_last: bool | str = "auto"
     compile: bool = False
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None
     img_size: int | None = None
     log_every: int = 10
     checkpoint_every: int = 0
@@ -177,9 +199,14 @@ def _validate(c: TrainConfig) -> None:
     for key in ("epochs", "batch_size", "grad_accum", "log_every"):
         v = getattr(c, key)
         need(key, _is_int(v) and v >= 1, "an integer >= 1")
-    for key in ("seed", "workers", "checkpoint_every"):
+    for key in ("seed", "checkpoint_every"):
         v = getattr(c, key)
         need(key, _is_int(v) and v >= 0, "an integer >= 0")
+    need(
+        "workers",
+        c.workers is None or (_is_int(c.workers) and c.workers >= 0),
+        "null (what the machine has) or an integer >= 0",
+    )
     for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "momentum"):
         v = getattr(c, key)
         need(key, _is_num(v) and v >= 0, "a number >= 0")

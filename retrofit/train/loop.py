@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -56,10 +55,11 @@ from retrofit.train.checkpoint import (
 )
 from retrofit.train.classifier import resize_classifier
 from retrofit.train.config import TrainConfig
+from retrofit.train.console import Console, result_record
 from retrofit.train.data import DataBundle, DataError, build_data
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
-from retrofit.train.plots import plot_curves, plot_survival
+from retrofit.train.plots import plot_curves, plot_survival, regularizer_layers
 from retrofit.train.precision import Precision, resolve_precision
 from retrofit.train.prepare import (
     Prepared,
@@ -96,6 +96,7 @@ class RunResult:
         checkpoint: the last checkpoint (resume from it with ``resume=True``).
         findings: lint findings (dicts) on the model as trained.
         plan: the plan that was applied, as a dict.
+        seconds: wall-clock time of the call.
     """
 
     model: nn.Module
@@ -113,6 +114,7 @@ class RunResult:
     checkpoint: Path | None = None
     findings: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, Any] | None = None
+    seconds: float = 0.0
 
 
 def fit(
@@ -129,6 +131,7 @@ def fit(
     config: TrainConfig | None = None,
     model_name: str | None = None,
     apply: bool = True,
+    report: Console | None = None,
 ) -> RunResult:
     """Retrofit ``model`` with ``recipe`` and fine-tune it on ``data``.
 
@@ -148,11 +151,14 @@ def fit(
         device: ``"cuda"``, ``"cpu"``, … (default: CUDA when available; ``cuda:LOCAL_RANK`` under torchrun).
         resume: continue from ``out/checkpoint.pt`` if it exists (else start from step 0).
         strict_lint: refuse to train when the lint reports findings.
-        progress: show a tqdm bar (only on a terminal, only on rank 0).
+        progress: show tqdm bars (only on a terminal, only on rank 0).
         max_steps: stop after this many optimizer steps in total (checkpoint saved, resumable).
         config: training settings overriding the recipe's ``train:`` section.
         model_name: architecture name recorded in ``model.json`` (default: timm's, else the class).
         apply: run ``retrofit.apply`` (set False for a model that is already retrofitted).
+        report: how the run reports itself (:class:`~retrofit.train.console.Console`: lines for a
+            person, JSON lines, quiet); default: the ``retrofit.train`` logger, and bars if
+            ``progress``. Only rank 0 reports.
 
     Raises:
         DataError: ``data`` names nothing readable, or holds fewer images than one optimizer step.
@@ -161,10 +167,11 @@ def fit(
         LintFindingsError: ``strict_lint`` and findings.
     """
     env = D.setup(device)
+    console = report if report is not None else Console("log", progress=progress)
     try:
         return _fit(model, recipe, data, env=env, out=Path(out) if out is not None else None, resume=resume,
-                    strict_lint=strict_lint, progress=progress, max_steps=max_steps, config=config,
-                    model_name=model_name, apply=apply)  # fmt: skip
+                    strict_lint=strict_lint, console=console if env.is_main else console.silent(),
+                    max_steps=max_steps, config=config, model_name=model_name, apply=apply)  # fmt: skip
     finally:
         D.teardown(env)
 
@@ -194,9 +201,11 @@ def architecture_name(model: nn.Module) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Any, env: D.DistEnv, precision: Precision
+    model: nn.Module, batches: Any, env: D.DistEnv, precision: Precision, *, bar: Any = None
 ) -> dict[str, float]:
-    """Top-1/top-5 (%) and mean cross-entropy (no label smoothing) over the whole val split."""
+    """Top-1/top-5 (%) and mean cross-entropy (no label smoothing) over the whole val split.
+
+    ``bar``: a progress bar (anything with ``update(n)``) advanced once per batch."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1, top5, n
@@ -208,6 +217,8 @@ def evaluate(
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1:3] += correct_counts(logits, y, (1, 5)).to(sums.dtype)
         sums[3] += y.numel()
+        if bar is not None:
+            bar.update(1)
     D.all_reduce_sum(sums, env)
     model.train(was_training)
     loss, c1, c5, n = sums.tolist()
@@ -272,16 +283,13 @@ def _reset_gate_counters(model: nn.Module) -> None:
             m.reset_stats()
 
 
-def _show_progress(progress: bool, env: D.DistEnv) -> bool:
-    return progress and env.is_main and sys.stderr.isatty()
-
-
 @dataclass
 class _Regularizers:
     """The per-step hooks of the recipe's regularizers (all None for plain fine-tuning)."""
 
     schedule_update: Any = None  # retrofit.schedule.update(model, t)
     current_rates: Any = None  # retrofit.schedule.current_rates(model)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the plots
     cutout: Any = None  # retrofit.layers.cutout(x, n_holes, length, generator=)
     cutout_cfg: Any = None
     cut_gen: torch.Generator | None = None
@@ -314,7 +322,8 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     max_steps: int | None
-    show_progress: bool
+    console: Console
+    started: float  # time.perf_counter() when fit began
 
     @property
     def images_per_step(self) -> int:
@@ -349,14 +358,14 @@ def _fit(
     out: Path | None,
     resume: bool,
     strict_lint: bool,
-    progress: bool,
+    console: Console,
     max_steps: int | None,
     config: TrainConfig | None,
     model_name: str | None,
     apply: bool,
 ) -> RunResult:
     run, state = _setup(model, recipe, data, env=env, out=out, resume=resume, strict_lint=strict_lint,
-                        progress=progress, max_steps=max_steps, config=config, model_name=model_name,
+                        console=console, max_steps=max_steps, config=config, model_name=model_name,
                         apply=apply)  # fmt: skip
     stop = StopRequest()
     with stop:
@@ -377,7 +386,7 @@ def _setup(
     out: Path | None,
     resume: bool,
     strict_lint: bool,
-    progress: bool,
+    console: Console,
     max_steps: int | None,
     config: TrainConfig | None,
     model_name: str | None,
@@ -385,6 +394,7 @@ def _setup(
 ) -> tuple[_Run, RunState]:
     """Everything before the first step, in an order that matters: seed, data, resize, apply,
     lint, optimizer, resume, and the RNG stream of training last."""
+    started = time.perf_counter()
     recipe = resolve_recipe(recipe)
     cfg = config if config is not None else train_config_of(recipe)
     _check_args(cfg, env, out, resume, max_steps)
@@ -418,7 +428,7 @@ def _setup(
         _restore_gate_draws(ckpt, model, env)
 
     train_model = _training_wrapper(model, recipe, cfg, env)
-    regularizers = _regularizers(recipe, env)
+    regularizers = _regularizers(model, recipe, env)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics = MetricsLog(
         out / "metrics.jsonl" if writes else None,
@@ -430,8 +440,8 @@ def _setup(
                ema=ema, criterion=criterion, regularizers=regularizers, metrics=metrics, arch=arch,
                out=out, ckpt_path=ckpt_path, writes=writes, sync_bn=sync_bn,
                steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
-               max_steps=max_steps, show_progress=_show_progress(progress, env))  # fmt: skip
-    _announce(run)
+               max_steps=max_steps, console=console, started=started)  # fmt: skip
+    _announce(run, resumed_at=state.step if ckpt is not None else None)
 
     # The RNG stream of training starts here, identically for fresh and resumed runs.
     if ckpt is not None:
@@ -564,13 +574,15 @@ def _new_meters(device: torch.device) -> dict[str, Any]:
             "epoch_loss": torch.zeros((), device=device), "epoch_n": 0}  # fmt: skip
 
 
-def _regularizers(recipe: Any, env: D.DistEnv) -> _Regularizers:
+def _regularizers(model: nn.Module, recipe: Any, env: D.DistEnv) -> _Regularizers:
     schedule = core("schedule")
     hooks = _Regularizers(
         schedule_update=getattr(schedule, "update", None),
         current_rates=getattr(schedule, "current_rates", None),
         cutout_cfg=getattr(recipe, "cutout", None) if recipe is not None else None,
     )
+    if hooks.current_rates is not None:
+        hooks.layers = regularizer_layers(hooks.current_rates(model))
     if hooks.cutout_cfg is not None:
         hooks.cutout = getattr(core("layers"), "cutout", None)
         if hooks.cutout is None:
@@ -581,15 +593,36 @@ def _regularizers(recipe: Any, env: D.DistEnv) -> _Regularizers:
     return hooks
 
 
-def _announce(run: _Run) -> None:
+def _announce(run: _Run, resumed_at: int | None) -> None:
+    """Plot the planned survival, and tell the console what the run is about to do."""
     if run.writes:
         plot_survival(run.prep.plan, run.out / "survival.png")
-    env = run.env
-    log.info(
-        "training %s on %s: %d epochs × %d steps, %d image(s)/step, %s, %s%s",
-        run.arch, run.bundle.source, run.cfg.epochs, run.steps_per_epoch, run.images_per_step,
-        env.device, run.precision.name, f", {env.world_size} processes" if env.distributed else "",
-    )  # fmt: skip
+    cfg, bundle = run.cfg, run.bundle
+    run.console.start(
+        {
+            "kind": "start",
+            "model": run.arch,
+            "plan": run.prep.plan_summary,
+            "lint": run.prep.lint_verdict,
+            "lint_findings": len(run.prep.findings),
+            **bundle.describe(),
+            "data": bundle.source,
+            "epochs": cfg.epochs,
+            "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps,
+            "images_per_step": run.images_per_step,
+            "opt": cfg.opt,
+            "lr": cfg.lr,
+            "sched": cfg.sched,
+            "warmup_epochs": cfg.resolved_warmup_epochs,
+            "device": str(run.env.device),
+            "precision": run.precision.name,
+            "processes": run.env.world_size,
+            "workers": getattr(bundle.train, "workers", 0),
+            "resumed_at": resumed_at,
+            "out": str(run.out) if run.out is not None else None,
+        }
+    )
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -601,9 +634,8 @@ def _run_epoch(run: _Run, state: RunState, stop: StopRequest) -> None:
     epoch_t0 = time.perf_counter()
     batches: Iterator = run.bundle.train.iter_epoch(state.epoch, state.batch_in_epoch)
     state.step_in_epoch = state.batch_in_epoch // cfg.grad_accum
-    bar = _progress_bar(
-        run.show_progress, run.steps_per_epoch, state.step_in_epoch, state.epoch, cfg.epochs
-    )
+    first_step = state.step
+    bar = run.console.epoch_bar(state.epoch, cfg.epochs, run.steps_per_epoch, state.step_in_epoch)
     run.train_model.train()
     while state.step_in_epoch < run.steps_per_epoch:
         if run.max_steps is not None and state.step >= run.max_steps:
@@ -619,14 +651,20 @@ def _run_epoch(run: _Run, state: RunState, stop: StopRequest) -> None:
     if state.stop_reason is not None:
         _checkpoint(run, state, state.step_in_epoch * cfg.grad_accum)
         if run.writes:
-            plot_curves(run.metrics.records, run.out / "curves.png")
+            _plot_curves(run)
         return
     state.epoch += 1
     state.batch_in_epoch = 0
-    state.last_eval = _end_epoch(run, state, time.perf_counter() - epoch_t0)
+    seconds = time.perf_counter() - epoch_t0
+    images_per_s = (state.step - first_step) * run.images_per_step / max(seconds, 1e-9)
+    state.last_eval = _end_epoch(run, state, seconds, images_per_s)
     _checkpoint(run, state, 0)
+    run.console.epoch(
+        {**state.last_eval, **_planned(run), "checkpoint": _written(run.ckpt_path, run.writes)},
+        epochs=cfg.epochs,
+    )
     if run.writes and time.perf_counter() - epoch_t0 > LIVE_PLOT_EPOCH_S:
-        plot_curves(run.metrics.records, run.out / "curves.png")  # live curves for long epochs
+        _plot_curves(run)  # live curves for long epochs
     state.window_t0, state.window_steps = time.perf_counter(), 0
 
 
@@ -656,8 +694,7 @@ def _after_step(run: _Run, state: RunState, stop: StopRequest, bar: Any) -> bool
     check_stop = not run.env.distributed or step % cfg.log_every == 0
     if step % cfg.log_every == 0:
         rec = _log_step(run, state)
-        if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+        run.console.step(rec, bar, epochs=cfg.epochs, total_steps=run.total_steps)
         state.window_t0, state.window_steps = time.perf_counter(), 0
     if check_stop and D.any_rank(stop.requested, run.env):
         state.stop_reason = stop.signal_name or "signal"
@@ -679,7 +716,7 @@ def _finish(run: _Run, state: RunState) -> RunResult:
     the original architecture with the trained weights, exported."""
     completed = state.epoch >= run.cfg.epochs
     run.metrics.close()
-    result = dict(model=run.model, out=run.out, num_classes=run.bundle.num_classes, step=state.step,
+    fields = dict(model=run.model, out=run.out, num_classes=run.bundle.num_classes, step=state.step,
                   total_steps=run.total_steps, epoch=state.epoch, stop_reason=state.stop_reason,
                   config=run.cfg, metrics=state.last_eval, history=run.metrics.records,
                   findings=run.prep.findings, plan=run.prep.plan)  # fmt: skip
@@ -689,12 +726,16 @@ def _finish(run: _Run, state: RunState) -> RunResult:
             state.stop_reason,
             state.step,
         )
-        return RunResult(**result, completed=False, checkpoint=run.ckpt_path)
-    _hand_back(run)
-    weights = _export(run, state, completed) if run.writes else None
-    D.barrier(run.env)
-    checkpoint = run.ckpt_path if run.out is not None else None
-    return RunResult(**result, completed=completed, weights=weights, checkpoint=checkpoint)
+        result = RunResult(**fields, completed=False, checkpoint=run.ckpt_path)
+    else:
+        _hand_back(run)
+        weights = _export(run, state, completed) if run.writes else None
+        D.barrier(run.env)
+        checkpoint = run.ckpt_path if run.out is not None else None
+        result = RunResult(**fields, completed=completed, weights=weights, checkpoint=checkpoint)
+    result.seconds = time.perf_counter() - run.started
+    run.console.finish(result_record(result))
+    return result
 
 
 def _hand_back(run: _Run) -> None:
@@ -734,22 +775,18 @@ def _export(run: _Run, state: RunState, completed: bool) -> Path:
     weights = export_weights(run.model, run.out, meta)
     if run.ema is not None:
         export_weights(run.ema.module, run.out, meta, name="model_ema.safetensors")
-    plot_curves(run.metrics.records, run.out / "curves.png")
+    _plot_curves(run)
+    plot_survival(
+        run.prep.plan,
+        run.out / "survival.png",
+        records=run.metrics.records,
+        layers=run.regularizers.layers,
+    )
     return weights
 
 
-def _progress_bar(show: bool, total: int, initial: int, epoch: int, epochs: int) -> Any:
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=f"epoch {epoch + 1}/{epochs}",
-        leave=False,
-        dynamic_ncols=True,
-    )
+def _plot_curves(run: _Run) -> None:
+    plot_curves(run.metrics.records, run.out / "curves.png", layers=run.regularizers.layers)
 
 
 def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
@@ -817,7 +854,7 @@ def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
     return run.metrics.write(rec)
 
 
-def _end_epoch(run: _Run, state: RunState, seconds: float) -> dict[str, Any]:
+def _end_epoch(run: _Run, state: RunState, seconds: float, images_per_s: float) -> dict[str, Any]:
     env, meters, model, ema = run.env, state.meters, run.model, run.ema
     train_loss = D.all_reduce_sum(meters["epoch_loss"].detach().clone(), env).item() / max(
         meters["epoch_n"] * env.world_size, 1
@@ -825,7 +862,8 @@ def _end_epoch(run: _Run, state: RunState, seconds: float) -> dict[str, Any]:
     meters["epoch_loss"].zero_()
     meters["epoch_n"] = 0
     D.sync_buffers(model, env)
-    ev = evaluate(model, run.bundle.val, env, run.precision)
+    eval_t0 = time.perf_counter()
+    ev = _evaluate(run, model)
     rec: dict[str, Any] = {
         "kind": "epoch",
         "step": state.step,
@@ -836,18 +874,55 @@ def _end_epoch(run: _Run, state: RunState, seconds: float) -> dict[str, Any]:
         "val_top5": ev["top5"],
         "lr": max(g["lr"] for g in run.optimizer.param_groups),
         "epoch_time": seconds,
+        "images_per_s": images_per_s,
     }
     if ema is not None:
         D.sync_buffers(ema.module, env)
-        ev_ema = evaluate(ema.module, run.bundle.val, env, run.precision)
+        ev_ema = _evaluate(run, ema.module)
         rec.update(
             ema_val_loss=ev_ema["loss"], ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"]
         )
-    log.info(
-        "epoch %d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%",
-        state.epoch, train_loss, ev["loss"], ev["top1"], ev["top5"],
-    )  # fmt: skip
+    rec["eval_time"] = time.perf_counter() - eval_t0
+    rec.update(_epoch_rates(run.metrics.records, state.step))
     return run.metrics.write(rec)
+
+
+def _evaluate(run: _Run, model: nn.Module) -> dict[str, float]:
+    bar = run.console.eval_bar(run.bundle.val.num_batches)
+    try:
+        return evaluate(model, run.bundle.val, run.env, run.precision, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _epoch_rates(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The epoch's mean stochastic-depth kept fraction (over its log windows) and the DropBlock
+    keep_prob at its end, from the step records written since the previous epoch record."""
+    since = next((r["step"] for r in reversed(records) if r.get("kind") == "epoch"), 0)
+    steps = [r for r in records if r.get("kind") == "step" and since < r["step"] <= step]
+    kept = [r["sd_kept"] for r in steps if r.get("sd_kept") is not None]
+    keep_prob = [r["keep_prob"] for r in steps if r.get("keep_prob") is not None]
+    out: dict[str, Any] = {}
+    if kept:
+        out["sd_kept"] = sum(kept) / len(kept)
+    if keep_prob:
+        out["keep_prob"] = keep_prob[-1]
+    return out
+
+
+def _planned(run: _Run) -> dict[str, Any]:
+    """The plan's mean survival p_l, to read the measured kept fraction against."""
+    survival = [
+        e["survival"]
+        for e in (run.prep.plan or {}).get("edits", [])
+        if e.get("kind") == "stochastic_depth" and e.get("survival") is not None
+    ]
+    return {"sd_planned": sum(survival) / len(survival)} if survival else {}
+
+
+def _written(path: Path | None, writes: bool) -> str | None:
+    return path.name if path is not None and writes else None
 
 
 def _checkpoint(run: _Run, state: RunState, batch_in_epoch: int) -> None:

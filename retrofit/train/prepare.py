@@ -116,9 +116,14 @@ def example_input(
 
 @dataclasses.dataclass
 class Prepared:
+    """What preparing did: the plan (dict) and its one-line summary, the lint's findings (dicts),
+    its verdict in one line, and why it did not run (``lint_skipped``) if it did not."""
+
     plan: dict[str, Any] | None
     findings: list[dict[str, Any]]
     lint_skipped: str | None
+    plan_summary: str | None = None
+    lint_verdict: str | None = None
 
 
 def prepare_model(
@@ -136,11 +141,14 @@ def prepare_model(
 
     ``out`` is None on non-zero ranks: every rank edits its model, only rank 0 writes.
 
+    A ``strict_lint`` refusal writes nothing: the retry with a fixing recipe can use the same
+    ``out``.
+
     Raises:
         LintFindingsError: ``strict_lint`` and the lint reported findings.
     """
     example = example_input(input_size, device)
-    plan_dict = None
+    plan_dict = plan_summary = None
     if apply and has_model_edits(recipe):
         apply_fn = core("apply")
         if apply_fn is None:
@@ -154,9 +162,10 @@ def prepare_model(
         if the_plan is None and core("plan") is not None:
             the_plan = core("plan")(model, recipe)
         plan_dict = the_plan.to_dict() if the_plan is not None else None
+        plan_summary = the_plan.summary() if the_plan is not None else None
 
     findings: list[dict[str, Any]] = []
-    skipped = None
+    skipped = verdict = None
     lint_fn = core("lint")
     if lint_fn is not None and not callable(lint_fn):  # the module retrofit.lint, not the function
         lint_fn = getattr(lint_fn, "lint", None)
@@ -166,10 +175,9 @@ def prepare_model(
     else:
         was_training = model.training
         try:
-            findings = [
-                f.to_dict() if hasattr(f, "to_dict") else dict(f)
-                for f in lint_fn(model, example_input=example)
-            ]
+            result = lint_fn(model, example_input=example)
+            findings = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in result]
+            verdict = _verdict(result)
         except Exception as e:
             # A lint crash must not cost a training run, unless the caller asked to be strict.
             if strict_lint:
@@ -178,8 +186,10 @@ def prepare_model(
             log.warning("%s", skipped)
         finally:
             model.train(was_training)
-        for f in findings:
-            log.warning("lint: %s", _finding_line(f))
+    if skipped is not None:
+        verdict = f"not run ({skipped})"
+    if strict_lint and findings:
+        raise LintFindingsError(findings)
 
     if out is not None:
         import yaml
@@ -191,6 +201,17 @@ def prepare_model(
         (out / "lint.json").write_text(
             json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str)
         )
-    if strict_lint and findings:
-        raise LintFindingsError(findings)
-    return Prepared(plan=plan_dict, findings=findings, lint_skipped=skipped)
+    return Prepared(
+        plan=plan_dict,
+        findings=findings,
+        lint_skipped=skipped,
+        plan_summary=plan_summary,
+        lint_verdict=verdict,
+    )
+
+
+def _verdict(findings: Any) -> str:
+    from retrofit.lint import summary_line
+
+    line = summary_line(findings)
+    return line + ("; details in lint.json, or run retrofit-cli lint" if findings else "")
