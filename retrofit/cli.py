@@ -116,7 +116,11 @@ def _main_parser() -> argparse.ArgumentParser:
         help="print the resolved settings (recipe with the flags below applied, device, data) "
         "and exit",
     )
+    _add_training_args(p)
+    return p
 
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training (with --train)")
     t.add_argument("--train", action="store_true", help="fine-tune the retrofitted model")
     t.add_argument(
@@ -174,7 +178,6 @@ def _main_parser() -> argparse.ArgumentParser:
         help="one JSON object per line: start, every metrics record, result",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
 
 
 def _lint_parser() -> argparse.ArgumentParser:
@@ -649,7 +652,7 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
         head = {"model": info.name, "source": info.source, "spec": info.spec}
         record = result_record(result)
         record.pop("kind")
-        print(json.dumps(head | record | {"history": result.history}, indent=2, default=str))
+        print(json.dumps(head | record, indent=2, default=str))
     return EXIT_OK
 
 

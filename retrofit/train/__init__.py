@@ -11,7 +11,8 @@ Modules, one job each:
 - ``distributed``  torchrun: process group, DDP flags, SyncBatchNorm, collectives
 - ``checkpoint``   atomic checkpoints, RNG state, safetensors export, ``load_weights``
 - ``metrics``      accuracy counts and ``metrics.jsonl``
-- ``plots``        curves and the survival schedule as PNGs
+- ``console``      what a run prints: plan and lint up front, a line per epoch, a summary
+- ``plots``        curves, per-block kept fractions and the survival schedule as PNGs
 - ``interrupt``    SIGINT/SIGTERM → save and stop after the current step
 - ``loop``         ``fit`` itself
 """

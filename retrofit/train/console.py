@@ -191,10 +191,10 @@ def start_lines(info: Mapping[str, Any]) -> list[str]:
     if info.get("lint"):
         lines.append(f"lint: {info['lint']}")
     size = "×".join(str(s) for s in info.get("input_size") or ())
-    lines.append(
-        f"data: {info.get('data')} ({info.get('train_samples')} train / "
-        f"{info.get('val_samples')} val images, {info.get('num_classes')} classes, {size})"
-    )
+    data = str(info.get("data"))
+    if "train" not in data:  # the loaders' descriptions of the small sets carry their counts
+        data += f" ({info.get('train_samples')} train / {info.get('val_samples')} val images)"
+    lines.append(f"data: {data}; {info.get('num_classes')} classes, input {size}")
     warmup = info.get("warmup_epochs")
     sched = f"{info.get('sched')}" + (
         f", warmup {warmup:g} {_plural(warmup, 'epoch')}" if warmup else ""

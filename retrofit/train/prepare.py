@@ -192,15 +192,7 @@ def prepare_model(
         raise LintFindingsError(findings)
 
     if out is not None:
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False))
-        if plan_dict is not None:
-            (out / "plan.json").write_text(json.dumps(plan_dict, indent=2, default=str))
-        (out / "lint.json").write_text(
-            json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str)
-        )
+        _write_preamble(out, recipe, cfg, plan_dict, {"findings": findings, "skipped": skipped})
     return Prepared(
         plan=plan_dict,
         findings=findings,
@@ -208,6 +200,19 @@ def prepare_model(
         plan_summary=plan_summary,
         lint_verdict=verdict,
     )
+
+
+def _write_preamble(
+    out: Path, recipe: Any, cfg: TrainConfig, plan: dict[str, Any] | None, lint: dict[str, Any]
+) -> None:
+    """The run directory's first files: the resolved recipe, the plan and the lint report."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False))
+    if plan is not None:
+        (out / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
+    (out / "lint.json").write_text(json.dumps(lint, indent=2, default=str))
 
 
 def _verdict(findings: Any) -> str:
