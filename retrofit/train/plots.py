@@ -196,23 +196,27 @@ def _heatmap(fig: Any, ax: Any, xs: list[int], rows: list[dict[str, Any]]) -> No
 
 
 def _planned_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Planned p_l (a bar mark) and the fraction kept over the run (a dot) per block, on an axis
+    that starts just under the lowest value, so a gate that keeps too much or too little shows."""
     import numpy as np
 
     ys = np.arange(len(rows))
-    planned = [r["planned"] if r["planned"] is not None else np.nan for r in rows]
+    planned = np.array([r["planned"] if r["planned"] is not None else np.nan for r in rows])
     # DropBlock rows have no plan to compare with (their keep_prob is the schedule itself).
-    measured = [
-        float(np.nanmean(r["series"])) if r["planned"] is not None else np.nan for r in rows
-    ]
-    ax.barh(ys, planned, color="#c6dbef")
-    ax.plot(measured, ys, "o", color="#08519c", ms=4)
+    measured = np.array(
+        [float(np.nanmean(r["series"])) if r["planned"] is not None else np.nan for r in rows]
+    )
+    ax.plot(planned, ys, "|", color="#6baed6", ms=14, mew=3, label="planned p_l")
+    ax.plot(measured, ys, "o", color="#08306b", ms=4, label="kept over the run")
+    both = np.concatenate([planned, measured])
+    low = float(np.nanmin(both)) if np.isfinite(both).any() else 0.0
     ax.set(
-        title="planned p_l (bars), kept over the run (dots)",
-        xlabel="fraction kept",
-        xlim=(0, 1.02),
+        title="stochastic depth: plan vs run",
+        xlabel="planned p_l (|), kept over the run (•)",
+        xlim=(max(0.0, np.floor((low - 0.05) * 10) / 10), 1.005),
     )
     ax.tick_params(axis="y", labelleft=False)
-    ax.grid(axis="x", alpha=0.3)
+    ax.grid(alpha=0.3)
 
 
 def _block_ticks(ax: Any, rows: list[dict[str, Any]]) -> None:
