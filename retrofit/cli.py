@@ -566,39 +566,36 @@ def _state_for_safetensors(model: Any) -> dict[str, Any]:
 
 
 def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
-    import retrofit
+    import torch
 
+    import retrofit
+    from retrofit.models import probe_input_size
+
+    channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None
     if args.img_size is not None:
-        import torch
-
-        from retrofit.models import probe_input_size
-
-        channels = probe_input_size(model)[0]
-        example = torch.empty(1, channels, args.img_size, args.img_size, device="meta")
-    stages = retrofit.stages(model, example_input=example)
-    rows = [_as_dict(s) for s in stages]
+        h = w = args.img_size
+        example = torch.empty(1, channels, h, w, device="meta")
+    rows = [_as_dict(s) for s in retrofit.stages(model, example_input=example)]
     if args.json:
         head = {"model": info.name, "source": info.source, "spec": info.spec}
-        print(json.dumps(head | {"img_size": args.img_size, "stages": rows}, indent=2))
+        print(json.dumps(head | {"input_size": [channels, h, w], "stages": rows}, indent=2))
         return EXIT_OK
     print(_model_line(info))
     if not rows:
         print("DropBlock does not apply: no conv feature maps")
         return EXIT_OK
-    side = rows[0].get("shape")
-    if isinstance(side, (tuple, list)) and len(side) == 4:
-        h = int(side[2]) * int(rows[0].get("reduction") or 1)
-        print(f"for a {h}×{h} input" + ("" if args.img_size else " (--img-size N for another)"))
+    more = "" if args.img_size else " (--img-size N for another)"
+    print(f"for a {channels}×{h}×{w} input{more}")
     header = ("stage", "module", "shape", "reduction")
     table = [
         (str(r.get("index")), str(r.get("module")), _shape(r.get("shape")), str(r.get("reduction")))
         for r in rows
     ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
 
 

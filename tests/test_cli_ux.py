@@ -338,7 +338,7 @@ def test_cutout_plan_is_one_line(capsys):
 
 def test_stages_at_another_image_size(capsys):
     code, out, _ = _run(capsys, "--model", "resnet50", "--stages", "--img-size", "64")
-    assert code == 0 and "for a 64×64 input" in out and "1×2048×2×2" in out
+    assert code == 0 and "for a 3×64×64 input" in out and "1×2048×2×2" in out
     code, out, _ = _run(capsys, "--model", "resnet50", "--stages", "--json", "--img-size", "96")
     stages = json.loads(out)["stages"]
     assert [s["shape"][2] for s in stages] == [24, 12, 6, 3]
