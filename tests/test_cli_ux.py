@@ -421,3 +421,21 @@ def test_epoch_line_and_summary_grammar():
     summary = {"step": 3, "total_steps": 3, "epoch": 1, "epochs": 1, "seconds": 4.0,
                "metrics": {}, "num_classes": 10}  # fmt: skip
     assert finish_lines(summary)[0] == "trained 3/3 steps (1/1 epochs) in 4.0 s"
+
+
+def test_progress_lines_without_a_terminal_are_throttled():
+    import io
+
+    from retrofit.train.console import Console
+
+    stream = io.StringIO()
+    console = Console("text", stream=stream, progress_every_s=0.0)
+    assert not console.bars  # StringIO is no terminal
+    rec = {"step": 10, "epoch": 0.5, "loss": 1.25, "lr": 1e-3, "images_per_s": 99.6}
+    console.step(rec, None, epochs=3, total_steps=60)
+    assert (
+        stream.getvalue() == "  step 10/60 (17%, epoch 1/3): loss 1.2500, lr 1.00e-03, 100 img/s\n"
+    )
+    console.progress_every_s = 3600.0
+    console.step(rec, None, epochs=3, total_steps=60)
+    assert stream.getvalue().count("\n") == 1  # too soon after the last line

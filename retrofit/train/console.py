@@ -119,6 +119,7 @@ class Console:
         line = step_line(rec, epochs=epochs, total_steps=total_steps)
         if self.mode == "log":
             log.info("%s", line)
+            self._last_line = now
         else:
             self._print(line)
 
