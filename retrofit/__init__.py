@@ -8,14 +8,18 @@
 
 Pipeline: trace (graph/trace.py) → find sites (graph/residual.py …) → plan (plan.py) →
 rewrite (rewrite.py) → verify (verify.py); lint beside it, train after it.
+
+The public names load on first use (PEP 562 ``__getattr__``): ``import retrofit`` costs no torch
+import, so ``retrofit-cli --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-from retrofit import schedule
-from retrofit.api import RetrofitWarning, apply
 from retrofit.errors import (
     ModelError,
     PartialError,
@@ -25,14 +29,16 @@ from retrofit.errors import (
     TraceError,
     VerifyError,
 )
-from retrofit.fixes import recalibrate_bn
 
-# ``retrofit.lint`` and ``retrofit.plan`` are the functions; their modules are reached with
-# ``from retrofit.lint import format_report`` (importing them here binds the functions last).
-from retrofit.lint import Finding, lint, measure_variance_shift  # noqa: E402
-from retrofit.plan import Edit, Plan, plan
-from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import applied_plan, strip
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from retrofit import schedule
+    from retrofit.api import RetrofitWarning, apply
+    from retrofit.fixes import recalibrate_bn
+    from retrofit.graph.stages import Stage, stages
+    from retrofit.lint import Finding, lint, measure_variance_shift
+    from retrofit.plan import Edit, Plan, plan
+    from retrofit.recipe import Recipe, load_recipe
+    from retrofit.rewrite import applied_plan, strip
 
 __version__ = "0.1.0"
 
@@ -47,6 +53,7 @@ __all__ = [
     "RefusedError",
     "RetrofitWarning",
     "RewriteError",
+    "Stage",
     "TraceError",
     "VerifyError",
     "applied_plan",
@@ -57,14 +64,54 @@ __all__ = [
     "plan",
     "recalibrate_bn",
     "schedule",
+    "stages",
     "strip",
 ]
 
+# Public name → the module that defines it.
+_LAZY = {
+    "apply": "retrofit.api",
+    "RetrofitWarning": "retrofit.api",
+    "recalibrate_bn": "retrofit.fixes",
+    "Stage": "retrofit.graph.stages",
+    "stages": "retrofit.graph.stages",
+    "Finding": "retrofit.lint",
+    "lint": "retrofit.lint",
+    "measure_variance_shift": "retrofit.lint",
+    "Edit": "retrofit.plan",
+    "Plan": "retrofit.plan",
+    "plan": "retrofit.plan",
+    "Recipe": "retrofit.recipe",
+    "load_recipe": "retrofit.recipe",
+    "applied_plan": "retrofit.rewrite",
+    "strip": "retrofit.rewrite",
+}
+_SUBMODULES = ("schedule",)  # ``retrofit.schedule`` is the module itself
+# Functions named like their module: ``retrofit.lint`` and ``retrofit.plan`` stay the functions
+# even after ``import retrofit.lint`` (the import system sets the package attribute to the module).
+_SHADOWED = ("lint", "plan")
+
 
 def __getattr__(name: str) -> Any:
-    # The stage analysis loads on first use.
-    if name in ("stages", "Stage"):
-        from retrofit.graph import stages as _stages
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(_stages, name)
-    raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

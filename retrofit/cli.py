@@ -6,8 +6,10 @@
     retrofit-cli --model resnet50 --recipe recipes/sd.yaml --json     # the plan as JSON
     retrofit-cli --model resnet50 --recipe recipes/sd.yaml --out DIR  # write retrofitted weights
     retrofit-cli --model resnet50 --recipe recipes/sd.yaml --train    # fine-tune (digits default)
-    retrofit-cli --model resnet50 --stages                            # DropBlock's stage indices
-    retrofit-cli lint --model densenet121 --model-kwargs drop_rate=0.2
+    retrofit-cli --model resnet50 --stages [--img-size 64]            # DropBlock's stage indices
+    retrofit-cli lint --model densenet121 --model-kwargs drop_rate=0.2 [--max 5]
+    retrofit-cli models 'resnet*'                                     # names the zoos know
+    retrofit-cli recipes                                              # the shipped recipe cards
 
 Exit codes: 0 ok; 1 lint findings (``lint``, and ``--train --strict-lint``); 2 bad input (recipe,
 model name, kwargs, weights, data, device, output directory, a full disk), reported as one line on
@@ -16,8 +18,9 @@ would change its inference output), again with nothing written; 70 an internal e
 where its traceback went); 130/143 a training run interrupted by SIGINT/SIGTERM after saving its
 checkpoint. :mod:`retrofit.cli_errors` is the boundary that maps exceptions to these.
 
-The heavy parts (tracing, planning, training) are imported inside the commands, so ``--help`` and
-argument errors are instant and the CLI imports even while a piece of the package is missing.
+Every parser is built and every flag checked before torch is imported: ``--help`` and argument
+errors answer at once (``tests/test_cli_ux.py`` checks ``sys.modules``). A subcommand is one entry
+in :data:`SUBCOMMANDS`: a parser builder and a function that runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -44,13 +47,33 @@ from retrofit.cli_errors import (
     EXIT_REFUSED,
     ArgumentParser,
 )
-from retrofit.errors import RecipeError
+from retrofit.errors import PartialError, RecipeError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FINDINGS", "EXIT_OK", "EXIT_REFUSED", "main"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FINDINGS",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "SUBCOMMANDS",
+    "Subcommand",
+    "main",
+]
 
 PROG = cli_errors.PROG
+# The recipe cards in the source tree (an editable install, as the README sets up).
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _BadInput = cli_errors.BadInput
 _LintFailed = cli_errors.LintFailed
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """``retrofit-cli NAME ...``: ``parser()`` builds its argparse parser (without importing
+    torch), ``run(args)`` does the work and returns the exit code."""
+
+    parser: Callable[[], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
+    help: str
 
 
 # --- parsers ----------------------------------------------------------------------------------
@@ -61,7 +84,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         metavar="NAME",
         help="tv:NAME, timm:NAME, hf:CONFIG_DIR or hf:HUB_ID (transformers), "
-        "package.module:factory, or a bare NAME (torchvision first when both zoos have it)",
+        "package.module:factory, or a bare NAME "
+        f"(torchvision first when both zoos have it; '{PROG} models' lists them)",
     )
     p.add_argument(
         "--model-kwargs",
@@ -75,16 +99,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _main_parser() -> argparse.ArgumentParser:
+    commands = "; ".join(f"{PROG} {name} ({c.help})" for name, c in SUBCOMMANDS.items())
     p = ArgumentParser(
         prog=PROG,
         description="Add regularizers (stochastic depth, DropBlock, Uout, Cutout) to a "
         "torchvision/timm/user model by reading its torch.fx graph, and fine-tune it.",
-        epilog=f"Lint for Dropout before BatchNorm: {PROG} lint --model NAME [--json]. "
-        "Exit codes: 0 ok, 1 lint findings, 2 bad input, 3 model refused (untraceable, or the "
-        "rewrite would change its output).",
+        epilog=f"Other commands: {commands}. Exit codes: 0 ok, 1 lint findings, 2 bad input, "
+        "3 model refused (untraceable, or the rewrite would change its output).",
     )
     _add_model_args(p)
-    p.add_argument("--recipe", metavar="FILE", help="recipe YAML (see recipes/)")
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help=f"recipe YAML, or the name of a shipped one (sd, dropblock, …: '{PROG} recipes')",
+    )
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -94,10 +122,26 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip the eval-mode equivalence check of the rewritten model",
+        help="skip the eval-mode equivalence and liveness checks of the rewritten model",
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="go on when a requested technique finds no site in the model or modules could not "
+        "be read (default: refuse, exit 3)",
     )
     p.add_argument("--stages", action="store_true", help="list the model's stages and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (recipe with the flags below applied, device, data) "
+        "and exit",
+    )
+    _add_training_args(p)
+    return p
 
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training (with --train)")
     t.add_argument("--train", action="store_true", help="fine-tune the retrofitted model")
     t.add_argument(
@@ -110,14 +154,51 @@ def _main_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", metavar="FILE", help="start from a local checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--strict-lint", action="store_true", help="refuse to train on lint findings")
-    t.add_argument("--epochs", type=int, help="override train.epochs")
-    t.add_argument("--batch-size", type=int, help="override train.batch_size")
-    t.add_argument("--lr", type=float, help="override train.lr")
-    t.add_argument("--seed", type=int, help="override train.seed")
     t.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+
+    o = p.add_argument_group("training settings (each overrides the recipe's train: section)")
+    o.add_argument("--epochs", type=int, metavar="N", help="train.epochs")
+    o.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size (per process)")
+    o.add_argument("--lr", type=float, metavar="LR", help="train.lr (peak, after warmup)")
+    o.add_argument("--opt", metavar="NAME", help="train.opt: a timm optimizer (adamw, sgd, …)")
+    o.add_argument("--weight-decay", type=float, metavar="WD", help="train.weight_decay")
+    o.add_argument("--warmup-epochs", type=float, metavar="E", help="train.warmup_epochs")
+    o.add_argument("--label-smoothing", type=float, metavar="EPS", help="train.label_smoothing")
+    o.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train.ema: also keep and evaluate an EMA of the weights",
+    )
+    o.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        help="train.amp: mixed precision on CUDA (CPU runs fp32 under auto)",
+    )
+    o.add_argument(
+        "--img-size",
+        type=int,
+        metavar="N",
+        help="train.img_size: input side in pixels; with --stages, the size stages are shown for",
+    )
+    o.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="train.workers: data-loader processes for file datasets "
+        "(default: what the machine has, never above its CPU count)",
+    )
+    o.add_argument("--seed", type=int, help="train.seed")
+
+    r = p.add_argument_group("what training prints")
+    r.add_argument("--quiet", action="store_true", help="only the final summary (and errors)")
+    r.add_argument(
+        "--log-json",
+        action="store_true",
+        help="one JSON object per line: start, every metrics record, result",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _lint_parser() -> argparse.ArgumentParser:
@@ -133,12 +214,40 @@ def _lint_parser() -> argparse.ArgumentParser:
         help="run probe batches and report each flagged BatchNorm's variance-shift ratio",
     )
     p.add_argument("--data", metavar="PATH", help="probe batches for --measure (default: random)")
+    p.add_argument(
+        "--max",
+        type=int,
+        default=10,
+        metavar="N",
+        help="dropouts shown in detail after the summary (default 10; 0: the summary only; "
+        "--json has every finding)",
+    )
     return p
 
 
-_TRAIN_ONLY = ("data", "resume", "strict_lint", "device", "max_steps", "no_progress")
-# Flags that override the recipe's train: section (same names as TrainConfig's fields).
-_TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "seed")
+def _models_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} models",
+        description="List the model names --model accepts: torchvision's and timm's registries, "
+        "and transformers' image-classification architectures when it is installed.",
+    )
+    p.add_argument(
+        "pattern",
+        nargs="?",
+        help="shell-style pattern ('resnet*', '*vit*'), or a plain substring; case-insensitive",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of lists")
+    return p
+
+
+def _recipes_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} recipes",
+        description="List the shipped recipe cards (recipes/*.yaml) with one line each; "
+        "--recipe takes a path or one of these names.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    return p
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -147,37 +256,46 @@ _TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "seed")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    is_lint = bool(argv) and argv[0] == "lint"
-    parser = _lint_parser() if is_lint else _main_parser()
+    command = SUBCOMMANDS.get(argv[0]) if argv else None
+    if command is not None:
+        parser, run, argv = command.parser(), command.run, argv[1:]
+    else:
+        parser, run = _main_parser(), _run
     try:
-        args = parser.parse_args(argv[1:] if is_lint else argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad flags and 0 on --help
         return int(e.code or 0)
     args.argv = argv  # to print the command that resumes an interrupted run
-    command = (lambda: _lint(args)) if is_lint else (lambda: _run(args))
-    return cli_errors.run(command, debug=cli_errors.debug_requested(args), prog=PROG)
-
-
-def _api(name: str) -> Any:
-    """``retrofit.<name>`` as a function, whether the package exports it or only the submodule."""
-    import importlib
-    import types
-
-    import retrofit
-
-    obj = getattr(retrofit, name, None)
-    if obj is None or isinstance(obj, types.ModuleType):
-        module = obj if obj is not None else importlib.import_module(f"retrofit.{name}")
-        obj = getattr(module, name)
-    return obj
+    return cli_errors.run(lambda: run(args), debug=cli_errors.debug_requested(args), prog=PROG)
 
 
 # --- main command -----------------------------------------------------------------------------
 
+_TRAIN_ONLY = ("data", "resume", "strict_lint", "device", "max_steps")
+# Flags that override the recipe's train: section (same names as TrainConfig's fields).
+_TRAIN_OVERRIDES = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "opt",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "ema",
+    "amp",
+    "img_size",
+    "workers",
+    "seed",
+)
+_REPORTING = ("quiet", "log_json", "no_progress")
 
-def _run(args: argparse.Namespace) -> int:
-    from retrofit.models import create_model, load_weights, parse_kwargs
 
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every check that needs no model and no torch, so a wrong command line answers at once."""
     if not args.model:
         raise _BadInput("--model NAME is required (e.g. --model resnet50 --recipe recipes/sd.yaml)")
     if not args.recipe and not args.stages:
@@ -185,40 +303,60 @@ def _run(args: argparse.Namespace) -> int:
             "nothing to do: give --recipe FILE to plan (add --out DIR to write weights, --train "
             f"to fine-tune), --stages to list stages, or run '{PROG} lint --model NAME'"
         )
-    if not args.train:
-        used = [
-            f"--{k.replace('_', '-')}" for k in (*_TRAIN_ONLY, *_TRAIN_OVERRIDES) if _given(args, k)
-        ]
+    if args.stages:
+        used = [_flag(k) for k in (*_TRAIN_ONLY, *_TRAIN_OVERRIDES, *_REPORTING) if _given(args, k)]
+        used = [f for f in used if f != "--img-size"]
+        if args.train or args.out or args.print_config or used:
+            raise _BadInput(
+                "--stages only lists the stages (with --img-size N for another input size); "
+                f"run it without {', '.join(used) or '--train/--out/--print-config'}"
+            )
+    elif not args.train and not args.print_config:
+        used = [_flag(k) for k in (*_TRAIN_ONLY, *_TRAIN_OVERRIDES, *_REPORTING) if _given(args, k)]
         if used:
             raise _BadInput(f"{', '.join(used)} only apply with --train")
         if (args.pretrained or args.weights) and not args.out:
             raise _BadInput("--pretrained/--weights only apply with --out DIR or --train")
+    if args.quiet and args.log_json:
+        raise _BadInput("give --quiet or --log-json, not both")
+    if args.json and args.log_json:
+        raise _BadInput("give --json (one result document) or --log-json (a line per event)")
     if args.resume and not args.out:
         raise _BadInput("--resume needs --out DIR (the run to continue)")
     if args.weights and args.pretrained:
         raise _BadInput("give --pretrained or --weights FILE, not both")
-    if args.stages and (args.train or args.out):
-        raise _BadInput("--stages only lists the stages; run it without --train/--out")
     if args.weights and not Path(args.weights).is_file():
         raise _BadInput(f"--weights {args.weights!r}: no such file")
     if args.max_steps is not None and args.max_steps < 0:
         raise _BadInput(f"--max-steps {args.max_steps}: allowed: an integer >= 0")
+    if args.out and not args.resume and not args.print_config:
+        from retrofit.train.rundir import check_out_dir
+
+        check_out_dir(Path(args.out), resume=False)
+    elif args.out and args.resume:
+        from retrofit.train.rundir import check_out_dir
+
+        check_out_dir(Path(args.out), resume=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     if args.device is not None:
         from retrofit.train.distributed import check_device
 
         check_device(args.device)
+    recipe_path = _recipe_path(args.recipe) if args.recipe else None
+    from retrofit.models import create_model, load_weights, parse_kwargs
 
     kwargs = parse_kwargs(args.model_kwargs)
-    recipe = _load_recipe(args) if args.recipe else None
+    recipe = _load_recipe(args, recipe_path) if recipe_path else None
     out = Path(args.out) if args.out else None
-    if out is not None:
-        from retrofit.train.rundir import check_out_dir
-
-        check_out_dir(out, resume=args.resume)
 
     if args.stages:
         model, info = create_model(args.model, kwargs=kwargs, meta=True)
         return _print_stages(args, model, info)
+    if args.print_config:
+        return _print_config(args, recipe, recipe_path)
 
     # Only planning needs no weights: build on the meta device (no memory, no init time).
     real = bool(args.train or out)
@@ -235,12 +373,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.train:
         return _train(args, model, info, recipe, out)
 
+    import retrofit
+
     if out is None:
-        plan = _api("plan")(model, recipe)
+        plan = retrofit.plan(model, recipe)
     else:
-        model = _api("apply")(model, recipe, verify=not args.no_verify)
+        model = retrofit.apply(
+            model, recipe, verify=not args.no_verify, allow_partial=args.allow_partial
+        )
         # The plan apply executed (no second trace); None when it had nothing to change.
-        plan = _api("applied_plan")(model) or _api("plan")(model, recipe)
+        plan = retrofit.applied_plan(model) or retrofit.plan(model, recipe)
         _write_out(out, model, recipe, _plan_dict(plan, info), info)
     if args.json:
         payload = _plan_dict(plan, info)
@@ -250,11 +392,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(_model_line(info))
         print(plan.table())
-        if recipe.cutout is not None and not any(e.kind == "cutout" for e in plan.edits):
-            # Cutout acts on the input images, not the model: the trainer applies it per batch.
-            print("cutout: applied to the input batches by the trainer (--train); no model edit")
         if out is not None:
             print(f"wrote {out}/ (model.safetensors, recipe.yaml, plan.json)")
+    partial = plan.partial()
+    if partial and not args.allow_partial:
+        # The plan was shown; what it lacks refuses the model unless the user accepts it.
+        raise PartialError("; ".join(partial) + " (--allow-partial to accept it)")
     return EXIT_OK
 
 
@@ -263,28 +406,47 @@ def _given(args: argparse.Namespace, key: str) -> bool:
     return value not in (None, False)
 
 
-def _load_recipe(args: argparse.Namespace) -> Any:
+def _recipe_path(spec: str) -> Path:
+    """A recipe file: the path as given, else a shipped card by name (``sd``, ``sd.yaml``)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    shipped = _shipped_recipes()
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    names = ", ".join(shipped) or f"none found in {RECIPES_DIR}"
+    raise _BadInput(f"--recipe {spec!r}: no such file; shipped recipes: {names}")
+
+
+def _shipped_recipes() -> dict[str, Path]:
+    if not RECIPES_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def _load_recipe(args: argparse.Namespace, path: Path) -> Any:
     from retrofit.recipe import Recipe, load_recipe
 
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(path)
     except RecipeError as e:
         # Name the file too: a CLI user may pass several recipes in a script.
         raise _BadInput(f"{args.recipe}: {e}") from None
     overrides = {k: getattr(args, k) for k in _TRAIN_OVERRIDES if getattr(args, k) is not None}
     if overrides:
         d = recipe.to_dict()
-        d["train"] = {**d.get("train", {}), **overrides}
+        d["train"] = {**(d.get("train") or {}), **overrides}
         try:
             recipe = Recipe.from_dict(d)
         except RecipeError as e:
             key = e.field.removeprefix("train.")
             if key not in overrides:
-                raise _BadInput(f"{args.recipe} with the command line's overrides: {e}") from None
+                flags = ", ".join(_flag(k) for k in overrides)
+                raise _BadInput(f"{e} (from {flags} over {args.recipe})") from None
             # Name the flag, not the recipe field: the flag is what the user typed.
-            flag = "--" + key.replace("_", "-")
             raise _BadInput(
-                f"{flag} {overrides[key]!r} ({e.field}): allowed: {e.allowed}"
+                f"{_flag(key)} {overrides[key]!r} ({e.field}): allowed: {e.allowed}"
             ) from None
     return recipe
 
@@ -312,7 +474,58 @@ def _plan_dict(plan: Any, info: Any) -> dict[str, Any]:
     return head | body
 
 
+# --- --print-config ---------------------------------------------------------------------------
+
+
+def _print_config(args: argparse.Namespace, recipe: Any, recipe_path: Path | None) -> int:
+    """The recipe as training would use it (flags applied, every default filled in), and the
+    run's other settings; the YAML form loads back as a recipe."""
+    import yaml
+
+    from retrofit.models import ModelInfo, parse_kwargs, resolve_model_name
+    from retrofit.train.config import TrainConfig, available_cpus, resolve_workers
+    from retrofit.train.prepare import recipe_dict, train_config_of
+
+    source, name, _ = resolve_model_name(args.model)
+    cfg: TrainConfig = train_config_of(recipe)
+    settings = recipe_dict(recipe, cfg)
+    settings["train"]["workers"] = resolve_workers(cfg.workers)
+    run = {
+        "model": ModelInfo(source, name).spec,
+        "model_kwargs": parse_kwargs(args.model_kwargs),
+        "recipe": str(recipe_path),
+        "data": args.data or "digits (embedded, scikit-learn)",
+        "device": args.device or _default_device(),
+        "out": args.out,
+        "cpus": available_cpus(),
+    }
+    if args.json:
+        print(json.dumps({"run": run, "recipe": settings}, indent=2))
+        return EXIT_OK
+    print("# resolved settings; the YAML below loads as a recipe (--recipe FILE)")
+    for key, value in run.items():
+        print(f"# {key}: {value}")
+    if cfg.workers is None:
+        print(f"# train.workers: auto = {settings['train']['workers']} on this machine")
+    elif cfg.workers > settings["train"]["workers"]:
+        print(f"# train.workers: {cfg.workers} asked, at most the CPU count is used")
+    print(yaml.safe_dump(settings, sort_keys=False).rstrip())
+    return EXIT_OK
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # --- --out ------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_out(out: Path, model: Any, recipe: Any, plan: dict[str, Any], info: Any) -> None:
@@ -321,7 +534,8 @@ def _write_out(out: Path, model: Any, recipe: Any, plan: dict[str, Any], info: A
     The rename is atomic on one filesystem, so ``out`` either holds all three files or nothing;
     ``out`` is locked meanwhile (:func:`retrofit.train.rundir.lock_run_dir`), so a concurrent run
     into it refuses instead of mixing files. The temp dir's name carries this process's pid, so
-    one a killed run left behind is recognised and removed by the next.
+    one a killed run left behind is recognised and removed by the next. mkdtemp makes a private
+    (0700) directory; it gets the user's umask before it becomes ``out``.
     """
     from safetensors.torch import save
 
@@ -337,6 +551,10 @@ def _write_out(out: Path, model: Any, recipe: Any, plan: dict[str, Any], info: A
             (tmp / "model.safetensors").write_bytes(blob)
             (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+            mask = _umask()
+            for f in tmp.iterdir():
+                f.chmod(0o666 & ~mask)
+            tmp.chmod(0o777 & ~mask)
             out.rmdir()  # empty (checked under the lock): rename cannot replace a directory everywhere
             os.replace(tmp, out)
         except OSError as e:
@@ -393,25 +611,36 @@ def _state_for_safetensors(model: Any) -> dict[str, Any]:
 
 
 def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
-    stages = _api("stages")(model)
-    rows = [_as_dict(s) for s in stages]
+    import torch
+
+    import retrofit
+    from retrofit.models import probe_input_size
+
+    channels, h, w = probe_input_size(model)  # what stages() probes with by default
+    example = None
+    if args.img_size is not None:
+        h = w = args.img_size
+        example = torch.empty(1, channels, h, w, device="meta")
+    rows = [_as_dict(s) for s in retrofit.stages(model, example_input=example)]
     if args.json:
         head = {"model": info.name, "source": info.source, "spec": info.spec}
-        print(json.dumps(head | {"stages": rows}, indent=2))
+        print(json.dumps(head | {"input_size": [channels, h, w], "stages": rows}, indent=2))
         return EXIT_OK
     print(_model_line(info))
     if not rows:
         print("DropBlock does not apply: no conv feature maps")
         return EXIT_OK
+    more = "" if args.img_size else " (--img-size N for another)"
+    print(f"for a {channels}×{h}×{w} input{more}")
     header = ("stage", "module", "shape", "reduction")
     table = [
         (str(r.get("index")), str(r.get("module")), _shape(r.get("shape")), str(r.get("reduction")))
         for r in rows
     ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
 
 
@@ -432,15 +661,22 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 # --- --train ----------------------------------------------------------------------------------
 
 
+def _console(args: argparse.Namespace, info: Any) -> Any:
+    from retrofit.train.console import Console
+
+    # --json prints one document at the end, so nothing else may reach stdout.
+    mode = "json" if args.log_json else "silent" if args.json else "quiet" if args.quiet else "text"
+    hint = f"--resume --out {args.out}" if args.out else "--out DIR next time (nothing was saved)"
+    return Console(mode, progress=not args.no_progress, resume_hint=hint, header=_model_line(info))
+
+
 def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Path | None) -> int:
-    try:
-        from retrofit.train import fit
-    except ImportError:  # the package may not re-export it (yet)
-        from retrofit.train.loop import fit
+    from retrofit.train import LintFindingsError, fit
     from retrofit.train.checkpoint import WriteError
-    from retrofit.train.prepare import LintFindingsError
+    from retrofit.train.console import result_record
     from retrofit.train.rundir import lock_run_dir
 
+    console = _console(args, info)
     try:
         # Locked from here (fit locks it too): a second run into --out refuses, nothing mixes.
         with lock_run_dir(out, fresh=not args.resume) if out is not None else nullcontext():
@@ -452,9 +688,10 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
                 device=args.device,
                 resume=args.resume,
                 strict_lint=args.strict_lint,
-                progress=not args.no_progress,
                 max_steps=args.max_steps,
                 model_name=info.spec,
+                report=console,
+                allow_partial=args.allow_partial,
             )
     except LintFindingsError as e:
         raise _LintFailed(str(e)) from None
@@ -462,10 +699,10 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
         hint = f"once it can be written, continue with: {_resume_command(args)}"
         raise _BadInput(f"{e}; {hint}") from None
     if args.json:
-        print(json.dumps(_run_dict(result, info), indent=2, default=str))
-    else:
-        print(_model_line(info))
-        print(_run_summary(result))
+        head = {"model": info.name, "source": info.source, "spec": info.spec}
+        record = result_record(result)
+        record.pop("kind")
+        print(json.dumps(head | record, indent=2, default=str))
     if result.stop_reason in ("SIGINT", "SIGTERM"):
         # A scheduler must tell an interrupted run from a finished one: 128 + the signal number.
         saved = (
@@ -485,43 +722,19 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join([PROG, *argv, "--resume"])
 
 
-def _run_dict(result: Any, info: Any) -> dict[str, Any]:
-    keys = ("out", "num_classes", "step", "total_steps", "epoch", "completed", "stop_reason")
-    d = {"model": info.name, "source": info.source, "spec": info.spec}
-    d |= {k: getattr(result, k) for k in keys}
-    d |= {"metrics": result.metrics, "weights": result.weights, "checkpoint": result.checkpoint}
-    return d
-
-
-def _run_summary(result: Any) -> str:
-    metrics = result.metrics or {}
-    parts = [f"trained {result.step}/{result.total_steps} steps ({result.epoch} epochs)"]
-    if result.stop_reason:
-        parts.append(f"stopped: {result.stop_reason}")
-    for key in ("val_top1", "val_loss"):
-        if isinstance(metrics.get(key), (int, float)):
-            parts.append(f"{key} {metrics[key]:.4g}")
-    if result.weights:
-        parts.append(
-            f"weights: {result.weights} (load into the original class with "
-            f"num_classes={result.num_classes})"
-        )
-    if result.checkpoint and not result.completed:
-        parts.append(f"resume with --resume --out {result.out}")
-    return "; ".join(parts)
-
-
 # --- lint -------------------------------------------------------------------------------------
 
 
 def _lint(args: argparse.Namespace) -> int:
-    from retrofit.lint import format_report, lint, measure_variance_shift
-    from retrofit.models import create_model, parse_kwargs
-
     if not args.model:
         raise _BadInput(f"--model NAME is required (e.g. {PROG} lint --model densenet121)")
     if args.data and not args.measure:
         raise _BadInput("--data only applies with --measure")
+    if args.max < 0:
+        raise _BadInput(f"--max {args.max}: give a number of dropouts >= 0")
+    from retrofit.lint import format_report, lint, measure_variance_shift
+    from retrofit.models import create_model, parse_kwargs
+
     kwargs = parse_kwargs(args.model_kwargs)
     # Finding paths needs only the graph; measuring runs batches, so it needs real weights.
     model, info = create_model(args.model, kwargs=kwargs, meta=not args.measure)
@@ -530,7 +743,7 @@ def _lint(args: argparse.Namespace) -> int:
     if args.measure:
         shifts = measure_variance_shift(model, data=args.data, findings=findings)
     if args.json:
-        body = findings.to_dict() if hasattr(findings, "to_dict") else {}
+        body = findings.to_dict()
         payload: dict[str, Any] = {
             "model": info.name,
             "source": info.source,
@@ -544,8 +757,102 @@ def _lint(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
     else:
         print(_model_line(info))
-        print(format_report(findings, shifts))
+        print(format_report(findings, shifts, model=model, max_dropouts=args.max))
     return EXIT_FINDINGS if findings else EXIT_OK
+
+
+# --- models, recipes --------------------------------------------------------------------------
+
+
+def _models(args: argparse.Namespace) -> int:
+    from retrofit.models import list_model_names
+
+    zoos = list_model_names(args.pattern)
+    if args.json:
+        print(json.dumps(zoos, indent=2))
+        return EXIT_OK
+    how = {
+        "torchvision": "--model tv:NAME (or a bare NAME: torchvision first)",
+        "timm": "--model timm:NAME",
+        "transformers": "model types of AutoModelForImageClassification; build one with a "
+        "factory --model package.module:function",
+    }
+    total = 0
+    for zoo, names in zoos.items():
+        if not names:
+            continue
+        print(f"# {zoo}: {len(names)} ({how.get(zoo, '')})")
+        for name in names:
+            print(name)
+        total += len(names)
+    if total == 0:
+        print(f"no model name matches {args.pattern!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    shipped = _shipped_recipes()
+    if not shipped:
+        raise _BadInput(f"no recipe cards in {RECIPES_DIR} (they ship with the source tree)")
+    rows = []
+    for name, path in shipped.items():
+        text = path.read_text(encoding="utf-8")
+        sections = yaml.safe_load(text) or {}
+        techniques = {k: v for k, v in sections.items() if k != "train"}
+        train = sections.get("train") or {}
+        rows.append(
+            {
+                "name": name,
+                "path": str(path),
+                "paper": _paper(text),
+                "techniques": techniques,
+                "epochs": train.get("epochs"),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    width = max(len(r["name"]) for r in rows)
+    print(f"# {RECIPES_DIR}: --recipe NAME or --recipe PATH; the cards are in recipes/README.md")
+    for r in rows:
+        parts = [f"{k} {_flow(v)}" for k, v in r["techniques"].items()]
+        if r["epochs"]:
+            parts.append(f"train {r['epochs']} epoch(s)")
+        paper = f"  ({r['paper']})" if r["paper"] else ""
+        print(f"{r['name'].ljust(width)}  {'; '.join(parts)}{paper}")
+    return EXIT_OK
+
+
+def _paper(card: str) -> str:
+    """ "Huang et al. 2016" from a card's first comment line ("Stochastic depth — Huang, Sun, …")."""
+    import re
+
+    first = next((ln for ln in card.splitlines() if ln.startswith("#")), "")
+    authors = first.partition("— ")[2].split('"')[0].strip(" ,")
+    names = [a.strip() for a in re.split(r",|&", authors) if a.strip()]
+    if len(names) > 2 and "et al." not in authors:
+        authors = f"{names[0]} et al."
+    year = re.findall(r"\b(?:19|20)\d\d\b", card.split("\n\n")[0])
+    return f"{authors} {year[0]}" if authors and year else authors
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+
+
+# Subcommands, by the word that follows ``retrofit-cli``; anything else is the main command.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "lint": Subcommand(_lint_parser, _lint, "Dropout before BatchNorm"),
+    "models": Subcommand(_models_parser, _models, "model names"),
+    "recipes": Subcommand(_recipes_parser, _recipes, "shipped recipes"),
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

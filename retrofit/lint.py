@@ -7,7 +7,7 @@ variance it passes on by about 1/q, and a BatchNorm after it stores that varianc
 normalises by, and the error compounds through the layers after it.
 
     findings = retrofit.lint(model)                      # graph only: the meta device is fine
-    print(format_report(findings))                       # dropout → victim BN, paths, file:line
+    print(format_report(findings, model=model))          # summary, then dropout → victim BN, paths
     shifts = retrofit.measure_variance_shift(model, batches)   # the paper's Figure 1 ratio
     retrofit.recalibrate_bn(model, train_batches)        # fix a model already trained with it
 
@@ -46,6 +46,7 @@ __all__ = [
     "LintResult",
     "format_report",
     "lint",
+    "summary_line",
     "measure_variance_shift",
     "recalibrate_bn",
 ]
@@ -214,74 +215,174 @@ def lint(
 
 # --- report -----------------------------------------------------------------------------------
 
+_WHY = (
+    "why: in training a dropout inflates the variance these BNs store in running_var; at test "
+    "dropout is off, the real variance is lower, and the error compounds downstream"
+)
 
-def _path(path: Sequence[str], limit: int = 8) -> str:
-    items = list(path)
+
+def _path(path: Sequence[str], classes: dict[str, str], limit: int = 8) -> str:
+    items = [_named(p, classes) for p in path]
     if len(items) > limit:
         items = [*items[: limit // 2], f"… {len(items) - limit} more …", *items[-limit // 2 :]]
     return " → ".join(items)
+
+
+def _named(name: str, classes: dict[str, str]) -> str:
+    """``name (Class)`` for a module whose name alone says little: a Sequential member (``3``,
+    ``features.3``) or the root; other names are printed as they are."""
+    cls = classes.get(name)
+    if cls is None or not (name == "" or name.rpartition(".")[2].isdigit()):
+        return name or "<root>"
+    return f"{name or '<root>'} ({cls})"
+
+
+def _owner(dropout: str) -> str:
+    """The module whose forward makes the dropout: its parent for a module, the named owner for a
+    functional call (``owner:F.dropout#k``)."""
+    if ":" in dropout:
+        return dropout.split(":", 1)[0]
+    return dropout.rpartition(".")[0]
+
+
+def _fix(kind: str, op: str) -> str:
+    if kind == "inside" and op == "MultiheadAttention.dropout":
+        return "set the attention's dropout=0, or follow it with a norm without running stats"
+    return "recipe uout: {beta: 0.1} (recipes/uout.yaml) or dropout_fix: after_last_bn"
+
+
+def _p(p: float | None) -> str:
+    return "p=?" if p is None else f"p={p:g}"
+
+
+def summary_line(findings: Sequence[Finding]) -> str:
+    """The verdict in one line (what the trainer prints before training)."""
+    dropouts = list(getattr(findings, "dropouts", []))
+    if not findings:
+        if dropouts:
+            return (
+                f"clean: {len(dropouts)} dropout(s), none reaches a BatchNorm before the output "
+                "or a norm without running statistics"
+            )
+        return "clean: no active dropout in the graph"
+    n_dropouts = len({f.dropout for f in findings})
+    n_norms = len({f.norm for f in findings})
+    return (
+        f"{n_dropouts} dropout(s) reach {n_norms} BatchNorm(s) ({len(findings)} finding(s); "
+        "variance shift, Li et al. CVPR 2019); fix with recipe uout: or dropout_fix:"
+    )
+
+
+def _module_classes(model: nn.Module | None) -> dict[str, str]:
+    if model is None:
+        return {}
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
+def _block_summary(by_dropout: dict[str, list[Finding]], classes: dict[str, str]) -> list[str]:
+    """One line per kind of block the dropouts sit in: how many, what they reach, the fix."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for name, group in by_dropout.items():
+        first = group[0]
+        block = classes.get(_owner(name), "") if classes else ""
+        groups.setdefault((block, first.op, _p(first.p), first.kind), []).append(name)
+    rows = []
+    for (block, op, p, kind), names in groups.items():
+        pairs = [f for n in names for f in by_dropout[n]]
+        norms = {f.norm for f in pairs}
+        norm_types = sorted({classes[n] for n in norms if n in classes})
+        where = f"in {block} " if block else ""
+        rows.append(
+            (
+                f"{len(names)} × {op} ({p}) {where}",
+                f"→ {len(norms)} BN(s)" + (f" ({', '.join(norm_types)})" if norm_types else ""),
+                f"fix: {_fix(kind, op)}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in rows]
+
+
+def _details(
+    name: str,
+    group: list[Finding],
+    classes: dict[str, str],
+    shifts: dict[str, float] | None,
+    max_victims: int,
+) -> list[str]:
+    first = group[0]
+    block, owner = classes.get(_owner(name)), _owner(name)
+    where = (f", in {block} {owner}" if owner else f", in the model ({block})") if block else ""
+    src = short_source(first.source) or "source: the container's forward (no line of its own)"
+    lines = ["", f"{_named(name, classes)}  [{first.op}, {_p(first.p)}{where}]  {src}"]
+    if first.note:
+        lines.append(f"  note: {first.note}")
+    lines.append(f"  reaches {len(group)} BN(s):")
+    for f in group[:max_victims]:
+        shift = f"  shift ×{shifts[f.norm]:.3f}" if shifts and f.norm in shifts else ""
+        norm = f.norm if f.norm not in classes else f"{f.norm} ({classes[f.norm]})"
+        at = short_source(f.norm_source)
+        lines.append(f"  → {norm}{shift}" + (f"  ({at})" if at else ""))
+        lines.append(f"      path: {_path(f.path, classes)}")
+    if len(group) > max_victims:
+        lines.append(f"  … and {len(group) - max_victims} more (--json lists every one)")
+    victims = {f.norm for f in group}
+    further = set().union(*(f.downstream_norms for f in group)) - victims
+    if further:
+        lines.append(f"  the shift then carries into {len(further)} more BN(s) downstream")
+    return lines
 
 
 def format_report(
     findings: Sequence[Finding],
     shifts: dict[str, float] | None = None,
     *,
-    max_victims: int = 8,
+    model: nn.Module | None = None,
+    max_dropouts: int | None = 10,
+    max_victims: int = 3,
 ) -> str:
-    """A readable report: per dropout, its victims with paths and source lines, and the fixes.
+    """A readable report: a summary first, then details per dropout, then what was not checked.
+
+    The summary counts the dropouts and their victim BNs, grouped by the kind of block each
+    dropout sits in, with the fix next to each group; the details list each dropout with its
+    first ``max_victims`` victims, their paths and source lines.
 
     Args:
         findings: what :func:`lint` returned (a plain list of findings works too).
         shifts: optional :func:`measure_variance_shift` result, shown beside each victim.
+        model: the linted model; when given, block types and module classes are named (members
+            of an ``nn.Sequential`` have only numbers for names).
+        max_dropouts: dropouts shown in detail (None: all; 0: the summary only).
         max_victims: victims listed per dropout (the rest are counted; JSON has them all).
     """
     notes = list(getattr(findings, "notes", []))
-    dropouts = list(getattr(findings, "dropouts", []))
-    lines: list[str] = []
-    if not findings:
-        if dropouts:
-            lines.append(
-                f"clean: {len(dropouts)} dropout(s), none reaches a BatchNorm before the output "
-                "or a norm without running statistics"
-            )
-        else:
-            lines.append("clean: no active dropout in the graph")
-    else:
+    lines = [summary_line(findings)]
+    if shifts and not findings:
+        lines += [f"  {k}: shift ×{v:.3f}" for k, v in shifts.items()]
+    if findings:
+        classes = _module_classes(model)
         by_dropout: dict[str, list[Finding]] = {}
         for f in findings:
             by_dropout.setdefault(f.dropout, []).append(f)
+        lines += _block_summary(by_dropout, classes)
+        lines.append(_WHY + ".")
         lines.append(
-            f"{len(findings)} finding(s): {len(by_dropout)} dropout(s) reach a BatchNorm "
-            "(variance shift, Li et al. CVPR 2019)"
+            "fixes: uout replaces each such dropout with Uout (y = x + x·r, r ~ U(−β, β)); "
+            "after_last_bn removes them and puts one dropout after the last BN; weights already "
+            "trained with them: retrofit.recalibrate_bn(model, batches)."
         )
-        for name, group in by_dropout.items():
-            first = group[0]
-            p = "p=?" if first.p is None else f"p={first.p:g}"
-            src = short_source(first.source) or "source unknown"
+        shown = list(by_dropout)[: len(by_dropout) if max_dropouts is None else max_dropouts]
+        if shown:
             lines.append("")
-            lines.append(f"{name}  [{first.op}, {p}]  {src}")
-            if first.note:
-                lines.append(f"  note: {first.note}")
-            for f in group[:max_victims]:
-                shift = ""
-                if shifts and f.norm in shifts:
-                    shift = f"  shift ×{shifts[f.norm]:.3f}"
-                lines.append(f"  → {f.norm}{shift}  ({short_source(f.norm_source) or '?'})")
-                lines.append(f"      path: {_path(f.path)}")
-            if len(group) > max_victims:
-                lines.append(f"  … and {len(group) - max_victims} more victim BN(s)")
-            victims = {f.norm for f in group}
-            further = set().union(*(f.downstream_norms for f in group)) - victims
-            if further:
-                lines.append(f"  the shift then carries into {len(further)} more BN(s) downstream")
+            more = len(by_dropout) - len(shown)
+            lines.append(
+                f"details: {len(shown)} of {len(by_dropout)} dropout(s)"
+                + (" (--max N for more, --json for every finding)" if more else "")
+            )
+            for name in shown:
+                lines += _details(name, by_dropout[name], classes, shifts, max_victims)
+    if notes:
         lines.append("")
-        lines.append(
-            "why: in training the dropout inflates the variance these BNs store in running_var; "
-            "at test dropout is off and the real variance is lower."
-        )
-        lines.append(f"fix: {_FIXES}.")
-    if shifts and not findings:
-        lines += [f"  {k}: shift ×{v:.3f}" for k, v in shifts.items()]
     for note in notes:
         lines.append(f"not checked: {note}")
     return "\n".join(lines)

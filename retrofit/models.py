@@ -52,6 +52,7 @@ __all__ = [
     "check_kwargs",
     "create_model",
     "hf_model_class",
+    "list_model_names",
     "load_weights",
     "parse_kwargs",
     "probe_input_size",
@@ -205,6 +206,35 @@ def resolve_model_name(name: str) -> tuple[str, str, str | None]:
     if name in _tv_all():
         return "torchvision", name, None
     raise _unknown(name, _tv_all() | _timm_all(), "not in torchvision or timm")
+
+
+def list_model_names(pattern: str | None = None) -> dict[str, list[str]]:
+    """The names each zoo knows, sorted, optionally filtered: ``{"torchvision": [...], "timm":
+    [...], "transformers": [...]}`` (the last only when transformers is installed: its
+    image-classification model types, which are configs, not names ``--model`` builds).
+
+    ``pattern`` is a case-insensitive shell pattern (``resnet*``); one without ``*?[`` matches
+    as a substring.
+    """
+    import fnmatch
+    import importlib.util
+
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+
+    def keep(names: Iterable[str]) -> list[str]:
+        if not pattern:
+            return sorted(names)
+        return sorted(n for n in names if fnmatch.fnmatch(n.lower(), pattern.lower()))
+
+    zoos = {"torchvision": keep(_tv_all()), "timm": keep(_timm_all())}
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        )
+
+        zoos["transformers"] = keep(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    return zoos
 
 
 # --- building ---------------------------------------------------------------------------------

@@ -90,51 +90,13 @@ class Plan:
         return f"{self.model}: " + ", ".join(parts)
 
     def table(self) -> str:
-        """A readable table, one row per edit."""
-        header = ("kind", "l", "module", "node", "p_l / params", "action", "source")
-        rows = []
-        for e in self.edits:
-            value = f"{e.survival:.4f}" if e.survival is not None else _fmt_params(e.params)
-            source = _short_source(e.source)
-            action = e.action + (f" {e.target}" if e.target and e.action != "wrap_arg" else "")
-            rows.append(
-                (
-                    e.kind,
-                    "" if e.depth is None else str(e.depth),
-                    e.module or "<root>",
-                    e.node,
-                    value,
-                    action,
-                    source,
-                )
-            )
-        widths = [
-            max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-            for i, h in enumerate(header)
-        ]
-        line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-        out = [line, "  ".join("-" * w for w in widths)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        for s in self.skipped:
-            out.append(f"skipped {s.module}: {s.reason}")
-        out += [f"note: {n}" for n in self.notes]
-        out.append(self.summary())
-        return "\n".join(out)
+        """A readable table per technique (rendered by :mod:`retrofit.report`)."""
+        from retrofit.report import plan_table
+
+        return plan_table(self)
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _fmt_params(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())
-
-
-def _short_source(source: str | None) -> str:
-    if not source:
-        return ""
-    path, _, line = source.rpartition(":")
-    parts = path.split("/")
-    return "/".join(parts[-2:]) + ":" + line
 
 
 def plan(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,8 @@ def test_plan_table_says_which_zoo(capsys):
     assert code == 0, err
     first = out.splitlines()[0]
     assert "tv:resnet18" in first and "picked torchvision" in first and "timm:resnet18" in first
-    assert out.count("stochastic_depth") >= 8  # one row per block of resnet18
+    rows = re.findall(r"^\s+(\d+)\s+\d\.\d{4}\s+layer", out, re.MULTILINE)
+    assert rows == [str(d) for d in range(1, 9)]  # one row per block of resnet18, l = 1..8
     assert "layer1.0" in out
 
 
@@ -307,7 +309,7 @@ def test_stages_of_a_vit_is_a_clear_error(capsys):
 @needs_plan
 def test_cutout_plan_says_the_trainer_applies_it(capsys):
     code, out, _ = _run(capsys, "--model", TINY, "--recipe", str(RECIPES / "cutout.yaml"))
-    assert code == 0 and "cutout: applied to the input batches" in out
+    assert code == 0 and "is applied to each training batch by the trainer" in out
 
 
 @needs_apply

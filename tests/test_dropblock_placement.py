@@ -116,13 +116,15 @@ def table_rows(plan) -> list[list[str]]:
 
 
 def test_plan_table_says_which_stage_each_dropblock_follows():
-    # The located node is the last Bottleneck's call; the table's action names the stage module
-    # the DropBlock follows, so the user sees "after layer3" without knowing the owner rule.
+    # The located node is the last Bottleneck's call; the table names the stage and the stage
+    # module the DropBlock follows, so the user sees "3  layer3" without knowing the owner rule,
+    # and the forward that gets the edit (the root's).
     plan = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [3, 4]}})
+    assert plan.table().splitlines()[1].split()[:4] == ["stage", "after", "block_size", "keep_prob"]
     rows = table_rows(plan)
-    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
-        ("dropblock", "<root>", "layer3_5", "insert_after layer3"),
-        ("dropblock", "<root>", "layer4_2", "insert_after layer4"),
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("3", "layer3", "7", "0.9", "ResNet.forward"),
+        ("4", "layer4", "7", "0.9", "ResNet.forward"),
     ]
     assert [e.note for e in plan.edits] == [
         "after stage 3 (layer3, reduction 16)",
@@ -130,9 +132,7 @@ def test_plan_table_says_which_stage_each_dropblock_follows():
     ]
     # placement: blocks names each block.
     blocks = retrofit.plan(meta("resnet50"), {"dropblock": {"stages": [4], "placement": "blocks"}})
-    assert [(r[2], r[4]) for r in table_rows(blocks)] == [
-        (f"layer4_{i}", f"insert_after layer4.{i}") for i in range(3)
-    ]
+    assert [(r[0], r[1]) for r in table_rows(blocks)] == [("4", f"layer4.{i}") for i in range(3)]
 
 
 def test_a_bare_sequential_cnn_cannot_take_a_dropblock():

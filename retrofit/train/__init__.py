@@ -12,7 +12,8 @@ Modules, one job each:
 - ``checkpoint``   atomic checkpoints, RNG state, safetensors export, ``load_weights``
 - ``rundir``       the run directory: checked early, locked while a run writes, stale temps removed
 - ``metrics``      accuracy counts and ``metrics.jsonl``
-- ``plots``        curves and the survival schedule as PNGs
+- ``console``      what a run prints: plan and lint up front, a line per epoch, a summary
+- ``plots``        curves, per-block kept fractions and the survival schedule as PNGs
 - ``interrupt``    SIGINT/SIGTERM → save and stop after the current step
 - ``loop``         ``fit`` itself
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,26 @@ SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "co
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Integers end up in torch/numpy int64 (seeds in torch.manual_seed, counts in tensors).
 INT64_MAX = 2**63 - 1
+# More loader workers than this per process rarely feed a fine-tune faster; each one is a process.
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and schedulers set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | None, processes_per_node: int = 1) -> int:
+    """Data-loader workers for one process: ``workers``, or (None) what the machine has, at most
+    :data:`MAX_AUTO_WORKERS`; never more than this process's share of the CPUs (above the CPU
+    count the workers only compete for cores, and PyTorch's DataLoader warns about it)."""
+    share = available_cpus() // max(int(processes_per_node), 1)
+    if workers is None:
+        return min(share, MAX_AUTO_WORKERS)
+    return min(workers, share)
 
 
 def _optimizers() -> list[str]:
@@ -62,7 +83,8 @@ class TrainConfig:
         seed: seeds everything random in a run: the data order, a resized classifier, every random
             regularizer, and (``retrofit-cli --train``, which builds the model) the model's initial
             weights; a Python caller of ``fit`` builds the model, so seeds that itself.
-        workers: data-loader worker processes for file datasets (in-memory data needs none).
+        workers: data-loader worker processes for file datasets (in-memory data needs none);
+            None = what the machine has (:func:`resolve_workers`), never above the CPU count.
         img_size: input side in pixels; None takes it from the model's pretrained config
             (the embedded digits data defaults to 32 px, see ``retrofit.train.data``).
         log_every: optimizer steps between ``metrics.jsonl`` step records.
@@ -91,7 +113,7 @@ class TrainConfig:
     channels_last: bool | str = "auto"
     compile: bool = False
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None
     img_size: int | None = None
     log_every: int = 10
     checkpoint_every: int = 0
@@ -188,8 +210,13 @@ def _validate(c: TrainConfig) -> None:
 
     for key in ("epochs", "batch_size", "grad_accum", "log_every"):
         need(key, _is_int(getattr(c, key), 1), "an integer in [1, 2**63-1]")
-    for key in ("seed", "workers", "checkpoint_every"):
+    for key in ("seed", "checkpoint_every"):
         need(key, _is_int(getattr(c, key), 0), "an integer in [0, 2**63-1]")
+    need(
+        "workers",
+        c.workers is None or _is_int(c.workers, 0),
+        "null (what the machine has) or an integer in [0, 2**63-1]",
+    )
     need("lr", _is_num(c.lr) and c.lr > 0, "a finite number > 0")
     for key in ("warmup_lr", "min_lr", "weight_decay", "momentum"):
         v = getattr(c, key)

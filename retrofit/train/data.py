@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,13 +48,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from retrofit.train.config import TrainConfig
+from retrofit.train.config import TrainConfig, resolve_workers
 from retrofit.train.sampler import ResumableSampler, ShardSampler
 
 DIGITS_DEFAULT_SIDE = 32
 DIGITS_SPLIT_SEED = 0
 SYNTHETIC_DEFAULT_N = 512
 DEVICE_RESIDENT_BYTES = 2 << 30  # in-memory sets up to 2 GiB live on the GPU during training
+
+
+log = logging.getLogger("retrofit.train")
 
 
 class DataError(ValueError):
@@ -173,6 +178,7 @@ class LoaderBatches:
         else:
             self.sampler = ShardSampler(n, num_replicas=world_size, rank=rank)
         self._n = n
+        self.workers = workers
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -477,7 +483,14 @@ def _from_path(
             )
         train_ds, val_ds, classes = _image_folder(train_dir, val_dir, data_cfg)
         source = f"ImageFolder at {path}"
-    loader_kw = dict(rank=rank, world_size=world_size, workers=cfg.workers, pin_memory=pin_memory)
+    workers = resolve_workers(cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if cfg.workers is not None and workers < cfg.workers:
+        log.warning(
+            "train.workers=%d is more than the CPUs this process may use; using %d",
+            cfg.workers,
+            workers,
+        )
+    loader_kw = dict(rank=rank, world_size=world_size, workers=workers, pin_memory=pin_memory)
     return DataBundle(
         train=LoaderBatches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, **loader_kw),
         val=LoaderBatches(val_ds, cfg.batch_size, train=False, **loader_kw),

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from retrofit.layers import is_gate
+
 log = logging.getLogger("retrofit.train")
 
 
@@ -153,7 +155,7 @@ def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
 
 
 def _is_batch_gate(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("retrofit.layers") and getattr(m, "mode", None) == "batch"
+    return is_gate(m) and m.mode == "batch"
 
 
 def seed_gates(model: nn.Module, seed: int, env: DistEnv) -> int | None:
@@ -165,7 +167,7 @@ def seed_gates(model: nn.Module, seed: int, env: DistEnv) -> int | None:
     at 0 (a resumed run restores it from the checkpoint afterwards). Returns the seed set, or
     None when nothing needed one.
     """
-    gates = [m for m in model.modules() if hasattr(m, "draws") and hasattr(m, "seed")]
+    gates = [m for m in model.modules() if is_gate(m)]
     chosen = None
     if env.distributed and any(_is_batch_gate(g) and g.seed is None for g in gates):
         chosen = seed

@@ -1,5 +1,10 @@
 """``fit``: fine-tune a model with a recipe's regularizers, on one device or under torchrun.
 
+A run is three phases around two records: :func:`_setup` builds a ``_Run`` (model, data,
+optimizer, hooks: fixed for the run) and a :class:`RunState` (step, epoch, running sums: what a
+checkpoint carries); :func:`_run_epoch` / :func:`_step` advance the state; :func:`_finish` strips
+the model and exports the weights.
+
 One optimizer step, in order::
 
     retrofit.schedule.update(model, step / total_steps)      # regularizer rates for this step
@@ -24,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -37,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrofit import schedule
 from retrofit.errors import ModelError
+from retrofit.layers import cutout, is_gate
+from retrofit.rewrite import strip
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -51,13 +58,20 @@ from retrofit.train.checkpoint import (
 )
 from retrofit.train.classifier import resize_classifier
 from retrofit.train.config import TrainConfig
+from retrofit.train.console import Console, result_record
 from retrofit.train.data import DataBundle, build_data
 from retrofit.train.data import steps_per_epoch as count_steps
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
-from retrofit.train.plots import plot_curves, plot_survival
+from retrofit.train.plots import plot_curves, plot_survival, regularizer_layers
 from retrofit.train.precision import Precision, resolve_precision
-from retrofit.train.prepare import core, prepare_model, recipe_dict, resolve_recipe, train_config_of
+from retrofit.train.prepare import (
+    Prepared,
+    prepare_model,
+    recipe_dict,
+    resolve_recipe,
+    train_config_of,
+)
 from retrofit.train.rundir import lock_run_dir
 
 log = logging.getLogger("retrofit.train")
@@ -86,6 +100,7 @@ class RunResult:
         checkpoint: the last checkpoint (resume from it with ``resume=True``).
         findings: lint findings (dicts) on the model as trained.
         plan: the plan that was applied, as a dict.
+        seconds: wall-clock time of the call.
     """
 
     model: nn.Module
@@ -103,6 +118,7 @@ class RunResult:
     checkpoint: Path | None = None
     findings: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, Any] | None = None
+    seconds: float = 0.0
 
 
 def fit(
@@ -119,6 +135,8 @@ def fit(
     config: TrainConfig | None = None,
     model_name: str | None = None,
     apply: bool = True,
+    allow_partial: bool = True,
+    report: Console | None = None,
 ) -> RunResult:
     """Retrofit ``model`` with ``recipe`` and fine-tune it on ``data``.
 
@@ -138,11 +156,16 @@ def fit(
         device: ``"cuda"``, ``"cpu"``, … (default: CUDA when available; ``cuda:LOCAL_RANK`` under torchrun).
         resume: continue from ``out/checkpoint.pt`` if it exists (else start from step 0).
         strict_lint: refuse to train when the lint reports findings.
-        progress: show a tqdm bar (only on a terminal, only on rank 0).
+        progress: show tqdm bars (only on a terminal, only on rank 0).
         max_steps: stop after this many optimizer steps in total (checkpoint saved, resumable).
         config: training settings overriding the recipe's ``train:`` section.
         model_name: architecture name recorded in ``model.json`` (default: timm's, else the class).
         apply: run ``retrofit.apply`` (set False for a model that is already retrofitted).
+        allow_partial: go on when a technique finds no site or modules could not be read
+            (``retrofit.apply``'s ``allow_partial``; ``retrofit-cli`` refuses unless asked).
+        report: how the run reports itself (:class:`~retrofit.train.console.Console`: lines for a
+            person, JSON lines, quiet); default: the ``retrofit.train`` logger, and bars if
+            ``progress``. Only rank 0 reports.
 
     Raises:
         DataError: ``data`` names nothing readable, or holds fewer images than one optimizer step.
@@ -155,13 +178,15 @@ def fit(
     """
     env = D.setup(device)
     out = Path(out) if out is not None else None
+    console = report if report is not None else Console("log", progress=progress)
     try:
         # Rank 0 holds the run directory for the whole run: a second run into it refuses, and
         # temp files that killed writes left there are removed first.
         with lock_run_dir(out if env.is_main else None):
-            return _fit(model, recipe, data, env=env, out=out, resume=resume,
-                        strict_lint=strict_lint, progress=progress, max_steps=max_steps, config=config,
-                        model_name=model_name, apply=apply)  # fmt: skip
+            return _fit(model, recipe, data, env=env, out=out, resume=resume, strict_lint=strict_lint,
+                        console=console if env.is_main else console.silent(), max_steps=max_steps,
+                        config=config, model_name=model_name, apply=apply,
+                        allow_partial=allow_partial)  # fmt: skip
     finally:
         D.teardown(env)
 
@@ -191,9 +216,11 @@ def architecture_name(model: nn.Module) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Any, env: D.DistEnv, precision: Precision
+    model: nn.Module, batches: Any, env: D.DistEnv, precision: Precision, *, bar: Any = None
 ) -> dict[str, float]:
-    """Top-1/top-5 (%) and mean cross-entropy (no label smoothing) over the whole val split."""
+    """Top-1/top-5 (%) and mean cross-entropy (no label smoothing) over the whole val split.
+
+    ``bar``: a progress bar (anything with ``update(n)``) advanced once per batch."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1, top5, n
@@ -205,6 +232,8 @@ def evaluate(
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1:3] += correct_counts(logits, y, (1, 5)).to(sums.dtype)
         sums[3] += y.numel()
+        if bar is not None:
+            bar.update(1)
     D.all_reduce_sum(sums, env)
     model.train(was_training)
     loss, c1, c5, n = sums.tolist()
@@ -245,9 +274,9 @@ def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
     draw counter of gates that have one (seeded gates derive draw i from it: resuming continues
     the sequence)."""
     return {
-        name: [int(m.calls), int(m.kept)] + ([int(m.draws)] if hasattr(m, "draws") else [])
+        name: [int(m.calls), int(m.kept), int(m.draws)]
         for name, m in model.named_modules()
-        if callable(getattr(m, "reset_stats", None)) and hasattr(m, "calls") and hasattr(m, "kept")
+        if is_gate(m)
     }
 
 
@@ -265,12 +294,73 @@ def _private_generators(model: nn.Module) -> dict[str, torch.Generator]:
 
 def _reset_gate_counters(model: nn.Module) -> None:
     for m in model.modules():
-        if callable(getattr(m, "reset_stats", None)) and hasattr(m, "calls"):
+        if is_gate(m):
             m.reset_stats()
 
 
-def _show_progress(progress: bool, env: D.DistEnv) -> bool:
-    return progress and env.is_main and sys.stderr.isatty()
+@dataclass
+class _Regularizers:
+    """What the steps need of the recipe's regularizers beyond the model's own layers (which
+    ``retrofit.schedule`` drives): the inserted layers for the plots, and Cutout on the batch."""
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the plots
+    cutout: Any = None  # retrofit.layers.cutout(x, n_holes, length, generator=)
+    cutout_cfg: Any = None
+    cut_gen: torch.Generator | None = None
+
+
+@dataclass
+class _Run:
+    """What :func:`_setup` builds: fixed from the first step of a run to its end."""
+
+    model: nn.Module
+    train_model: nn.Module  # ``model``, or its DDP / torch.compile wrapper
+    recipe: Any
+    cfg: TrainConfig
+    env: D.DistEnv
+    bundle: DataBundle
+    prep: Prepared
+    precision: Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    ema: Any
+    criterion: nn.Module
+    regularizers: _Regularizers
+    metrics: MetricsLog
+    arch: str
+    out: Path | None
+    ckpt_path: Path | None
+    writes: bool  # rank 0 with a run directory
+    sync_bn: dict[str, type[nn.Module]]
+    steps_per_epoch: int
+    total_steps: int
+    max_steps: int | None
+    console: Console
+    started: float  # time.perf_counter() when fit began
+
+    @property
+    def images_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
+
+
+@dataclass
+class RunState:
+    """What changes from step to step; a checkpoint carries it (with the RNG and the meters).
+
+    ``meters`` are running loss sums kept on the device (see the module docstring); the log
+    window (``window_t0``, ``window_steps``) only times ``images_per_s``.
+    """
+
+    meters: dict[str, Any]
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed (resume point)
+    step_in_epoch: int = 0
+    stop_reason: str | None = None
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    window_t0: float = 0.0
+    window_steps: int = 0
 
 
 def _fit(
@@ -282,33 +372,118 @@ def _fit(
     out: Path | None,
     resume: bool,
     strict_lint: bool,
-    progress: bool,
+    console: Console,
     max_steps: int | None,
     config: TrainConfig | None,
     model_name: str | None,
     apply: bool,
+    allow_partial: bool,
 ) -> RunResult:
+    run, state = _setup(model, recipe, data, env=env, out=out, resume=resume, strict_lint=strict_lint,
+                        console=console, max_steps=max_steps, config=config, model_name=model_name,
+                        apply=apply, allow_partial=allow_partial)  # fmt: skip
+    stop = StopRequest()
+    with stop:
+        while state.epoch < run.cfg.epochs and state.stop_reason is None:
+            _run_epoch(run, state, stop)
+    return _finish(run, state)
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def _setup(
+    model: nn.Module,
+    recipe: Any,
+    data: Any,
+    *,
+    env: D.DistEnv,
+    out: Path | None,
+    resume: bool,
+    strict_lint: bool,
+    console: Console,
+    max_steps: int | None,
+    config: TrainConfig | None,
+    model_name: str | None,
+    apply: bool,
+    allow_partial: bool,
+) -> tuple[_Run, RunState]:
+    """Everything before the first step, in an order that matters: seed, data, resize, apply,
+    lint, optimizer, resume, and the RNG stream of training last."""
+    started = time.perf_counter()
     recipe = resolve_recipe(recipe)
     cfg = config if config is not None else train_config_of(recipe)
-    if resume and out is None:
-        raise ValueError("resume=True needs the run directory (out=) that holds checkpoint.pt")
-    if cfg.tensorboard and env.is_main and out is not None:
-        require_tensorboard()
-    if max_steps is not None and max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    _check_args(cfg, env, out, resume, max_steps)
     writes = env.is_main and out is not None
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
-    ckpt = None
-    if resume and ckpt_path is not None:
-        if ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path)
-            log.info("resuming from %s at step %d", ckpt_path, ckpt["step"])
-        else:
-            log.info("no checkpoint at %s: starting from step 0", ckpt_path)
-    cuda = env.device.type == "cuda"
-    if cuda:
+    ckpt = _read_checkpoint(ckpt_path) if resume else None
+    if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    arch, bundle, prep = _prepare(
+        model, recipe, data, cfg, env, out=out if writes else None, strict_lint=strict_lint,
+        apply=apply, allow_partial=allow_partial, model_name=model_name,
+    )  # fmt: skip
+    D.broadcast_state(model, env)
+    precision, sync_bn = _place(model, cfg, env)
+    steps_per_epoch = count_steps(bundle, cfg)
+    optimizer, scheduler, scaler, ema = _optimization(model, cfg, precision, steps_per_epoch)
+
+    state = RunState(meters=_new_meters(env.device))
+    if ckpt is not None:
+        _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg)
+        state.step, state.epoch, state.batch_in_epoch = (
+            int(ckpt["step"]),
+            int(ckpt["epoch"]),
+            int(ckpt["batch_in_epoch"]),
+        )
+    # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
+    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
+        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
+    if ckpt is not None:
+        _restore_gate_draws(ckpt, model, env)
+
+    train_model = _training_wrapper(model, recipe, cfg, env)
+    regularizers = _regularizers(model, recipe, env)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    metrics = MetricsLog(
+        out / "metrics.jsonl" if writes else None,
+        resume_step=state.step if ckpt is not None else None,
+        tensorboard_dir=out / "tensorboard" if writes and cfg.tensorboard else None,
+    )
+    run = _Run(model=model, train_model=train_model, recipe=recipe, cfg=cfg, env=env, bundle=bundle,
+               prep=prep, precision=precision, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               ema=ema, criterion=criterion, regularizers=regularizers, metrics=metrics, arch=arch,
+               out=out, ckpt_path=ckpt_path, writes=writes, sync_bn=sync_bn,
+               steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+               max_steps=max_steps, console=console, started=started)  # fmt: skip
+    _announce(run, resumed_at=state.step if ckpt is not None else None)
+
+    # The RNG stream of training starts here, identically for fresh and resumed runs.
+    if ckpt is not None:
+        _restore_rank_state(ckpt, state.meters, model, env)
+    else:
+        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
+    # A resumed run reports the last evaluation even if it ends before evaluating again.
+    state.last_eval = next((r for r in reversed(metrics.records) if r.get("kind") == "epoch"), {})
+    state.window_t0 = time.perf_counter()
+    return run, state
+
+
+def _prepare(
+    model: nn.Module,
+    recipe: Any,
+    data: Any,
+    cfg: TrainConfig,
+    env: D.DistEnv,
+    *,
+    out: Path | None,
+    strict_lint: bool,
+    apply: bool,
+    allow_partial: bool,
+    model_name: str | None,
+) -> tuple[str, DataBundle, Prepared]:
+    """Seed, build the data, resize the head, retrofit and lint; ``out`` only on rank 0."""
     # Seeded before anything random happens: the new classifier's init, apply's verification.
     seed_all(cfg.seed + env.rank)
     model.to(env.device)
@@ -320,30 +495,72 @@ def _fit(
             data, model, cfg, rank=env.rank, world_size=env.world_size, device=env.device
         )
     )
-    steps_per_epoch = count_steps(bundle, cfg)  # DataError before anything is written
+    count_steps(bundle, cfg)  # DataError before anything is written
     # Each rank seeds with seed + rank so that dropout masks and gates differ between ranks; the
-    # heads they initialise differ too, until broadcast_state below hands everyone rank 0's.
+    # heads they initialise differ too, until broadcast_state hands everyone rank 0's.
     resize_classifier(model, bundle.num_classes)
     model.to(env.device)
     prep = prepare_model(
         model, recipe, cfg, bundle.input_size, device=env.device,
-        out=out if writes else None, strict_lint=strict_lint, apply=apply,
+        out=out, strict_lint=strict_lint, apply=apply, allow_partial=allow_partial,
     )  # fmt: skip
-    strip = core("strip")
+    return arch, bundle, prep
 
-    D.broadcast_state(model, env)
+
+def _training_wrapper(model: nn.Module, recipe: Any, cfg: TrainConfig, env: D.DistEnv) -> nn.Module:
+    """What the steps call: the model, under DDP when distributed, compiled when asked."""
+    train_model: nn.Module = model
+    if env.distributed:
+        train_model = D.wrap_ddp(
+            model, env, find_unused_parameters=D.needs_find_unused(model, recipe)
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _check_args(
+    cfg: TrainConfig, env: D.DistEnv, out: Path | None, resume: bool, max_steps: int | None
+) -> None:
+    if resume and out is None:
+        raise ValueError("resume=True needs the run directory (out=) that holds checkpoint.pt")
+    if cfg.tensorboard and env.is_main and out is not None:
+        require_tensorboard()
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+
+
+def _read_checkpoint(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        log.info("no checkpoint at %s: starting from step 0", path)
+        return None
+    ckpt = load_checkpoint(path)
+    log.info("resuming from %s at step %d", path, ckpt["step"])
+    return ckpt
+
+
+def _place(
+    model: nn.Module, cfg: TrainConfig, env: D.DistEnv
+) -> tuple[Precision, dict[str, type[nn.Module]]]:
+    """Precision and memory format for the device; SyncBatchNorm under torchrun on CUDA."""
     precision = resolve_precision(cfg, env.device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    sync_bn = {}
+    sync_bn: dict[str, type[nn.Module]] = {}
     if cfg.sync_bn and env.distributed:
-        if cuda:
+        if env.device.type == "cuda":
             sync_bn = D.convert_sync_bn(model)
         else:
             log.warning("sync_bn ignored: SyncBatchNorm needs CUDA")
+    return precision, sync_bn
 
-    total_steps = cfg.epochs * steps_per_epoch
 
+def _optimization(
+    model: nn.Module, cfg: TrainConfig, precision: Precision, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler | None, Any]:
+    """timm's optimizer, per-update lr scheduler and EMA, and the grad scaler for fp16."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
@@ -357,232 +574,230 @@ def _fit(
     )  # fmt: skip
     scaler = precision.make_scaler()
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    return optimizer, scheduler, scaler, ema
 
-    step = epoch = batch_in_epoch = 0
-    meters = {"window_loss": torch.zeros((), device=env.device), "window_n": 0,
-              "epoch_loss": torch.zeros((), device=env.device), "epoch_n": 0}  # fmt: skip
-    if ckpt is not None:
-        _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg)
-        step, epoch, batch_in_epoch = (
-            int(ckpt["step"]),
-            int(ckpt["epoch"]),
-            int(ckpt["batch_in_epoch"]),
-        )
 
-    # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
-    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
-        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
-    if ckpt is not None:
-        _restore_gate_draws(ckpt, model, env)
+def _new_meters(device: torch.device) -> dict[str, Any]:
+    return {"window_loss": torch.zeros((), device=device), "window_n": 0,
+            "epoch_loss": torch.zeros((), device=device), "epoch_n": 0}  # fmt: skip
 
-    train_model: nn.Module = model
-    if env.distributed:
-        train_model = D.wrap_ddp(
-            model, env, find_unused_parameters=D.needs_find_unused(model, recipe)
-        )
-    if cfg.compile:
-        train_model = torch.compile(train_model)
 
-    schedule = core("schedule")
-    schedule_update = getattr(schedule, "update", None)
-    current_rates = getattr(schedule, "current_rates", None)
-    cutout_cfg = getattr(recipe, "cutout", None) if recipe is not None else None
-    cutout = None
-    if cutout_cfg is not None:
-        layers = core("layers")
-        cutout = getattr(layers, "cutout", None)
-        if cutout is None:
-            raise RuntimeError(
-                "the recipe asks for cutout but retrofit.layers.cutout is not available"
-            )
-    cut_gen = torch.Generator(device=env.device) if cutout is not None else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    metrics = MetricsLog(
-        out / "metrics.jsonl" if writes else None,
-        resume_step=step if ckpt is not None else None,
-        tensorboard_dir=out / "tensorboard" if writes and cfg.tensorboard else None,
+def _regularizers(model: nn.Module, recipe: Any, env: D.DistEnv) -> _Regularizers:
+    hooks = _Regularizers(
+        layers=regularizer_layers(schedule.current_rates(model)),
+        cutout_cfg=recipe.cutout if recipe is not None else None,
     )
-    if writes:
-        plot_survival(prep.plan, out / "survival.png")
-    images_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
-    log.info(
-        "training %s on %s: %d epochs × %d steps, %d image(s)/step, %s, %s%s",
-        arch, bundle.source, cfg.epochs, steps_per_epoch, images_per_step, env.device, precision.name,
-        f", {env.world_size} processes" if env.distributed else "",
-    )  # fmt: skip
+    if hooks.cutout_cfg is not None:
+        hooks.cutout = cutout
+        hooks.cut_gen = torch.Generator(device=env.device)
+    return hooks
 
-    # The RNG stream of training starts here, identically for fresh and resumed runs.
-    if ckpt is not None:
-        _restore_rank_state(ckpt, meters, model, env)
-    else:
-        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
 
-    stop_reason: str | None = None
-    # A resumed run reports the last evaluation even if it ends before evaluating again.
-    last_eval: dict[str, Any] = next(
-        (r for r in reversed(metrics.records) if r.get("kind") == "epoch"), {}
+def _announce(run: _Run, resumed_at: int | None) -> None:
+    """Plot the planned survival, and tell the console what the run is about to do."""
+    if run.writes:
+        plot_survival(run.prep.plan, run.out / "survival.png")
+    cfg, bundle = run.cfg, run.bundle
+    run.console.start(
+        {
+            "kind": "start",
+            "model": run.arch,
+            "plan": run.prep.plan_summary,
+            "lint": run.prep.lint_verdict,
+            "lint_findings": len(run.prep.findings),
+            **bundle.describe(),
+            "data": bundle.source,
+            "epochs": cfg.epochs,
+            "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps,
+            "images_per_step": run.images_per_step,
+            "opt": cfg.opt,
+            "lr": cfg.lr,
+            "sched": cfg.sched,
+            "warmup_epochs": cfg.resolved_warmup_epochs,
+            "device": str(run.env.device),
+            "precision": run.precision.name,
+            "processes": run.env.world_size,
+            "workers": getattr(bundle.train, "workers", 0),
+            "resumed_at": resumed_at,
+            "out": str(run.out) if run.out is not None else None,
+        }
     )
-    window_t0 = time.perf_counter()
-    window_steps = 0
-    stop = StopRequest()
-    with stop:
-        while epoch < cfg.epochs and stop_reason is None:
-            epoch_t0 = time.perf_counter()
-            batches: Iterator = bundle.train.iter_epoch(epoch, batch_in_epoch)
-            step_in_epoch = batch_in_epoch // cfg.grad_accum
-            bar = _progress_bar(
-                _show_progress(progress, env), steps_per_epoch, step_in_epoch, epoch, cfg.epochs
-            )
-            train_model.train()
-            while step_in_epoch < steps_per_epoch:
-                if max_steps is not None and step >= max_steps:
-                    stop_reason = "max_steps"
-                    break
-                if schedule_update is not None:
-                    schedule_update(model, step / total_steps)
-                loss_sum = _train_step(
-                    train_model, batches, cfg, env, precision, criterion, optimizer, scaler,
-                    cutout, cutout_cfg, cut_gen, step,
-                )  # fmt: skip
-                step += 1
-                step_in_epoch += 1
-                window_steps += 1
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                meters["window_loss"] += loss_sum
-                meters["window_n"] += 1
-                meters["epoch_loss"] += loss_sum
-                meters["epoch_n"] += 1
-                if bar is not None:
-                    bar.update(1)
-                check_stop = not env.distributed or step % cfg.log_every == 0
-                if step % cfg.log_every == 0:
-                    rec = _log_step(metrics, meters, env, optimizer, model, current_rates, step, epoch,
-                                    step_in_epoch / steps_per_epoch, window_steps * images_per_step,
-                                    window_t0)  # fmt: skip
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}"
-                        )
-                    window_t0, window_steps = time.perf_counter(), 0
-                if check_stop and D.any_rank(stop.requested, env):
-                    stop_reason = stop.signal_name or "signal"
-                    break
-                if (
-                    cfg.checkpoint_every
-                    and step % cfg.checkpoint_every == 0
-                    and step_in_epoch < steps_per_epoch
-                ):
-                    _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
-                                bundle, step, epoch, step_in_epoch * cfg.grad_accum, writes)  # fmt: skip
-            if bar is not None:
-                bar.close()
-            if stop_reason is not None:
-                _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
-                            bundle, step, epoch, step_in_epoch * cfg.grad_accum, writes)  # fmt: skip
-                if writes:
-                    plot_curves(metrics.records, out / "curves.png")
-                break
-            epoch += 1
-            batch_in_epoch = 0
-            last_eval = _end_epoch(metrics, meters, env, model, ema, bundle, precision, optimizer, step, epoch,
-                                   time.perf_counter() - epoch_t0)  # fmt: skip
-            _checkpoint(ckpt_path, env, model, optimizer, scheduler, scaler, ema, meters, cfg,
-                        bundle, step, epoch, 0, writes)  # fmt: skip
-            if writes and time.perf_counter() - epoch_t0 > LIVE_PLOT_EPOCH_S:
-                plot_curves(metrics.records, out / "curves.png")  # live curves for long epochs
-            window_t0, window_steps = time.perf_counter(), 0
 
-    completed = epoch >= cfg.epochs
-    metrics.close()
-    if stop_reason is not None and stop_reason != "max_steps":
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def _run_epoch(run: _Run, state: RunState, stop: StopRequest) -> None:
+    """Train until the epoch ends (then evaluate and checkpoint) or something stops the run."""
+    cfg = run.cfg
+    epoch_t0 = time.perf_counter()
+    batches: Iterator = run.bundle.train.iter_epoch(state.epoch, state.batch_in_epoch)
+    state.step_in_epoch = state.batch_in_epoch // cfg.grad_accum
+    first_step = state.step
+    bar = run.console.epoch_bar(state.epoch, cfg.epochs, run.steps_per_epoch, state.step_in_epoch)
+    run.train_model.train()
+    while state.step_in_epoch < run.steps_per_epoch:
+        if run.max_steps is not None and state.step >= run.max_steps:
+            state.stop_reason = "max_steps"
+            break
+        _step(run, state, batches)
+        if bar is not None:
+            bar.update(1)
+        if _after_step(run, state, stop, bar):
+            break
+    if bar is not None:
+        bar.close()
+    if state.stop_reason is not None:
+        _checkpoint(run, state, state.step_in_epoch * cfg.grad_accum)
+        if run.writes:
+            _plot_curves(run)
+        return
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    seconds = time.perf_counter() - epoch_t0
+    images_per_s = (state.step - first_step) * run.images_per_step / max(seconds, 1e-9)
+    state.last_eval = _end_epoch(run, state, seconds, images_per_s)
+    _checkpoint(run, state, 0)
+    run.console.epoch(
+        {**state.last_eval, **_planned(run), "checkpoint": _written(run.ckpt_path, run.writes)},
+        epochs=cfg.epochs,
+    )
+    if run.writes and time.perf_counter() - epoch_t0 > LIVE_PLOT_EPOCH_S:
+        _plot_curves(run)  # live curves for long epochs
+    state.window_t0, state.window_steps = time.perf_counter(), 0
+
+
+def _step(run: _Run, state: RunState, batches: Iterator) -> None:
+    """One optimizer step and what follows it: counters, lr schedule, EMA, running loss sums."""
+    schedule.update(run.model, state.step / run.total_steps)
+    loss_sum = _train_step(run, batches, state.step)
+    state.step += 1
+    state.step_in_epoch += 1
+    state.window_steps += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(num_updates=state.step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=state.step)
+    meters = state.meters
+    meters["window_loss"] += loss_sum
+    meters["window_n"] += 1
+    meters["epoch_loss"] += loss_sum
+    meters["epoch_n"] += 1
+
+
+def _after_step(run: _Run, state: RunState, stop: StopRequest, bar: Any) -> bool:
+    """Log, look for a stop request, checkpoint mid-epoch; True when the run must stop."""
+    cfg, step = run.cfg, state.step
+    check_stop = not run.env.distributed or step % cfg.log_every == 0
+    if step % cfg.log_every == 0:
+        rec = _log_step(run, state)
+        run.console.step(rec, bar, epochs=cfg.epochs, total_steps=run.total_steps)
+        state.window_t0, state.window_steps = time.perf_counter(), 0
+    if check_stop and D.any_rank(stop.requested, run.env):
+        state.stop_reason = stop.signal_name or "signal"
+        return True
+    if (
+        cfg.checkpoint_every
+        and step % cfg.checkpoint_every == 0
+        and (state.step_in_epoch < run.steps_per_epoch)
+    ):
+        _checkpoint(run, state, state.step_in_epoch * cfg.grad_accum)
+    return False
+
+
+# --- finish -----------------------------------------------------------------------------------
+
+
+def _finish(run: _Run, state: RunState) -> RunResult:
+    """Stopped by a signal: the instrumented model, resumable. Otherwise (done, or at max_steps):
+    the original architecture with the trained weights, exported."""
+    completed = state.epoch >= run.cfg.epochs
+    run.metrics.close()
+    fields = dict(model=run.model, out=run.out, num_classes=run.bundle.num_classes, step=state.step,
+                  total_steps=run.total_steps, epoch=state.epoch, stop_reason=state.stop_reason,
+                  config=run.cfg, metrics=state.last_eval, history=run.metrics.records,
+                  findings=run.prep.findings, plan=run.prep.plan)  # fmt: skip
+    if state.stop_reason is not None and state.stop_reason != "max_steps":
         log.warning(
-            "stopped by %s at step %d; resume with resume=True (--resume)", stop_reason, step
+            "stopped by %s at step %d; resume with resume=True (--resume)",
+            state.stop_reason,
+            state.step,
         )
-        return RunResult(model=model, out=out, num_classes=bundle.num_classes, step=step, total_steps=total_steps,
-                         epoch=epoch, completed=False, stop_reason=stop_reason, config=cfg, metrics=last_eval,
-                         history=metrics.records, checkpoint=ckpt_path, findings=prep.findings, plan=prep.plan)  # fmt: skip
+        result = RunResult(**fields, completed=False, checkpoint=run.ckpt_path)
+    else:
+        _hand_back(run)
+        weights = _export(run, state, completed) if run.writes else None
+        D.barrier(run.env)
+        checkpoint = run.ckpt_path if run.out is not None else None
+        result = RunResult(**fields, completed=completed, weights=weights, checkpoint=checkpoint)
+    result.seconds = time.perf_counter() - run.started
+    run.console.finish(result_record(result))
+    return result
 
-    # Done (or at max_steps): hand back the original architecture with the trained weights.
-    D.sync_buffers(model, env)
+
+def _hand_back(run: _Run) -> None:
+    """Model (and EMA): buffers synced across ranks, SyncBatchNorm reverted, retrofit stripped."""
+    env, ema = run.env, run.ema
+    D.sync_buffers(run.model, env)
     if ema is not None:
         D.sync_buffers(ema.module, env)
-    for m in (model, ema.module if ema is not None else None):
+    for m in (run.model, ema.module if ema is not None else None):
         if m is None:
             continue
-        if sync_bn:
-            D.revert_sync_bn(m, sync_bn)
-        if strip is not None:
-            strip(m)  # a no-op on a model that was never retrofitted
-        if precision.channels_last:
+        if run.sync_bn:
+            D.revert_sync_bn(m, run.sync_bn)
+        strip(m)  # a no-op on a model that was never retrofitted
+        if run.precision.channels_last:
             m.to(memory_format=torch.contiguous_format)
-    weights = None
-    if writes:
-        meta = {
-            "architecture": arch,
-            "num_classes": bundle.num_classes,
-            "input_size": list(bundle.input_size),
-            "mean": list(bundle.mean),
-            "std": list(bundle.std),
-            "class_names": list(bundle.class_names),
-            "data": bundle.source,
-            "step": step,
-            "epoch": epoch,
-            "completed": completed,
-            "recipe": recipe_dict(recipe, cfg),
-            "metrics": last_eval,
-        }
-        weights = export_weights(model, out, meta)
-        if ema is not None:
-            export_weights(ema.module, out, meta, name="model_ema.safetensors")
-        plot_curves(metrics.records, out / "curves.png")
-    D.barrier(env)
-    return RunResult(model=model, out=out, num_classes=bundle.num_classes, step=step, total_steps=total_steps,
-                     epoch=epoch, completed=completed, stop_reason=stop_reason, config=cfg, metrics=last_eval,
-                     history=metrics.records, weights=weights, checkpoint=ckpt_path if out is not None else None,
-                     findings=prep.findings, plan=prep.plan)  # fmt: skip
 
 
-def _progress_bar(show: bool, total: int, initial: int, epoch: int, epochs: int) -> Any:
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=f"epoch {epoch + 1}/{epochs}",
-        leave=False,
-        dynamic_ncols=True,
+def _export(run: _Run, state: RunState, completed: bool) -> Path:
+    bundle = run.bundle
+    meta = {
+        "architecture": run.arch,
+        "num_classes": bundle.num_classes,
+        "input_size": list(bundle.input_size),
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "class_names": list(bundle.class_names),
+        "data": bundle.source,
+        "step": state.step,
+        "epoch": state.epoch,
+        "completed": completed,
+        "recipe": recipe_dict(run.recipe, run.cfg),
+        "metrics": state.last_eval,
+    }
+    weights = export_weights(run.model, run.out, meta)
+    if run.ema is not None:
+        export_weights(run.ema.module, run.out, meta, name="model_ema.safetensors")
+    _plot_curves(run)
+    plot_survival(
+        run.prep.plan,
+        run.out / "survival.png",
+        records=run.metrics.records,
+        layers=run.regularizers.layers,
     )
+    return weights
 
 
-def _train_step(
-    train_model: nn.Module,
-    batches: Iterator,
-    cfg: TrainConfig,
-    env: D.DistEnv,
-    precision: Precision,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    cutout: Any,
-    cutout_cfg: Any,
-    cut_gen: torch.Generator | None,
-    step: int,
-) -> torch.Tensor:
+def _plot_curves(run: _Run) -> None:
+    plot_curves(run.metrics.records, run.out / "curves.png", layers=run.regularizers.layers)
+
+
+def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on device)."""
+    cfg, env, precision, hooks = run.cfg, run.env, run.precision, run.regularizers
+    optimizer, scaler, train_model = run.optimizer, run.scaler, run.train_model
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(cfg.grad_accum):
         x, y = next(batches)
         x, y = _to_device(x, y, env.device, precision)
-        if cutout is not None:
-            cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
-            x = cutout(x, cutout_cfg.n_holes, cutout_cfg.length, generator=cut_gen,
-                       uniform_sampling=cutout_cfg.uniform_sampling, per_batch=cutout_cfg.per_batch)  # fmt: skip
+        if hooks.cutout is not None:
+            hooks.cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
+            cfg_cut = hooks.cutout_cfg
+            x = hooks.cutout(x, cfg_cut.n_holes, cfg_cut.length, generator=hooks.cut_gen,
+                             uniform_sampling=cfg_cut.uniform_sampling, per_batch=cfg_cut.per_batch)  # fmt: skip
         # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
         last = micro == cfg.grad_accum - 1
         sync = (
@@ -590,7 +805,7 @@ def _train_step(
         )
         with sync:
             with precision.autocast():
-                loss = criterion(train_model(x), y)
+                loss = run.criterion(train_model(x), y)
             scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
@@ -608,103 +823,104 @@ def _train_step(
     return loss_sum / cfg.grad_accum if cfg.grad_accum > 1 else loss_sum
 
 
-def _log_step(
-    metrics: MetricsLog,
-    meters: dict[str, Any],
-    env: D.DistEnv,
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    current_rates: Any,
-    step: int,
-    epoch: int,
-    epoch_frac: float,
-    images: int,
-    window_t0: float,
-) -> dict[str, Any]:
+def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
+    env, meters = run.env, state.meters
     loss = D.all_reduce_sum(meters["window_loss"].detach().clone(), env).item() / (
         meters["window_n"] * env.world_size
     )
     # Read the clock after .item(): it waits for the device, so the window's time is the GPU's too.
-    seconds = time.perf_counter() - window_t0
+    seconds = time.perf_counter() - state.window_t0
     meters["window_loss"].zero_()
     meters["window_n"] = 0
     rec: dict[str, Any] = {
         "kind": "step",
-        "step": step,
-        "epoch": epoch + epoch_frac,
+        "step": state.step,
+        "epoch": state.epoch + state.step_in_epoch / run.steps_per_epoch,
         "loss": loss,
-        "lr": max(g["lr"] for g in optimizer.param_groups),
-        "images_per_s": images / max(seconds, 1e-9),
+        "lr": max(g["lr"] for g in run.optimizer.param_groups),
+        "images_per_s": state.window_steps * run.images_per_step / max(seconds, 1e-9),
     }
-    if current_rates is not None:
-        rates = current_rates(model)
-        if rates:
-            # kept_fraction is per log window: the gates count from the previous log step.
-            rec.update(_rate_summary(rates))
-            _reset_gate_counters(model)
-    return metrics.write(rec)
+    rates = schedule.current_rates(run.model)
+    if rates:
+        # kept_fraction is per log window: the gates count from the previous log step.
+        rec.update(_rate_summary(rates))
+        _reset_gate_counters(run.model)
+    return run.metrics.write(rec)
 
 
-def _end_epoch(
-    metrics: MetricsLog,
-    meters: dict[str, Any],
-    env: D.DistEnv,
-    model: nn.Module,
-    ema: Any,
-    bundle: DataBundle,
-    precision: Precision,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    epoch: int,
-    seconds: float,
-) -> dict[str, Any]:
+def _end_epoch(run: _Run, state: RunState, seconds: float, images_per_s: float) -> dict[str, Any]:
+    env, meters, model, ema = run.env, state.meters, run.model, run.ema
     train_loss = D.all_reduce_sum(meters["epoch_loss"].detach().clone(), env).item() / max(
         meters["epoch_n"] * env.world_size, 1
     )
     meters["epoch_loss"].zero_()
     meters["epoch_n"] = 0
     D.sync_buffers(model, env)
-    ev = evaluate(model, bundle.val, env, precision)
+    eval_t0 = time.perf_counter()
+    ev = _evaluate(run, model)
     rec: dict[str, Any] = {
         "kind": "epoch",
-        "step": step,
-        "epoch": epoch,
+        "step": state.step,
+        "epoch": state.epoch,
         "train_loss": train_loss,
         "val_loss": ev["loss"],
         "val_top1": ev["top1"],
         "val_top5": ev["top5"],
-        "lr": max(g["lr"] for g in optimizer.param_groups),
+        "lr": max(g["lr"] for g in run.optimizer.param_groups),
         "epoch_time": seconds,
+        "images_per_s": images_per_s,
     }
     if ema is not None:
         D.sync_buffers(ema.module, env)
-        ev_ema = evaluate(ema.module, bundle.val, env, precision)
+        ev_ema = _evaluate(run, ema.module)
         rec.update(
             ema_val_loss=ev_ema["loss"], ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"]
         )
-    log.info(
-        "epoch %d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%",
-        epoch, train_loss, ev["loss"], ev["top1"], ev["top5"],
-    )  # fmt: skip
-    return metrics.write(rec)
+    rec["eval_time"] = time.perf_counter() - eval_t0
+    rec.update(_epoch_rates(run.metrics.records, state.step))
+    return run.metrics.write(rec)
 
 
-def _checkpoint(
-    path: Path | None,
-    env: D.DistEnv,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    ema: Any,
-    meters: dict[str, Any],
-    cfg: TrainConfig,
-    bundle: DataBundle,
-    step: int,
-    epoch: int,
-    batch_in_epoch: int,
-    writes: bool,
-) -> None:
+def _evaluate(run: _Run, model: nn.Module) -> dict[str, float]:
+    bar = run.console.eval_bar(run.bundle.val.num_batches)
+    try:
+        return evaluate(model, run.bundle.val, run.env, run.precision, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _epoch_rates(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The epoch's mean stochastic-depth kept fraction (over its log windows) and the DropBlock
+    keep_prob at its end, from the step records written since the previous epoch record."""
+    since = next((r["step"] for r in reversed(records) if r.get("kind") == "epoch"), 0)
+    steps = [r for r in records if r.get("kind") == "step" and since < r["step"] <= step]
+    kept = [r["sd_kept"] for r in steps if r.get("sd_kept") is not None]
+    keep_prob = [r["keep_prob"] for r in steps if r.get("keep_prob") is not None]
+    out: dict[str, Any] = {}
+    if kept:
+        out["sd_kept"] = sum(kept) / len(kept)
+    if keep_prob:
+        out["keep_prob"] = keep_prob[-1]
+    return out
+
+
+def _planned(run: _Run) -> dict[str, Any]:
+    """The plan's mean survival p_l, to read the measured kept fraction against."""
+    survival = [
+        e["survival"]
+        for e in (run.prep.plan or {}).get("edits", [])
+        if e.get("kind") == "stochastic_depth" and e.get("survival") is not None
+    ]
+    return {"sd_planned": sum(survival) / len(survival)} if survival else {}
+
+
+def _written(path: Path | None, writes: bool) -> str | None:
+    return path.name if path is not None and writes else None
+
+
+def _checkpoint(run: _Run, state: RunState, batch_in_epoch: int) -> None:
+    path, env, model = run.ckpt_path, run.env, run.model
     if path is None:
         return
     # Every rank's RNG and running sums are gathered (a collective: all ranks call this).
@@ -713,31 +929,31 @@ def _checkpoint(
             "rng": capture_rng(env.device),
             "meters": {
                 k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in meters.items()
+                for k, v in state.meters.items()
             },
             "gates": _gate_counters(model),
             "generators": {k: g.get_state() for k, g in _private_generators(model).items()},
         },
         env,
     )
-    if writes:
-        state = {
+    if run.writes:
+        state_dict = {
             "format": FORMAT,
             "version": VERSION,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "per_rank": per_rank,
-            "step": step,
-            "epoch": epoch,
+            "step": state.step,
+            "epoch": state.epoch,
             "batch_in_epoch": batch_in_epoch,
             "world_size": env.world_size,
-            "num_classes": bundle.num_classes,
-            "config": cfg.to_dict(),
+            "num_classes": run.bundle.num_classes,
+            "config": run.cfg.to_dict(),
         }
-        save_checkpoint(state, path)
+        save_checkpoint(state_dict, path)
     D.barrier(env)
 
 

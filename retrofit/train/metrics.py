@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-TIMING_KEYS = frozenset({"images_per_s", "time", "epoch_time"})
+TIMING_KEYS = frozenset({"images_per_s", "time", "epoch_time", "eval_time"})
 
 
 def correct_counts(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> torch.Tensor:

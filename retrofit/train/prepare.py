@@ -12,23 +12,22 @@ lazily: the trainer is usable without regularizers while those modules are absen
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from retrofit.api import apply as retrofit_apply
+from retrofit.lint import lint
+from retrofit.recipe import Recipe, load_recipe
+from retrofit.rewrite import applied_plan
 from retrofit.techniques import model_edits
 from retrofit.train.config import TrainConfig
 
 log = logging.getLogger("retrofit.train")
-
-# The sections that edit the model, read from the one registry of techniques.
-MODEL_SECTIONS = model_edits()
 
 
 class LintFindingsError(RuntimeError):
@@ -52,35 +51,9 @@ def _finding_line(f: dict[str, Any]) -> str:
     return json.dumps(f, default=str)
 
 
-def core(name: str) -> Any:
-    """``retrofit.<name>`` if it exists yet, else None (the core is written alongside the trainer)."""
-    try:
-        mod = importlib.import_module("retrofit")
-        obj = getattr(mod, name, None)
-    except Exception:
-        # A lazy ``retrofit.__getattr__`` whose target module is missing may raise anything.
-        obj = None
-    if obj is None:
-        try:
-            obj = importlib.import_module(f"retrofit.{name}")
-        except ImportError:
-            return None
-    return obj
-
-
-def resolve_recipe(recipe: Any) -> Any:
-    """A Recipe object (or None) from a Recipe, a path, or a dict."""
-    if recipe is None:
-        return None
-    if isinstance(recipe, (str, Path, dict)):
-        load = core("load_recipe")
-        if load is not None:
-            return load(recipe)
-        if isinstance(recipe, dict) and not any(recipe.get(k) for k in (*MODEL_SECTIONS, "cutout")):
-            # Until recipe.py lands a train-only dict is still usable.
-            return SimpleNamespace(train=recipe.get("train"))
-        raise RuntimeError("retrofit.load_recipe is not available in this installation")
-    return recipe
+def resolve_recipe(recipe: Any) -> Recipe | None:
+    """A Recipe (or None) from a Recipe, a path, or a dict."""
+    return None if recipe is None else load_recipe(recipe)
 
 
 def train_config_of(recipe: Any) -> TrainConfig:
@@ -89,8 +62,10 @@ def train_config_of(recipe: Any) -> TrainConfig:
     return section if isinstance(section, TrainConfig) else TrainConfig.from_dict(section)
 
 
-def has_model_edits(recipe: Any) -> bool:
-    return recipe is not None and any(getattr(recipe, k, None) for k in MODEL_SECTIONS)
+def has_model_edits(recipe: Recipe | None) -> bool:
+    """Whether the recipe enables a technique that edits the model (read from the registry of
+    techniques each time: a technique cannot be forgotten here)."""
+    return recipe is not None and any(recipe.sections.get(k) for k in model_edits())
 
 
 def recipe_dict(recipe: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -118,9 +93,14 @@ def example_input(
 
 @dataclasses.dataclass
 class Prepared:
+    """What preparing did: the plan (dict) and its one-line summary, the lint's findings (dicts),
+    its verdict in one line, and why it did not run (``lint_skipped``) if it did not."""
+
     plan: dict[str, Any] | None
     findings: list[dict[str, Any]]
     lint_skipped: str | None
+    plan_summary: str | None = None
+    lint_verdict: str | None = None
 
 
 def prepare_model(
@@ -133,71 +113,79 @@ def prepare_model(
     out: Path | None,
     strict_lint: bool,
     apply: bool = True,
+    allow_partial: bool = True,
 ) -> Prepared:
     """Plan and apply the recipe to ``model`` (in place), lint it, write the run's preamble files.
 
     ``out`` is None on non-zero ranks: every rank edits its model, only rank 0 writes.
 
+    A ``strict_lint`` refusal writes nothing: the retry with a fixing recipe can use the same
+    ``out``.
+
     Raises:
         LintFindingsError: ``strict_lint`` and the lint reported findings.
     """
     example = example_input(input_size, device)
-    plan_dict = None
+    plan_dict = plan_summary = None
     if apply and has_model_edits(recipe):
-        apply_fn = core("apply")
-        if apply_fn is None:
-            raise RuntimeError("the recipe edits the model but retrofit.apply is not available")
         was_training = model.training
-        apply_fn(model, recipe, example_input=example)
+        retrofit_apply(model, recipe, example_input=example, allow_partial=allow_partial)
         model.train(was_training)
         # The plan apply executed (planning again would trace the model a second time).
-        applied = core("applied_plan")
-        the_plan = applied(model) if applied is not None else None
-        if the_plan is None and core("plan") is not None:
-            the_plan = core("plan")(model, recipe)
+        the_plan = applied_plan(model)
         plan_dict = the_plan.to_dict() if the_plan is not None else None
+        plan_summary = the_plan.summary() if the_plan is not None else None
 
     findings: list[dict[str, Any]] = []
-    skipped = None
-    lint_fn = core("lint")
-    if lint_fn is not None and not callable(lint_fn):  # the module retrofit.lint, not the function
-        lint_fn = getattr(lint_fn, "lint", None)
-    if not callable(lint_fn):
-        skipped = "retrofit.lint is not available in this installation"
-        log.info("lint skipped: %s", skipped)
-    else:
-        was_training = model.training
-        try:
-            findings = [
-                f.to_dict() if hasattr(f, "to_dict") else dict(f)
-                for f in lint_fn(model, example_input=example)
-            ]
-        except Exception as e:
-            # A lint crash must not cost a training run, unless the caller asked to be strict.
-            if strict_lint:
-                raise
-            skipped = f"lint failed: {type(e).__name__}: {e}"
-            log.warning("%s", skipped)
-        finally:
-            model.train(was_training)
-        for f in findings:
-            log.warning("lint: %s", _finding_line(f))
-
-    if out is not None:
-        import yaml
-
-        from retrofit.train.checkpoint import atomic_write_bytes
-
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            out / "recipe.yaml", yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False)
-        )
-        if plan_dict is not None:
-            atomic_write_bytes(out / "plan.json", json.dumps(plan_dict, indent=2, default=str))
-        atomic_write_bytes(
-            out / "lint.json",
-            json.dumps({"findings": findings, "skipped": skipped}, indent=2, default=str),
-        )
+    skipped = verdict = None
+    was_training = model.training
+    try:
+        result = lint(model, example_input=example)
+        findings = [f.to_dict() for f in result]
+        verdict = _verdict(result)
+    except Exception as e:
+        # A lint crash must not cost a training run, unless the caller asked to be strict.
+        if strict_lint:
+            raise
+        skipped = f"lint failed: {type(e).__name__}: {e}"
+        log.warning("%s", skipped)
+    finally:
+        model.train(was_training)
+    if skipped is not None:
+        verdict = f"not run ({skipped})"
     if strict_lint and findings:
         raise LintFindingsError(findings)
-    return Prepared(plan=plan_dict, findings=findings, lint_skipped=skipped)
+
+    if out is not None:
+        _write_preamble(out, recipe, cfg, plan_dict, {"findings": findings, "skipped": skipped})
+    return Prepared(
+        plan=plan_dict,
+        findings=findings,
+        lint_skipped=skipped,
+        plan_summary=plan_summary,
+        lint_verdict=verdict,
+    )
+
+
+def _write_preamble(
+    out: Path, recipe: Any, cfg: TrainConfig, plan: dict[str, Any] | None, lint: dict[str, Any]
+) -> None:
+    """The run directory's first files: the resolved recipe, the plan and the lint report."""
+    import yaml
+
+    from retrofit.train.checkpoint import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(
+        out / "recipe.yaml", yaml.safe_dump(recipe_dict(recipe, cfg), sort_keys=False)
+    )
+    if plan is not None:
+        atomic_write_bytes(out / "plan.json", json.dumps(plan, indent=2, default=str))
+    atomic_write_bytes(out / "lint.json", json.dumps(lint, indent=2, default=str))
+
+
+def _verdict(findings: Any) -> str:
+    from retrofit.lint import summary_line
+
+    line = summary_line(findings)
+    return line + ("; details in lint.json, or run retrofit-cli lint" if findings else "")
