@@ -262,7 +262,6 @@ def drop_path_placement(model: nn.Module, example_input: Any) -> DropPathPlaceme
     restored afterwards; the model's parameters are not touched.
     """
     result = DropPathPlacement()
-    names = {id(m): n for n, m in reversed(list(model.named_modules()))}
     real = {
         n: m
         for n, m in model.named_modules()
@@ -280,6 +279,29 @@ def drop_path_placement(model: nn.Module, example_input: Any) -> DropPathPlaceme
         )
     }
     watch = _Watch(_batch_of(example_input))
+    called = _watched_forward(model, example_input, slot_modules, watch)
+    reached = set()
+    for owner, slot in watch.adds:
+        if slot.startswith("inline:"):
+            result.inline.add(owner)
+            result.slots.append((owner, _slot_pattern(owner), True))
+        else:
+            reached.add(slot)
+            result.slots.append((owner, _slot_pattern(slot), slot in real))
+    real_slot_patterns = {p for _, p, is_real in result.slots if is_real}
+    result.owners = {o for o, p, _ in result.slots if p in real_slot_patterns}
+    result.not_called = [n for n in real if n not in called]
+    result.not_on_add = [n for n in real if n in called and n not in reached]
+    return result
+
+
+def _watched_forward(
+    model: nn.Module, example_input: Any, slot_modules: dict[str, nn.Module], watch: _Watch
+) -> set[str]:
+    """One training-mode forward under ``watch``, with the stack of running forwards kept and
+    every slot module's output marked; returns the slots that ran. Training flags and buffers
+    are restored afterwards."""
+    names = {id(m): n for n, m in reversed(list(model.named_modules()))}
     called: set[str] = set()
     handles = []
 
@@ -326,19 +348,7 @@ def drop_path_placement(model: nn.Module, example_input: Any) -> DropPathPlaceme
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    reached = set()
-    for owner, slot in watch.adds:
-        if slot.startswith("inline:"):
-            result.inline.add(owner)
-            result.slots.append((owner, _slot_pattern(owner), True))
-        else:
-            reached.add(slot)
-            result.slots.append((owner, _slot_pattern(slot), slot in real))
-    real_slot_patterns = {p for _, p, is_real in result.slots if is_real}
-    result.owners = {o for o, p, _ in result.slots if p in real_slot_patterns}
-    result.not_called = [n for n in real if n not in called]
-    result.not_on_add = [n for n in real if n in called and n not in reached]
-    return result
+    return called
 
 
 def _batch_of(example_input: Any) -> int:
