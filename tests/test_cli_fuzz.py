@@ -561,7 +561,7 @@ SCHEMA = {
     ("train", "grad_accum"): (1, INT64_MAX, False, False, True, False),
     ("train", "log_every"): (1, INT64_MAX, False, False, True, False),
     ("train", "seed"): (0, INT64_MAX, False, False, True, False),
-    ("train", "workers"): (0, INT64_MAX, False, False, True, False),
+    ("train", "workers"): (0, INT64_MAX, False, False, True, True),  # null: what the machine has
     ("train", "checkpoint_every"): (0, INT64_MAX, False, False, True, False),
     ("train", "img_size"): (8, INT64_MAX, False, False, True, True),
     ("train", "lr"): (0, math.inf, True, True, False, False),

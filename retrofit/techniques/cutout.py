@@ -70,9 +70,9 @@ class CutoutSpec(Spec):
                     hint = f"write {int(number)} for {int(number)} pixels"
                 raise RecipeError(field, value, allowed, hint)
             return number
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(field, value, allowed)
-        return value
+        return integer(field, value, low=1)  # pixels: an int64, like every integer of a recipe
 
 
 def parse(value: Any) -> CutoutSpec | None:
