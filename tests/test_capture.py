@@ -281,3 +281,55 @@ def test_call_keys_guard_what_the_graph_assumed():
     key = CallKey.of(leaves, spec, "none")
     assert not key.matches(*Call((x,), {"mask": x, "scale": 2}).flatten())  # None → tensor
     assert not key.matches(*Call((x,), {"mask": None, "scale": 3}).flatten())  # baked value
+
+
+class Body(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU())
+        self.layers = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1))
+                for _ in range(3)
+            ]
+        )
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Gated(nn.Module):
+    """The model's own forward branches on the data; its encoder is readable on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Body()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.mean() > 10:  # data-dependent: the root is never one graph
+            return torch.zeros(x.shape[0], 3)
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_stages_are_read_part_by_part_when_the_root_cannot_be():
+    torch.manual_seed(0)
+    model = Gated().eval()
+    x = torch.randn(2, 3, 32, 32)
+    found = retrofit.plan(
+        model, {"dropblock": {"stages": [2, 3], "block_size": 3}}, example_input=x
+    )
+    assert [s.module for s in found.skipped] == ["<root>"]
+    edits = found.by_kind("dropblock")
+    assert [(e.module, e.target) for e in edits] == [
+        ("body", "body.layers.1"),
+        ("body", "body.layers.2"),
+    ]
+    reference = model(x)
+    retrofit.apply(model, {"dropblock": {"stages": [2, 3], "block_size": 3}}, example_input=x)
+    assert torch.equal(model(x), reference)
+    with pytest.raises(retrofit.TraceError, match="placement: blocks needs"):
+        retrofit.plan(Gated().eval(), {"dropblock": {"placement": "blocks"}}, example_input=x)

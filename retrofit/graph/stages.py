@@ -167,7 +167,7 @@ class StageAnalysis:
     """The stages plus the facts the DropBlock planner needs about the full graph."""
 
     model: nn.Module
-    graph_module: fx.GraphModule
+    graph_module: fx.GraphModule | None  # None: stages read part by part (``_by_parts``)
     stages: list[Stage]
     probe_shape: tuple[int, ...]
     position: dict[fx.Node, int]
@@ -215,7 +215,7 @@ class StageAnalysis:
 
     def functional_site(self, node: fx.Node) -> CallSite:
         """The call site of a node computed by ``owner``'s own code (not a child's output)."""
-        owner = node.meta.get("owner", "")
+        owner = node.meta.get("owner_local", "")
         key = node_key(node)
         ordinal = sum(
             1
@@ -363,6 +363,7 @@ def _levels(
     size: tuple[int, int],
     batch: int,
     rank: int = 4,
+    stem_rule: bool = True,
 ) -> list[tuple[int, list[fx.Node]]]:
     """(reduction, main-path nodes at it) for every level, in execution order."""
     nodes = list(gm.graph.nodes)
@@ -388,7 +389,7 @@ def _levels(
         if not levels or r != levels[-1][0]:
             levels.append((r, []))
         levels[-1][1].append(node)
-    if rank == 4 and levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
+    if stem_rule and rank == 4 and levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
         levels = [(r, ns) for r, ns in levels if r >= _STEM_REDUCTION]
     return levels
 
@@ -487,6 +488,8 @@ def analyse_stages(
         ShapePropError: an operation cannot run on meta tensors.
     """
     traced = traced if traced is not None else trace(model, calls)
+    if not (traced.parts and traced.parts[0].prefix == ""):
+        return _by_parts(model, traced, calls)
     gm = _root_graph(model, traced)
     call = getattr(gm, "meta", {}).get("retrofit_call")
     if call is not None:
@@ -540,6 +543,106 @@ def analyse_stages(
         assert shape is not None
         analysis.stages.append(Stage(index, module, shape, r, node.name, site, found_by))
     return analysis
+
+
+def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysis:
+    """Stages of a model whose own forward cannot be one graph (control flow on tensor data):
+    read from the parts the trace could read, each propagated on its recorded call, with
+    reductions relative to the model's input; per reduction the last level in execution order.
+    Enough to list stages and place DropBlock on stage outputs (not after every block)."""
+    root = _recorded(calls, "")
+    image = next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
+    if image is None or image.ndim not in (4, 5):
+        reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
+        raise TraceError(
+            f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
+            "no recorded input tells the size of its maps"
+        )
+    size, batch, rank = (int(image.shape[-2]), int(image.shape[-1])), int(image.shape[0]), image.ndim
+    by_reduction: dict[int, tuple[str, fx.Node, str, StageAnalysis]] = {}
+    for part in traced.parts:
+        _part_levels(part, calls, size, batch, rank, by_reduction)
+    reductions = sorted(by_reduction)
+    if rank == 4 and reductions and max(reductions) >= _IMAGENET_DEPTH:
+        reductions = [r for r in reductions if r >= _STEM_REDUCTION]
+    if not reductions:
+        raise NoConvStagesError(
+            f"DropBlock does not apply: no conv feature maps in {type(model).__name__}"
+        )
+    found = []
+    for index, r in enumerate(reductions, start=1):
+        prefix, node, local, sa = by_reduction[r]
+        try:
+            site = (
+                sa.call_site(local)
+                if local and sa.module_output.get(local) is node
+                else sa.functional_site(node)
+            )
+            site = CallSite(_join(prefix, site.owner), site.node, site.key, site.ordinal, site.source)
+        except Exception:  # listing stages must not fail on a caller fx cannot re-trace alone
+            site = None
+        shape = shape_of(node)
+        assert shape is not None
+        found.append(Stage(index, _join(prefix, local), shape, r, node.name, site, "parts"))
+    return StageAnalysis(
+        model=model,
+        graph_module=None,
+        stages=found,
+        probe_shape=tuple(int(v) for v in image.shape),
+        position={},
+        module_output={},
+        calls=calls,
+    )
+
+
+def _part_levels(
+    part: Any,
+    calls: Any,
+    size: tuple[int, int],
+    batch: int,
+    rank: int,
+    into: dict[int, tuple[str, fx.Node, str, StageAnalysis]],
+) -> None:
+    """The levels of one traced part, on its recorded call: each reduction's stage end goes into
+    ``into`` (a later part overrides an earlier one at the same reduction)."""
+    gm = part.graph_module
+    call = gm.meta.get("retrofit_call") or _recorded(calls, part.prefix)
+    if call is None:
+        return
+    args = tuple(meta_like(v) for v in call.flatten()[0] if isinstance(v, torch.Tensor))
+    try:
+        propagate_shapes(gm, *args)
+    except Exception:  # a part whose shapes cannot be followed gives no stage
+        return
+    nodes = list(gm.graph.nodes)
+    flow = DataFlow.of(gm)
+    module_output = _module_outputs(nodes)
+    sa = StageAnalysis(
+        model=part.module,
+        graph_module=gm,
+        stages=[],
+        probe_shape=tuple(int(v) for v in args[0].shape) if args else (),
+        position={n: i for i, n in enumerate(nodes)},
+        module_output=module_output,
+        calls=lambda name, prefix=part.prefix: _recorded(calls, _join(prefix, name)),
+    )
+    earlier: set[str] = set()
+    levels = _levels(gm, _main_path(nodes, flow), flow, size, batch, rank, stem_rule=False)
+    for r, level in levels:
+        node, local = _stage_end(level, module_output, earlier)
+        earlier.update(_stack(node))
+        into[r] = (part.prefix, node, local, sa)
+
+
+def _recorded(calls: Any, name: str) -> Any:
+    try:
+        return calls(name) if calls is not None else None
+    except LookupError:  # NoCall: the recording forward failed
+        return None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def stages(model: nn.Module, example_input: Any = None) -> list[Stage]:

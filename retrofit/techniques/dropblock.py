@@ -340,6 +340,12 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         RecipeError: ``dropblock.stages`` names a stage the model does not have.
     """
     sa = analysis.stages
+    if sa.graph_module is None and spec.placement == "blocks":
+        raise TraceError(
+            f"dropblock.placement: blocks needs {type(analysis.model).__name__}'s forward as one "
+            "graph, and it could not be read (see the plan's skipped modules); its stages were "
+            "read part by part: use placement: stages"
+        )
     chosen = select_stages(sa.stages, spec.stages)
     # The recipe's entry for each chosen stage, for per-stage block_size / gamma_scale.
     sizes = {
