@@ -444,10 +444,8 @@ def _load_recipe(args: argparse.Namespace, path: Path) -> Any:
             if key not in overrides:
                 flags = ", ".join(_flag(k) for k in overrides)
                 raise _BadInput(f"{e} (from {flags} over {args.recipe})") from None
-            # Name the flag, not the recipe field: the flag is what the user typed.
-            raise _BadInput(
-                f"{_flag(key)} {overrides[key]!r} ({e.field}): allowed: {e.allowed}"
-            ) from None
+            # Name the flag first: the flag is what the user typed.
+            raise _BadInput(f"{_flag(key)} {overrides[key]!r}: {e}") from None
     return recipe
 
 

@@ -266,7 +266,7 @@ def test_strict_lint_refusal_leaves_out_absent(capsys, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = _run(
         capsys, "--model", BUG, "--recipe", "cutout", "--train", "--strict-lint",
-        "--data", "synthetic:32", "--img-size", "16", "--out", str(out),
+        "--data", "synthetic:32", "--img-size", "16", "--batch-size", "8", "--out", str(out),
     )  # fmt: skip
     assert code == 1 and "strict lint: 1 finding(s)" in err
     assert not out.exists()
@@ -275,7 +275,7 @@ def test_strict_lint_refusal_leaves_out_absent(capsys, tmp_path):
     fix.write_text("uout: {beta: 0.1}\ntrain: {epochs: 1, batch_size: 16, warmup_epochs: 0}\n")
     code, stdout, err = _run(
         capsys, "--model", BUG, "--recipe", str(fix), "--train", "--strict-lint",
-        "--data", "synthetic:32", "--img-size", "16", "--out", str(out),
+        "--data", "synthetic:32", "--img-size", "16", "--batch-size", "8", "--out", str(out),
     )  # fmt: skip
     assert code == 0, err
     assert "lint: clean" in stdout and (out / "model.safetensors").is_file()

@@ -70,9 +70,10 @@ CASES = [
     # --- NFNet: NormFreeBlock is in timm's no-trace registry, so the whole-model trace keeps it
     # a leaf; traced on its own (trace() expands no-trace leaves) each block shows its residual
     ("timm:dm_nfnet_f0", 12, 12, "1+2+6+3 NormFreeBlocks", set()),
-    # --- MetaFormers: the pooling token mixer has no learned map, so only the MLP residual
-    ("timm:efficientformer_l1", 16, 15, "(3+2+6+3) Meta4D × 1 + 1 Meta3D × 2", set()),
-    ("timm:poolformer_s12", 12, 12, "(2+2+6+2) blocks × 1 (MLP)", set()),
+    # --- MetaFormers: the pooling token mixer has no learned map, but timm puts a drop-path slot
+    # on it (``drop_path1``, an Identity at rate 0), which makes it a site: mixer + MLP per block
+    ("timm:efficientformer_l1", 30, 15, "(3+2+6+3) Meta4D × 2 + 1 Meta3D × 2", set()),
+    ("timm:poolformer_s12", 24, 12, "(2+2+6+2) blocks × 2 (pooling mixer, MLP)", set()),
     # --- class-attention heads timm builds without drop path
     # CaiT: 24 blocks × 2, + token-only blocks: block 0's attention add reads the class token
     # parameter (not input-dependent), so 1 + 2
