@@ -8,6 +8,7 @@
     retrofit-cli --model resnet50 --recipe recipes/sd.yaml --train    # fine-tune (digits default)
     retrofit-cli --model resnet50 --stages                            # DropBlock's stage indices
     retrofit-cli lint --model densenet121 --model-kwargs drop_rate=0.2
+    retrofit-cli compare --model resnet18 --recipes a.yaml b.yaml --seeds 5 --out DIR
 
 Exit codes: 0 ok; 1 lint findings (``lint``, and ``--train --strict-lint``); 2 bad input (recipe,
 model name, kwargs, weights, data, output directory), reported as one line on stderr with nothing
@@ -141,6 +142,10 @@ _TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "seed")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:  # its own parser and exit codes: retrofit/compare/command.py
+        from retrofit.compare import main as compare
+
+        return compare(argv[1:])
     is_lint = bool(argv) and argv[0] == "lint"
     parser = _lint_parser() if is_lint else _main_parser()
     try:
