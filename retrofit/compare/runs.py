@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -93,14 +92,10 @@ def run(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
         and prior.get("fingerprint") == fingerprint
         and (d / "checkpoint.pt").is_file()
     )
-    if d.exists() and not resume:
+    if not resume:
         if prior is not None and prior.get("fingerprint") != fingerprint:
             log.warning("%s: settings changed since it ran; starting it again", spec.label)
-        shutil.rmtree(d)
-    if not resume:
-        prior = {"fingerprint": fingerprint, "attempts": [], "variant": spec.variant.name}
-        d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / RUN_NAME, prior)
+        prior = _start_over(spec, fingerprint)
     assert prior is not None
     from retrofit.errors import ModelError
 
@@ -111,11 +106,17 @@ def run(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
             raise
         # An unreadable or foreign checkpoint: the run cannot continue, so it starts over.
         log.warning("%s: cannot resume (%s); starting it again", spec.label, e)
-        shutil.rmtree(d)
-        d.mkdir(parents=True)
-        prior = {"fingerprint": fingerprint, "attempts": [], "variant": spec.variant.name}
-        _write_json(d / RUN_NAME, prior)
-        return _train(spec, fingerprint, prior, False)
+        return _train(spec, fingerprint, _start_over(spec, fingerprint), False)
+
+
+def _start_over(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
+    """An empty run directory holding only ``run.json`` (whatever was there is removed)."""
+    if spec.dir.exists():
+        shutil.rmtree(spec.dir)
+    spec.dir.mkdir(parents=True)
+    prior = {"fingerprint": fingerprint, "attempts": [], "variant": spec.variant.name}
+    _write_json(spec.dir / RUN_NAME, prior)
+    return prior
 
 
 def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -213,7 +214,3 @@ def _device_of(model: Any) -> Any:
 
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

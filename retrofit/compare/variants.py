@@ -52,9 +52,6 @@ class Variant:
         """The recipe of this variant's run with ``seed`` (``train.seed`` set)."""
         return {**self.recipe, "train": {**self.recipe.get("train", {}), "seed": seed}}
 
-    def techniques(self) -> list[str]:
-        return [k for k in self.recipe if k != "train"]
-
 
 @dataclass(frozen=True)
 class Settings:
