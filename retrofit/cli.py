@@ -239,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
 
     # Only planning needs no weights: build on the meta device (no memory, no init time).
     real = bool(args.train or out)
+    if args.train:  # torch seeds itself at random per process: random initial weights need a seed
+        _seed_weights(recipe)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
     if args.weights:
         load_weights(model, args.weights)
@@ -267,6 +269,14 @@ def _run(args: argparse.Namespace) -> int:
         if out is not None:
             print(f"wrote {out}/ (model.safetensors, recipe.yaml, plan.json)")
     return EXIT_OK
+
+
+def _seed_weights(recipe: Any) -> None:
+    import torch
+
+    from retrofit.train.prepare import train_config_of
+
+    torch.manual_seed(train_config_of(recipe).seed)
 
 
 def _given(args: argparse.Namespace, key: str) -> bool:

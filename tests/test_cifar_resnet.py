@@ -85,7 +85,7 @@ def test_retrofitted_resnet20_trains_its_gates_and_keeps_eval_output():
     gates = [m for m in model.modules() if type(m).__name__ == "StochasticDepthGate"]
     assert len(gates) == 9
     model.train()
-    for _ in range(20):
+    for _ in range(8):  # P(no block dropped in 8 steps) = Π p_l^8 < 1e-9
         model(x).sum().backward()
     assert all(g.calls > 0 for g in gates)  # every gate ran in training
     assert 0 < sum(g.kept for g in gates) < sum(g.calls for g in gates)  # and some dropped
