@@ -170,9 +170,48 @@ def check() -> dict[str, Any]:
         "run_identical": all(mine[k] == theirs[k] for k in keys),
         "compared": {k: [theirs[k], mine[k]] for k in keys},
     }
+    result["collapsed"] = collapsed_runs()
     (ROOT / RUNS / "check.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
+
+
+def collapsed_runs(margin: float = 0.05) -> list[dict[str, Any]]:
+    """Runs whose test accuracy fell more than ``margin`` below every baseline seed's: each one's
+    test accuracy again after ``retrofit.recalibrate_bn`` on its training images (weights
+    untouched). Tells a collapse of the BatchNorm running statistics from one of the weights."""
+    import torch
+
+    from retrofit.compare.runs import accuracy
+    from retrofit.fixes import recalibrate_bn
+    from retrofit.models import create_model
+    from retrofit.train import load_weights
+    from retrofit.train.config import TrainConfig
+    from retrofit.train.data import build_data
+
+    torch.set_num_threads(1)
+    out = []
+    for part in STUDIES:
+        table = json.loads((ROOT / RUNS / part / "table.json").read_text())
+        floor = min(r["test_acc"] for r in table["runs"] if r["variant"] == table["baseline"])
+        for rec in table["runs"]:
+            if rec["test_acc"] >= floor - margin:
+                continue
+            run_dir = ROOT / RUNS / part / "runs" / rec["variant"] / f"seed{rec['seed']}"
+            n = json.loads((run_dir / "model.json").read_text())["num_classes"]
+            kwargs = {**rec["model_kwargs"], "num_classes": n}
+            model, _ = create_model(rec["model"], kwargs=kwargs)
+            load_weights(model, run_dir / "model.safetensors")
+            cfg = TrainConfig.from_dict(rec["recipe"]["train"])
+            data = build_data(table["settings"]["data"], model, cfg)
+            before = accuracy(model, data.val, torch.device("cpu"))
+            recalibrate_bn(model, data.train_eval().iter_epoch())
+            after = accuracy(model, data.val, torch.device("cpu"))
+            mode = (rec["recipe"].get("stochastic_depth") or {}).get("mode")
+            out.append({"study": part, "variant": rec["variant"], "seed": rec["seed"],
+                        "test_acc": before, "after_recalibrate_bn": after,
+                        "stochastic_depth_mode": mode})  # fmt: skip
+    return out
 
 
 # --- the doc ----------------------------------------------------------------------------------
@@ -206,6 +245,19 @@ def headline(table: dict[str, Any]) -> dict[str, Any]:
     return {"base": base, "better": better, "worse": worse, "neutral": neutral, "best": best}
 
 
+def _holm_note(table: dict[str, Any], r: dict[str, Any]) -> str:
+    k = sum(1 for row in table["rows"] if not row["baseline"])
+    ph = r["vs_baseline"].get("p_holm")
+    if ph is None:
+        return ""
+    kept = "still significant" if ph < 0.05 else "not significant"
+    return f"; {kept} after Holm's correction for the {k} comparisons"
+
+
+def _effect_holm(table: dict[str, Any], r: dict[str, Any]) -> str:
+    return _effect(r)[:-1] + _holm_note(table, r) + ")"
+
+
 def _headline_text(name: str, regime: str, table: dict[str, Any]) -> str:
     h = headline(table)
     base = h["base"]
@@ -215,16 +267,17 @@ def _headline_text(name: str, regime: str, table: dict[str, Any]) -> str:
         f"(train {_pct(base['train_acc']['mean'])}%, gap {_pct(base['gap']['mean'])} points)."
     ]
     if h["better"]:
-        parts.append("Significantly better: " + "; ".join(_effect(r) for r in h["better"]) + ".")
-    else:
-        best = h["best"]
         parts.append(
-            "No variant is significantly better at p < 0.05; the best mean is "
-            + _effect(best)
-            + "."
+            "Better at p < 0.05: " + "; ".join(_effect_holm(table, r) for r in h["better"]) + "."
+        )
+    else:
+        parts.append(
+            "No variant is better at p < 0.05; the best mean is " + _effect(h["best"]) + "."
         )
     if h["worse"]:
-        parts.append("Significantly worse: " + "; ".join(_effect(r) for r in h["worse"]) + ".")
+        parts.append(
+            "Worse at p < 0.05: " + "; ".join(_effect_holm(table, r) for r in h["worse"]) + "."
+        )
     if h["neutral"]:
         parts.append(
             "Not significantly different: "
@@ -233,28 +286,65 @@ def _headline_text(name: str, regime: str, table: dict[str, Any]) -> str:
             )
             + "."
         )
+    # Variants whose seeds spread far more than the baseline's: say so, with the range, so a mean
+    # pulled down by one collapsed run is not read as a uniform loss.
+    spread = [
+        r
+        for r in table["rows"]
+        if not r["baseline"]
+        and r["test_acc"]["ci95"] is not None
+        and base["test_acc"]["ci95"] is not None
+        and r["test_acc"]["ci95"] > 2 * base["test_acc"]["ci95"]
+    ]
+    if spread:
+        parts.append(
+            "Seeds spread more than twice as widely as the baseline's for "
+            + ", ".join(
+                f"`{r['variant']}` (test accuracy {_pct(min(r['test_acc']['values']))}–"
+                f"{_pct(max(r['test_acc']['values']))}%)"
+                for r in spread
+            )
+            + "."
+        )
     return " ".join(parts)
 
 
-def _readme_line(tables: dict[str, dict[str, Any]]) -> str:
-    bits = []
-    for part, regime in (("finetune", "fine-tuning on 10 images per class"),
-                         ("small_data", "training from scratch on 10 images per class")):  # fmt: skip
-        h = headline(tables[part])
+def _short(tables: dict[str, dict[str, Any]]) -> str:
+    """One sentence per regime: what helped or hurt, by how much, how significant."""
+    sentences = []
+    for part, regime in (("finetune", "Fine-tuning a pretrained ResNet-56"),
+                         ("small_data", "ResNet-20 from scratch")):  # fmt: skip
+        table = tables[part]
+        h = headline(table)
+
+        def effect(r: dict[str, Any], table: dict[str, Any] = table, holm: bool = True) -> str:
+            vs = r["vs_baseline"]
+            note = _holm_note(table, r).replace("; ", ", ") if holm else ""
+            return f"`{r['variant']}` by {vs['diff'] * 100:+.1f} points (p {_p(vs['p'])}{note})"
+
+        said = []
         if h["better"]:
-            top = h["better"][0]
-            bits.append(
-                f"{regime}, `{top['variant']}` helped most ({top['vs_baseline']['diff'] * 100:+.1f} "
-                f"points of test accuracy, p {_p(top['vs_baseline']['p'])})"
-            )
-        else:
-            bits.append(f"{regime}, no technique helped significantly")
+            said.append("better: " + ", ".join(effect(r) for r in h["better"]))
         if h["worse"]:
-            bits[-1] += ", and " + ", ".join(f"`{r['variant']}`" for r in h["worse"]) + " hurt"
+            said.append("worse: " + ", ".join(effect(r) for r in h["worse"]))
+        if not said:
+            best = effect(h["best"], holm=False).replace(" by ", " ")
+            text = f"no technique was better or worse at p < 0.05 (best mean: {best})"
+        else:
+            text = "; ".join(said)
+            if not h["worse"]:
+                text += "; none worse"
+            if not h["better"]:
+                text = "none better; " + text
+        sentences.append(f"{regime}: {text}.")
+    return " ".join(sentences)
+
+
+def _readme_line(tables: dict[str, dict[str, Any]]) -> str:
     return (
-        "**Where it helps** ([docs/results.md](docs/results.md), 5 seeds, CPU): "
-        + "; ".join(bits)
-        + "."
+        f"**Measured** ([docs/results.md](docs/results.md); digits, 10 training images per "
+        f"class, {SEEDS} seeds, test accuracy against no regularizer, Welch's t-test) — "
+        + _short(tables)
     )
 
 
@@ -306,6 +396,9 @@ def write_docs() -> None:
         "",
         "## Headline",
         "",
+        f"**In short** (10 training images per class, {SEEDS} seeds, test accuracy against the "
+        "same model without a regularizer) — " + _short(tables),
+        "",
         _headline_text(
             "Fine-tuning",
             "ResNet-56 pretrained on digits 0–5, fine-tuned on digits 6–9 with 10 images per class",
@@ -348,7 +441,7 @@ def write_docs() -> None:
         "The tool's use case: a model pretrained on one task, fine-tuned on a small new one. "
         "`examples/cifar_resnet.py`'s ResNet-56 (27 residual blocks, He et al. 2016; a user model "
         "retrofitted through `package.module:factory`) is pretrained here on the digit classes "
-        f"0–5 ({pre['data']}; validation top-1 {pre['metrics']['val_top1']:.1f}% after "
+        f"0–5 (data: {pre['data']}; validation top-1 {pre['metrics']['val_top1']:.1f}% after "
         f"{pre['epoch']} epochs), then every variant fine-tunes it on classes 6–9 with 10 "
         "training images per class (a fixed draw: the same images for every seed); the test set "
         "is the held-out 20% of classes 6–9. The classifier is new (4 classes, initialised from "
@@ -429,6 +522,28 @@ def write_docs() -> None:
         ),
         "",
     ]
+    for c in (checked or {}).get("collapsed", []):
+        lines += [
+            f"**A collapsed run.** `{c['study']}` / `{c['variant']}` seed {c['seed']} ended at "
+            f"{_pct(c['test_acc'])}% test accuracy, below every baseline seed. Re-estimating its "
+            "BatchNorm running statistics on its own training images (`retrofit.recalibrate_bn`, "
+            f"weights untouched) gives {_pct(c['after_recalibrate_bn'])}%"
+            + (
+                ": the weights were fine, the running statistics were not. That is what batch "
+                "mode makes likely: one keep-or-drop draw per block per step, so the running "
+                "averages a BatchNorm keeps over its last few steps (momentum 0.1) describe "
+                "whichever blocks happened to run then, not the full network evaluation runs."
+                if c["after_recalibrate_bn"] - c["test_acc"] > 0.05
+                and c.get("stochastic_depth_mode") == "batch"
+                else (
+                    ": the weights were fine, the running statistics were not."
+                    if c["after_recalibrate_bn"] - c["test_acc"] > 0.05
+                    else "."
+                )
+            )
+            + " (`python tools/study.py --check`)",
+            "",
+        ]
     if checked:
         same = checked["pretrain_weights_identical"] and checked["run_identical"]
         lines += [
