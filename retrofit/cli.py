@@ -10,6 +10,7 @@
     retrofit-cli lint --model densenet121 --model-kwargs drop_rate=0.2 [--max 5]
     retrofit-cli models 'resnet*'                                     # names the zoos know
     retrofit-cli recipes                                              # the shipped recipe cards
+    retrofit-cli compare --model resnet18 --recipes a.yaml b.yaml --seeds 5 --out DIR
 
 Exit codes: 0 ok; 1 lint findings (``lint``, and ``--train --strict-lint``); 2 bad input (recipe,
 model name, kwargs, weights, data, device, output directory, a full disk), reported as one line on
@@ -256,6 +257,10 @@ def _recipes_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:  # its own parser and exit codes: retrofit/compare/command.py
+        from retrofit.compare import main as compare
+
+        return compare(argv[1:])
     command = SUBCOMMANDS.get(argv[0]) if argv else None
     if command is not None:
         parser, run, argv = command.parser(), command.run, argv[1:]
@@ -361,7 +366,8 @@ def _run(args: argparse.Namespace) -> int:
     # Only planning needs no weights: build on the meta device (no memory, no init time).
     real = bool(args.train or out)
     if args.train:
-        # --seed seeds everything, the model's initial weights included (fit seeds the rest).
+        # --seed seeds everything, the model's initial weights included (fit seeds the rest):
+        # torch seeds itself at random per process.
         from retrofit.train.loop import seed_all
         from retrofit.train.prepare import train_config_of
 

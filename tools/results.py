@@ -17,7 +17,8 @@ reference (baseline / buggy) Welch's t-test on test accuracy (``scipy.stats.ttes
 ``equal_var=False``): an effect is called significant only at p < 0.05.
 
 Every run appends one JSON line to the results file (resumable: finished (experiment, variant,
-seed) runs are skipped). Then ``docs/results.md`` and ``docs/results_*.png`` are written::
+seed) runs are skipped). Then ``docs/results_short.md`` and ``docs/results_*.png`` are written
+(``docs/results.md`` is the longer study of ``tools/study.py``)::
 
     python tools/results.py                    # all runs (resumes), then the docs
     python tools/results.py --docs             # docs only, from the results file
@@ -182,15 +183,11 @@ def _ms(xs: list[float]) -> tuple[float, float]:
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p (nan when undefined: < 2 runs or zero variance)."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return (math.nan, 1.0) if statistics.fmean(a) == statistics.fmean(b) else (math.inf, 0.0)
-    from scipy.stats import ttest_ind
+    """Welch's t statistic and two-sided p (nan when undefined: < 2 runs), as compare reports it."""
+    from retrofit.compare.stats import welch as welch_test
 
-    t, p = ttest_ind(a, b, equal_var=False)
-    return float(t), float(p)
+    w = welch_test(a, b)
+    return w.t, w.p
 
 
 def summarise(recs: list[dict]) -> dict[str, list[dict]]:
@@ -383,8 +380,8 @@ def write_docs(path: Path, args: argparse.Namespace, docs: Path = DOCS) -> None:
         img = f"results_{exp}.png"
         if img in images:
             lines += [f"![{exp}]({img})", ""]
-    (docs / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {docs / 'results.md'} and {', '.join(images)}")
+    (docs / "results_short.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {docs / 'results_short.md'} and {', '.join(images)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", choices=list(EXPERIMENTS), nargs="+", default=list(EXPERIMENTS))
     ap.add_argument("--variant", nargs="+", default=None, help="only these variants")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    ap.add_argument("--docs", action="store_true", help="only regenerate docs/results.*")
+    ap.add_argument(
+        "--docs", action="store_true", help="only regenerate docs/results_short.md and its plots"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import logging

@@ -551,14 +551,20 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     reductions relative to the model's input; per reduction the last level in execution order.
     Enough to list stages and place DropBlock on stage outputs (not after every block)."""
     root = _recorded(calls, "")
-    image = next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
+    image = (
+        next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
+    )
     if image is None or image.ndim not in (4, 5):
         reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
         raise TraceError(
             f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
             "no recorded input tells the size of its maps"
         )
-    size, batch, rank = (int(image.shape[-2]), int(image.shape[-1])), int(image.shape[0]), image.ndim
+    size, batch, rank = (
+        (int(image.shape[-2]), int(image.shape[-1])),
+        int(image.shape[0]),
+        image.ndim,
+    )
     by_reduction: dict[int, tuple[str, fx.Node, str, StageAnalysis]] = {}
     for part in traced.parts:
         _part_levels(part, calls, size, batch, rank, by_reduction)
@@ -578,7 +584,9 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
                 if local and sa.module_output.get(local) is node
                 else sa.functional_site(node)
             )
-            site = CallSite(_join(prefix, site.owner), site.node, site.key, site.ordinal, site.source)
+            site = CallSite(
+                _join(prefix, site.owner), site.node, site.key, site.ordinal, site.source
+            )
         except Exception:  # listing stages must not fail on a caller fx cannot re-trace alone
             site = None
         shape = shape_of(node)

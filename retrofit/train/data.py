@@ -3,7 +3,7 @@
 ``build_data(spec, model, cfg)`` turns the CLI's ``--data`` value into a :class:`DataBundle`:
 
 ==========================  ===================================================================
-``None``                    scikit-learn's handwritten digits (1797 real 8×8 grey images, 10
+``None`` or ``"digits"``    scikit-learn's handwritten digits (1797 real 8×8 grey images, 10
                             classes, shipped with scikit-learn: no download). Stratified split,
                             ``val_fraction`` held out, with a fixed split seed (0) so runs with
                             different ``train.seed`` are scored on the same images. Images are
@@ -13,6 +13,13 @@
                             digits further adds no information and 32 px keeps a CPU run to
                             seconds per epoch — unless the model only accepts its pretrained
                             size (ViTs), which is then used.
+``"digits:OPTION:…"``       a part of the digits: ``classes=6-9`` (or ``0,2,4-6``) keeps those
+                            classes, relabelled 0..k−1 in increasing order; ``per_class=N``
+                            trains on N images per class, a fixed draw from the training split
+                            (the same images for every ``train.seed``). The validation split is
+                            unchanged (restricted to the classes). Transfer and small-data
+                            studies: pretrain on ``digits:classes=0-5``, fine-tune on
+                            ``digits:classes=6-9:per_class=10``.
 ``"synthetic"`` or          random normalised images with random labels, ``N`` training images
 ``"synthetic:N"``           (default 512) and ``N // 4`` validation ones, at the model's input
                             size; for smoke tests and throughput, not for accuracy.
@@ -32,6 +39,7 @@ Both follow :class:`~retrofit.train.sampler.ResumableSampler`, so their order is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -55,6 +63,9 @@ DIGITS_DEFAULT_SIDE = 32
 DIGITS_SPLIT_SEED = 0
 SYNTHETIC_DEFAULT_N = 512
 DEVICE_RESIDENT_BYTES = 2 << 30  # in-memory sets up to 2 GiB live on the GPU during training
+# Evaluation batches of the in-memory sets: no backward and no stored activations, so they can be
+# much larger than a (small-data) training batch; per-call overhead then stops dominating eval.
+EVAL_BATCH = 256
 
 
 log = logging.getLogger("retrofit.train")
@@ -249,6 +260,23 @@ class DataBundle:
             "std": list(self.std),
         }
 
+    def train_eval(self) -> TensorBatches | LoaderBatches:
+        """The training split as evaluation batches: every image once, in order, without the
+        training augmentation (a file set is read with the validation transform). A train
+        accuracy measured on these is comparable with the validation accuracy, so their
+        difference is the generalization gap."""
+        tr, va = self.train, self.val
+        if isinstance(tr, TensorBatches):
+            return TensorBatches(tr.images, tr.labels, max(tr.batch_size, EVAL_BATCH), train=False)
+        base = tr.loader.dataset
+        base = base.dataset if isinstance(base, SeededDataset) else base
+        view = copy.copy(base)  # shares the file list; only the transform differs
+        if hasattr(view, "transform"):
+            view.transform = getattr(va.loader.dataset, "transform", None)
+        return LoaderBatches(
+            view, tr.batch_size, train=False, workers=tr.loader.num_workers, pin_memory=False
+        )
+
 
 def model_data_config(model: nn.Module, cfg: TrainConfig | None = None) -> dict[str, Any]:
     """timm's data config for ``model`` (input size, mean, std, interpolation, crop) with
@@ -288,8 +316,8 @@ def build_data(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     pin_memory = dev.type == "cuda"
     kw = dict(rank=rank, world_size=world_size)
-    if spec is None or str(spec) == "digits":
-        bundle = _digits(model, cfg, **kw)
+    if spec is None or str(spec) == "digits" or str(spec).startswith("digits:"):
+        bundle = _digits(model, cfg, parse_digits_spec(None if spec is None else str(spec)), **kw)
     elif str(spec) == "synthetic" or str(spec).startswith("synthetic:"):
         bundle = _synthetic(str(spec), model, cfg, **kw)
     else:
@@ -314,6 +342,10 @@ def steps_per_epoch(bundle: DataBundle, cfg: TrainConfig) -> int:
             "or grad_accum"
         )
     return steps
+
+
+def _eval_batch(cfg: TrainConfig) -> int:
+    return max(cfg.batch_size, EVAL_BATCH)
 
 
 def _accepts_side(model: nn.Module, channels: int, side: int) -> bool:
@@ -367,7 +399,112 @@ def stratified_split(
     )
 
 
-def _digits(model: nn.Module, cfg: TrainConfig, *, rank: int, world_size: int) -> DataBundle:
+@dataclass(frozen=True)
+class DigitsSubset:
+    """Which part of the digits a ``digits:…`` spec asks for (None: all of it)."""
+
+    classes: tuple[int, ...] | None = None
+    per_class: int | None = None
+    spec: str = field(default="digits", compare=False)  # as the user wrote it, for errors
+
+    @property
+    def whole(self) -> bool:
+        return self.classes is None and self.per_class is None
+
+    def describe(self) -> str:
+        parts = []
+        if self.classes is not None:
+            parts.append("classes " + ",".join(map(str, self.classes)))
+        if self.per_class is not None:
+            parts.append(f"{self.per_class} train images/class")
+        return ", ".join(parts)
+
+
+_DIGITS_FORM = "'digits', or 'digits:classes=A-B:per_class=N' (either option may be left out)"
+
+
+def parse_digits_spec(spec: str | None) -> DigitsSubset:
+    """``"digits:classes=6-9:per_class=10"`` → ``DigitsSubset((6, 7, 8, 9), 10)``.
+
+    Raises:
+        DataError: an unknown option, a class outside 0..9, or a count that is not an integer >= 1.
+    """
+    if spec is None or spec == "digits":
+        return DigitsSubset(spec="digits")
+    options: dict[str, str] = {}
+    for part in spec.split(":")[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("classes", "per_class") or not value:
+            raise DataError(f"--data {spec!r}: bad option {part!r}; expected {_DIGITS_FORM}")
+        if key in options:
+            raise DataError(f"--data {spec!r}: option {key!r} is given twice")
+        options[key] = value
+    classes = None
+    if "classes" in options:
+        chosen: set[int] = set()
+        for item in options["classes"].split(","):
+            lo, dash, hi = item.partition("-")
+            try:
+                a, b = int(lo), int(hi if dash else lo)
+            except ValueError:
+                a = b = -1
+            if not (0 <= a <= b <= 9):
+                raise DataError(
+                    f"--data {spec!r}: classes item {item!r} is not a digit 0-9 or a range A-B "
+                    "of them (e.g. classes=6-9 or classes=0,2,4-6)"
+                )
+            chosen.update(range(a, b + 1))
+        if len(chosen) < 2:
+            raise DataError(f"--data {spec!r}: a classification task needs at least 2 classes")
+        classes = tuple(sorted(chosen))
+    per_class = None
+    if "per_class" in options:
+        try:
+            per_class = int(options["per_class"])
+        except ValueError:
+            per_class = 0
+        if per_class < 1:
+            raise DataError(
+                f"--data {spec!r}: per_class={options['per_class']!r} is not an integer >= 1"
+            )
+    return DigitsSubset(classes, per_class, spec)
+
+
+def _digits_subset(
+    target: np.ndarray, tr: torch.Tensor, va: torch.Tensor, subset: DigitsSubset
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[int]]:
+    """Restrict the split to ``subset``: (train indices, val indices, remapped labels, classes)."""
+    classes = list(subset.classes) if subset.classes is not None else list(range(10))
+    keep = np.isin(target, classes)
+    tr, va = tr[keep[tr.numpy()]], va[keep[va.numpy()]]
+    if subset.per_class is not None:
+        # A fixed draw (its own seed, not train.seed): every run of a study sees the same images.
+        rng = np.random.RandomState(DIGITS_SPLIT_SEED)
+        chosen = []
+        for c in classes:
+            idx = tr.numpy()[target[tr.numpy()] == c].copy()
+            if len(idx) < subset.per_class:
+                raise DataError(
+                    f"--data {subset.spec!r}: per_class={subset.per_class} but class {c} has only "
+                    f"{len(idx)} training images"
+                )
+            rng.shuffle(idx)
+            chosen.append(idx[: subset.per_class])
+        tr = torch.from_numpy(np.sort(np.concatenate(chosen)))
+    relabel = np.full(10, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    return tr, va, relabel[target], classes
+
+
+def _digits(
+    model: nn.Module,
+    cfg: TrainConfig,
+    subset: DigitsSubset | None = None,
+    *,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    subset = subset or DigitsSubset()
     data_cfg = model_data_config(model, cfg)
     channels = int(data_cfg["input_size"][0])
     if cfg.img_size:
@@ -383,8 +520,12 @@ def _digits(model: nn.Module, cfg: TrainConfig, *, rank: int, world_size: int) -
     mean = torch.tensor(data_cfg["mean"][:channels]).view(1, -1, 1, 1)
     std = torch.tensor(data_cfg["std"][:channels]).view(1, -1, 1, 1)
     images = ((images - mean) / std).contiguous()
-    labels = torch.from_numpy(target)
     tr, va = stratified_split(target, cfg.val_fraction, DIGITS_SPLIT_SEED)
+    classes = list(range(10))
+    if not subset.whole:
+        tr, va, target, classes = _digits_subset(target, tr, va, subset)
+    labels = torch.from_numpy(target)
+    what = "" if subset.whole else f"{subset.describe()}, "
     return DataBundle(
         train=TensorBatches(
             images[tr],
@@ -396,14 +537,14 @@ def _digits(model: nn.Module, cfg: TrainConfig, *, rank: int, world_size: int) -
             world_size=world_size,
         ),
         val=TensorBatches(
-            images[va], labels[va], cfg.batch_size, train=False, rank=rank, world_size=world_size
+            images[va], labels[va], _eval_batch(cfg), train=False, rank=rank, world_size=world_size
         ),
-        num_classes=10,
+        num_classes=len(classes),
         input_size=(channels, side, side),
-        class_names=[str(i) for i in range(10)],
+        class_names=[str(i) for i in classes],
         mean=tuple(data_cfg["mean"][:channels]),
         std=tuple(data_cfg["std"][:channels]),
-        source=f"sklearn digits ({len(tr)} train / {len(va)} val, {side}px)",
+        source=f"sklearn digits ({what}{len(tr)} train / {len(va)} val, {side}px)",
     )
 
 
@@ -440,7 +581,7 @@ def _synthetic(
             world_size=world_size,
         ),
         val=TensorBatches(
-            x[n:], y[n:], cfg.batch_size, train=False, rank=rank, world_size=world_size
+            x[n:], y[n:], _eval_batch(cfg), train=False, rank=rank, world_size=world_size
         ),
         num_classes=num_classes,
         input_size=(c, h, w),
@@ -454,7 +595,8 @@ def _synthetic(
 _CIFAR_DIRS = {"cifar-10-batches-py": "CIFAR10", "cifar-100-python": "CIFAR100"}
 _VAL_DIRS = ("val", "validation")
 _EXPECTED = (
-    "expected 'synthetic', 'synthetic:N', nothing (the embedded digits), an ImageFolder directory "
+    "expected 'synthetic', 'synthetic:N', nothing or 'digits[:classes=A-B][:per_class=N]' (the "
+    "embedded digits), an ImageFolder directory "
     "with train/ and val/ sub-folders of one folder per class, or a CIFAR-10/100 directory in "
     "torchvision's format (containing cifar-10-batches-py/ or cifar-100-python/)"
 )
