@@ -55,14 +55,20 @@ def drop_rate_attribute(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     ``*DropPath`` class with a float ``drop_prob`` and no parameters.
     """
     name = type(module).__name__
+    if name == "StochasticDepth":
+        attr, extra = "p", {"mode": "row"}
+    elif name.endswith("DropPath"):
+        attr, extra = (
+            "drop_prob",
+            {"scale_by_keep": True} if hasattr(module, "scale_by_keep") else {},
+        )
+    else:
+        return None
+    if not isinstance(getattr(module, attr, None), float | int):
+        return None
     if next(module.parameters(), None) is not None:
         return None
-    if name == "StochasticDepth" and isinstance(getattr(module, "p", None), float | int):
-        return "p", {"mode": "row"}
-    if name.endswith("DropPath") and isinstance(getattr(module, "drop_prob", None), float | int):
-        extra = {"scale_by_keep": True} if hasattr(module, "scale_by_keep") else {}
-        return "drop_prob", extra
-    return None
+    return attr, extra
 
 
 def is_existing_regularizer(module: nn.Module) -> bool:

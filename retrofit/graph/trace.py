@@ -286,6 +286,13 @@ def default_args(module: nn.Module) -> dict[str, Any]:
     }
 
 
+try:
+    # Generates the graph's Python only when it is first run: the analyses read graphs, they do
+    # not run them (a tenth of a ResNet-50 trace is code generation).
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - a torch without it
+    _GraphModule = fx.GraphModule
+
 # How many traces this process made, by kind: what the "one trace per owner" rule is held to.
 TRACES: Counter[str] = Counter()
 
@@ -333,7 +340,7 @@ def trace_module(
 ) -> fx.GraphModule:
     """Trace one module (raises whatever fx raises when it cannot)."""
     traced = trace_graph(module, shallow=shallow, call=call)
-    gm = fx.GraphModule(module, traced.graph, module.__class__.__name__)
+    gm = _GraphModule(module, traced.graph, module.__class__.__name__)
     gm.meta["retrofit_call"] = call
     return gm
 
