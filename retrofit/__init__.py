@@ -32,9 +32,10 @@ from retrofit.errors import (
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from retrofit import schedule
+    from retrofit.analysis import stages
     from retrofit.api import RetrofitWarning, apply
     from retrofit.fixes import recalibrate_bn
-    from retrofit.graph.stages import Stage, stages
+    from retrofit.graph.stages import Stage
     from retrofit.lint import Finding, lint, measure_variance_shift
     from retrofit.plan import Edit, Plan, plan
     from retrofit.recipe import Recipe, load_recipe
@@ -74,7 +75,7 @@ _LAZY = {
     "RetrofitWarning": "retrofit.api",
     "recalibrate_bn": "retrofit.fixes",
     "Stage": "retrofit.graph.stages",
-    "stages": "retrofit.graph.stages",
+    "stages": "retrofit.analysis",
     "Finding": "retrofit.lint",
     "lint": "retrofit.lint",
     "measure_variance_shift": "retrofit.lint",

@@ -33,10 +33,10 @@ from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, traini
 from retrofit.graph.outline import NotOutlinable, branch_region
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.residual import ResidualSite, find_residual_sites
-from retrofit.graph.stages import StageAnalysis, analyse_stages
+from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
 
-__all__ = ["Analysis", "probe_for"]
+__all__ = ["Analysis", "probe_for", "stages"]
 
 
 def probe_for(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -171,3 +171,20 @@ class Analysis:
         except LookupError:
             return None  # the rewrite locates it again and reports a mismatch
         return None
+
+
+def stages(model: nn.Module, example_input: Any = None) -> list[Stage]:
+    """The stages of a CNN, 1-based, for the probe input (``example_input`` or the model's size).
+
+    >>> [(s.index, s.module, s.reduction) for s in stages(torchvision.models.resnet50())]
+    [(1, 'layer1', 4), (2, 'layer2', 8), (3, 'layer3', 16), (4, 'layer4', 32)]
+
+    These are the stages ``dropblock: {stages: [3, 4]}`` refers to (Ghiasi et al. 2018 put
+    DropBlock in ResNet-50's groups 3 and 4). Works on the meta device. A model whose own forward
+    cannot be one graph has its stages read part by part, on what one forward passes each part.
+
+    Raises:
+        NoConvStagesError: "DropBlock does not apply: no conv feature maps in VisionTransformer".
+    """
+    analysis = Analysis(model, example_input)
+    return analyse_stages(model, analysis.traced, example_input, calls=analysis._call).stages

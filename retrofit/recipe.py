@@ -20,8 +20,6 @@ model's last stage, a block_size larger than a feature map) is checked by the pl
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,18 +66,17 @@ def _misplaced_hint(key: str) -> str | None:
 def _train_config(value: object) -> Any:
     """Validate the ``train:`` section with the trainer's own schema.
 
-    The schema belongs to ``retrofit.train.config.TrainConfig``; it is imported lazily so that
-    loading a recipe does not import the trainer's heavier dependencies.
+    The schema belongs to ``retrofit.train.config.TrainConfig``; it is imported here, when a
+    recipe has a ``train:`` section, so that loading one without does not import the trainer
+    (``retrofit.train`` loads the training loop and its dependencies).
     """
     body = section_body("train", value)
     if body is None:
         return None
-    if importlib.util.find_spec("retrofit.train.config") is None:
-        # The trainer is not installed in this tree: keep the raw mapping so planning still works.
-        return body
-    config = importlib.import_module("retrofit.train.config")
+    from retrofit.train.config import TrainConfig
+
     try:
-        return config.TrainConfig.from_dict(body)
+        return TrainConfig.from_dict(body)
     except RecipeError as e:
         if e.field.startswith("train"):
             raise

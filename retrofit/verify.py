@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from retrofit.errors import VerifyError
 from retrofit.graph.probe import probe_input_size
+from retrofit.graph.sandbox import mode
 
 __all__ = [
     "check_live",
@@ -55,17 +56,6 @@ def probe_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor
     return x.to(device=device, dtype=dtype)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def run(model: nn.Module, x: Any) -> Any:
     """Call ``model`` on a probe: a tuple is positional arguments, a dict keyword arguments."""
     if isinstance(x, tuple):
@@ -77,7 +67,7 @@ def run(model: nn.Module, x: Any) -> Any:
 
 def eval_output(model: nn.Module, x: Any) -> list[torch.Tensor]:
     """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored)."""
-    with _eval_mode(model), torch.no_grad():
+    with mode(model, False), torch.no_grad():
         out = run(model, x)
     leaves, _ = tree_flatten(out)
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]

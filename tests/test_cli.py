@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -22,25 +21,6 @@ TINY = "tests.user_models:tiny_resnet"
 def _repo_on_path(monkeypatch):
     # The factories are named tests.user_models:NAME: make that importable from any cwd.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-needs_plan = pytest.mark.skipif(not _has("retrofit.plan"), reason="retrofit.plan not landed yet")
-needs_apply = pytest.mark.skipif(not _has("retrofit.api"), reason="retrofit.apply not landed yet")
-needs_lint = pytest.mark.skipif(not _has("retrofit.lint"), reason="retrofit.lint not landed yet")
-needs_stages = pytest.mark.skipif(
-    not _has("retrofit.graph.stages"), reason="retrofit.stages not landed yet"
-)
-needs_fit = pytest.mark.skipif(
-    not _has("retrofit.train") or not _has("retrofit.train.loop"),
-    reason="retrofit.train.fit not landed yet",
-)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -177,7 +157,6 @@ def test_bad_train_override_is_a_recipe_error(capsys):
 # --- planning ---------------------------------------------------------------------------------
 
 
-@needs_plan
 def test_plan_table_says_which_zoo(capsys):
     code, out, err = _run(capsys, "--model", "resnet18", "--recipe", SD)
     assert code == 0, err
@@ -188,7 +167,6 @@ def test_plan_table_says_which_zoo(capsys):
     assert "layer1.0" in out
 
 
-@needs_plan
 def test_json_contract(capsys):
     code, out, _ = _run(capsys, "--model", "resnet50", "--recipe", SD, "--json")
     assert code == 0
@@ -204,7 +182,6 @@ def test_json_contract(capsys):
     assert edits[-1]["survival"] == pytest.approx(0.5)
 
 
-@needs_plan
 def test_json_for_user_factory(capsys):
     code, out, _ = _run(
         capsys, "--model", TINY, "--model-kwargs", "depth=3", "--recipe", SD, "--json"
@@ -218,7 +195,6 @@ def test_json_for_user_factory(capsys):
 # --- --out ------------------------------------------------------------------------------------
 
 
-@needs_apply
 def test_out_writes_weights_recipe_and_plan(capsys, tmp_path):
     from safetensors.torch import load_file
 
@@ -244,7 +220,6 @@ def test_out_writes_weights_recipe_and_plan(capsys, tmp_path):
     assert "wrote" in stdout
 
 
-@needs_apply
 def test_out_into_existing_empty_dir_and_json(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -254,7 +229,6 @@ def test_out_into_existing_empty_dir_and_json(capsys, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@needs_apply
 def test_out_with_weights(capsys, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -272,7 +246,6 @@ def test_out_with_weights(capsys, tmp_path):
     assert all(torch.equal(state[k], v) for k, v in src.state_dict().items())
 
 
-@needs_apply
 def test_failure_during_write_leaves_nothing(capsys, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -289,7 +262,6 @@ def test_failure_during_write_leaves_nothing(capsys, tmp_path, monkeypatch):
 # --- --stages, lint, --train (their engines land separately) ----------------------------------
 
 
-@needs_stages
 def test_stages(capsys):
     code, out, _ = _run(capsys, "--model", "resnet50", "--stages")
     assert code == 0
@@ -300,20 +272,16 @@ def test_stages(capsys):
     assert [s["reduction"] for s in stages] == [4, 8, 16, 32]
 
 
-@needs_stages
 def test_stages_of_a_vit_is_a_clear_error(capsys):
     line = _bad(capsys, "--model", "vit_b_16", "--stages")
     assert "DropBlock does not apply" in line
 
 
-@needs_plan
 def test_cutout_plan_says_the_trainer_applies_it(capsys):
     code, out, _ = _run(capsys, "--model", TINY, "--recipe", str(RECIPES / "cutout.yaml"))
     assert code == 0 and "is applied to each training batch by the trainer" in out
 
 
-@needs_apply
-@needs_lint
 def test_uout_out_then_lint_is_clean(capsys, tmp_path):
     from safetensors.torch import load_file
 
@@ -330,7 +298,6 @@ def test_uout_out_then_lint_is_clean(capsys, tmp_path):
     dropout_before_bn().load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
 
 
-@needs_lint
 def test_lint_measure(capsys):
     bug = "tests.user_models:dropout_before_bn"
     code, out, _ = _run(capsys, "lint", "--model", bug, "--measure", "--json")
@@ -340,13 +307,11 @@ def test_lint_measure(capsys):
     assert "--measure" in _bad(capsys, "lint", "--model", bug, "--data", "synthetic")
 
 
-@needs_lint
 def test_lint_clean_exits_0(capsys):
     code, out, _ = _run(capsys, "lint", "--model", TINY)
     assert code == 0 and "clean" in out
 
 
-@needs_lint
 def test_lint_findings_exit_1(capsys):
     code, out, _ = _run(capsys, "lint", "--model", "tests.user_models:dropout_before_bn")
     assert code == 1
@@ -361,7 +326,6 @@ def test_lint_bad_input_exits_2(capsys):
     assert "resnet50" in _bad(capsys, "lint", "--model", "resnet5O")
 
 
-@needs_fit
 @pytest.mark.slow
 def test_train_short_run(capsys, tmp_path):
     from safetensors.torch import load_file
@@ -385,7 +349,6 @@ def test_train_short_run(capsys, tmp_path):
     tiny_resnet().load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
 
 
-@needs_fit
 def test_train_bad_data_exits_2(capsys, tmp_path):
     out = tmp_path / "run"
     line = _bad(

@@ -16,9 +16,10 @@ import torchvision
 from torch import nn
 
 import retrofit
+from retrofit.analysis import stages
 from retrofit.errors import TraceError
 from retrofit.graph.shapes import SHAPE, ShapePropError, propagate_shapes
-from retrofit.graph.stages import NoConvStagesError, Stage, stages
+from retrofit.graph.stages import NoConvStagesError, Stage
 from retrofit.graph.trace import trace_module
 from tests.user_models import TinyResNet
 

@@ -41,20 +41,6 @@ from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
 
 
-def _core(name: str) -> bool:
-    import importlib
-
-    try:
-        return callable(getattr(importlib.import_module("retrofit"), name, None))
-    except Exception:
-        return False
-
-
-needs_apply = pytest.mark.skipif(
-    not (_core("apply") and _core("strip")), reason="retrofit.apply/strip not available"
-)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -133,8 +119,6 @@ def test_train_config_validates_like_a_recipe():
 
 
 def test_recipe_train_section_is_a_train_config():
-    if not _core("load_recipe"):
-        pytest.skip("retrofit.load_recipe not available")
     import retrofit
 
     r = retrofit.load_recipe({"train": {"epochs": 4}})
@@ -330,7 +314,7 @@ def _run(tmp: Path, recipe, cfg: TrainConfig, **kw):
     return fit(TinyRes(), recipe, None, out=tmp, device="cpu", progress=False, config=cfg, **kw)
 
 
-@pytest.mark.parametrize("with_recipe", [False, pytest.param(True, marks=needs_apply)])
+@pytest.mark.parametrize("with_recipe", [False, True])
 def test_resume_after_interrupt_is_exact(tmp_path, with_recipe):
     recipe = SD_RECIPE if with_recipe else None
     cfg = small_cfg(
@@ -420,7 +404,6 @@ def test_resume_with_a_foreign_checkpoint_is_a_model_error(tmp_path):
         _run(tmp_path, None, small_cfg(epochs=1), resume=True)
 
 
-@needs_apply
 def test_stripped_weights_load_into_the_original_class(tmp_path):
     res = _run(tmp_path, SD_RECIPE, small_cfg(epochs=1), max_steps=6)
     assert (tmp_path / "plan.json").is_file() and (tmp_path / "survival.png").is_file()
@@ -435,7 +418,6 @@ def test_stripped_weights_load_into_the_original_class(tmp_path):
     assert retrofit.load_recipe(tmp_path / "recipe.yaml").stochastic_depth.mode == "batch"
 
 
-@needs_apply
 def test_torchvision_resnet18_weights_load_with_its_num_classes(tmp_path):
     import torchvision
 
@@ -451,9 +433,6 @@ def test_torchvision_resnet18_weights_load_with_its_num_classes(tmp_path):
 
 
 def test_strict_lint_refuses_to_train_with_findings(tmp_path):
-    if not _core("lint"):
-        pytest.skip("retrofit.lint not available")
-
     class DropBeforeBN(nn.Module):
         def __init__(self, num_classes: int = 10) -> None:
             super().__init__()
@@ -481,11 +460,11 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from test_train import TinyRes, small_cfg, SD_RECIPE, _core
+from test_train import TinyRes, small_cfg, SD_RECIPE
 from retrofit.train import fit
 import torch.distributed as dist
 torch.manual_seed(int(sys.argv[2]))  # different initial weights per rank: DDP must broadcast rank 0's
-recipe = SD_RECIPE if _core("apply") else None
+recipe = SD_RECIPE
 res = fit(TinyRes(), recipe, None, out=sys.argv[1], device="cpu", progress=False, max_steps=6,
           config=small_cfg(epochs=1, log_every=2))
 rank = __import__("os").environ["RANK"]

@@ -4,7 +4,8 @@ For every torchvision classification model and every timm architecture, built on
 (CPU then moved to meta for constructors that need real tensors, see
 ``retrofit.models.create_model(meta=True)``), this runs:
 
-* the trace (hierarchical fallback: modules whose forward fx cannot trace are reported),
+* the trace (symbolic, else specialised on the module's recorded call; hierarchical fallback:
+  modules that cannot be read either way are reported),
 * ``retrofit.plan`` with ``stochastic_depth`` (sites, blocks),
 * the stage analysis and a ``dropblock`` plan on the last two conv stages (``n/a`` for models
   without conv stages: ``NoConvStagesError``),
@@ -726,10 +727,11 @@ def write_docs(results: Path, equiv: Path, docs: Path = DOCS, all_specs: list[st
         "",
         "### Analysis steps that failed (the model's stochastic-depth plan stands)",
         "",
-        "Each line gives the step and its error: the stage analysis needs the root forward "
-        "as one graph (no per-part fallback yet), DropBlock needs the stage's caller to "
-        "re-trace on its own, and some models need a specific input size (torchvision's "
-        "Inception-v3 aux head at the 224² probe).",
+        "Each line gives the step and its error: the stage analysis reads the model's forward "
+        "as one graph, or part by part when it cannot be one (then DropBlock goes on stage "
+        "outputs only), DropBlock needs the stage's caller to re-trace on its own, and some "
+        "models need a specific input size (torchvision's Inception-v3 aux head at the 224² "
+        "probe).",
         "",
     ]
     steps = [r for r in recs if r.get("step_errors")]
@@ -737,7 +739,12 @@ def write_docs(results: Path, equiv: Path, docs: Path = DOCS, all_specs: list[st
         f"- `{r['arch']}` — " + "; ".join(f"{k}: {v}" for k, v in sorted(r["step_errors"].items()))
         for r in steps
     ] or ["None."]
-    lines += ["", "### Partial: modules fx cannot trace (their children were instrumented)", ""]
+    lines += [
+        "",
+        "### Partial: modules that could not be read, symbolically or on their recorded call "
+        "(their children were instrumented)",
+        "",
+    ]
     part = [r for r in recs if r["status"] == "partial"]
     for r in part:
         sk = r["skipped"]

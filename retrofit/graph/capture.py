@@ -28,7 +28,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from retrofit.graph.sandbox import preserved
+from retrofit.graph.sandbox import mode, preserved
 
 __all__ = ["Call", "CallKey", "GUARDS", "NoCall", "record_calls"]
 
@@ -155,10 +155,9 @@ def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dic
     names = {m: n for n, m in _iter_named(model)}
     recorder = _Recorder(names, limit)
     handles = [m.register_forward_pre_hook(recorder, with_kwargs=True, prepend=True) for m in names]
-    flags = [(m, m.training) for m in names]
     try:
-        with preserved(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.eval()
+        # preserved: whatever the forward writes (caches) goes; mode: eval, flags restored
+        with preserved(model), mode(model, False), torch.no_grad(), torch.random.fork_rng([]):
             if isinstance(example_input, tuple):
                 model(*example_input)
             elif isinstance(example_input, dict):
@@ -168,6 +167,4 @@ def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dic
     finally:
         for handle in handles:
             handle.remove()
-        for m, flag in flags:
-            m.training = flag
     return recorder.calls

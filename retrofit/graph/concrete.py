@@ -40,6 +40,7 @@ from torch.fx._symbolic_trace import _is_fx_tracing_context, _maybe_revert_all_p
 
 from retrofit.graph.capture import GUARDS
 from retrofit.graph.dataflow import is_metadata
+from retrofit.graph.sandbox import mode
 
 __all__ = ["Concretizer", "DataDependent", "concrete_dunders"]
 
@@ -52,17 +53,6 @@ def _rank_read(node: fx.Node) -> bool:
     if node.op == "call_function":  # getattr(x, "ndim")
         return len(node.args) > 1 and node.args[1] == "ndim"
     return node.op == "call_method" and node.target == "dim"
-
-
-@contextmanager
-def _children_eval(module: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class Concretizer:
@@ -189,7 +179,7 @@ class Concretizer:
             return getattr(receiver, str(node.target))(*rest, **kwargs)
         if node.op == "call_module":
             module = self.root.get_submodule(str(node.target))
-            with _children_eval(module):
+            with mode(module, False):
                 return module(*args, **kwargs)
         raise fx.proxy.TraceError(f"cannot evaluate node {node.name} ({node.op})")
 

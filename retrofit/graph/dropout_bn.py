@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrofit.graph.dataflow import DataFlow, is_metadata, node_key
+from retrofit.graph.sandbox import mode
 from retrofit.graph.trace import TracedPart, TraceResult, trace
 
 __all__ = [
@@ -490,18 +491,9 @@ def find_dropout_bn(traced: TraceResult, *, include_structured: bool = False) ->
 # --- tracing for this analysis ----------------------------------------------------------------
 
 
-@contextmanager
-def training_mode(model: nn.Module) -> Iterator[None]:
-    # Flags are set directly: a model's own ``train()`` override (freezing BN, say) is the
-    # user's training policy, not something tracing should run.
-    flags = [(m, m.training) for m in model.modules()]
-    for m, _ in flags:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+def training_mode(model: nn.Module) -> AbstractContextManager[None]:
+    """Every module in training mode, as when the model trains (``graph/sandbox.py``)."""
+    return mode(model, True)
 
 
 class _Holder(nn.Module):

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from retrofit.graph.dataflow import is_add
 from retrofit.graph.residual import existing_drop_path
+from retrofit.graph.sandbox import mode
 from retrofit.graph.trace import TraceResult, trace
 
 __all__ = [
@@ -329,11 +330,9 @@ def _watched_forward(
         handles.append(module.register_forward_hook(slot_hook(name)))
     for module in model.modules():
         handles.append(module.register_forward_hook(pop, always_call=True))
-    flags = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        model.train()
-        with torch.no_grad(), watch:
+        with mode(model, True), torch.no_grad(), watch:
             if isinstance(example_input, dict):
                 model(**example_input)
             elif isinstance(example_input, tuple):
@@ -343,8 +342,6 @@ def _watched_forward(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Snapshot", "preserved"]
+__all__ = ["Snapshot", "mode", "preserved"]
 
 _CONTAINERS = (dict, list, set)
 
@@ -79,3 +79,20 @@ def preserved(root: nn.Module) -> Iterator[None]:
         yield
     finally:
         snapshot.restore()
+
+
+@contextmanager
+def mode(root: nn.Module, training: bool) -> Iterator[None]:
+    """Every module under ``root`` in training (True) or eval (False) mode, restored on exit.
+
+    Flags are set directly: a model's own ``train()``/``eval()`` override (freezing BN, say) is
+    the user's training policy, not something an analysis or a check should run.
+    """
+    flags = [(m, m.training) for m in root.modules()]
+    for m, _ in flags:
+        m.training = training
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

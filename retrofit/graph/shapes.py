@@ -21,6 +21,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from retrofit.graph.sandbox import mode
+
 __all__ = ["SHAPE", "ShapePropError", "MetaShapeProp", "meta_like", "propagate_shapes", "shape_of"]
 
 SHAPE = "retrofit_shape"
@@ -107,11 +109,5 @@ def propagate_shapes(gm: fx.GraphModule, *inputs: Any) -> Any:
     """
     # Eval mode: shapes do not depend on it, and BatchNorm in training mode refuses the batch of
     # one that the probe uses (LeViT, ResNeSt, SKNet… normalise (1, C) vectors).
-    flags = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return MetaShapeProp(gm).run(*meta_like(inputs))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with mode(gm, False), torch.no_grad():
+        return MetaShapeProp(gm).run(*meta_like(inputs))

@@ -85,7 +85,6 @@ __all__ = [
     "Stage",
     "StageAnalysis",
     "analyse_stages",
-    "stages",
 ]
 
 # Below this deepest reduction a network is a small-image design whose first level is a stage.
@@ -488,7 +487,7 @@ def analyse_stages(
         ShapePropError: an operation cannot run on meta tensors.
     """
     traced = traced if traced is not None else trace(model, calls)
-    if not (traced.parts and traced.parts[0].prefix == ""):
+    if traced.parts and traced.parts[0].prefix != "":
         return _by_parts(model, traced, calls)
     gm = _root_graph(model, traced)
     call = getattr(gm, "meta", {}).get("retrofit_call")
@@ -651,18 +650,3 @@ def _recorded(calls: Any, name: str) -> Any:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
-
-
-def stages(model: nn.Module, example_input: Any = None) -> list[Stage]:
-    """The stages of a CNN, 1-based, for the probe input (``example_input`` or the model's size).
-
-    >>> [(s.index, s.module, s.reduction) for s in stages(torchvision.models.resnet50())]
-    [(1, 'layer1', 4), (2, 'layer2', 8), (3, 'layer3', 16), (4, 'layer4', 32)]
-
-    These are the stages ``dropblock: {stages: [3, 4]}`` refers to (Ghiasi et al. 2018 put
-    DropBlock in ResNet-50's groups 3 and 4). Works on the meta device; the model is not run.
-
-    Raises:
-        NoConvStagesError: "DropBlock does not apply: no conv feature maps in VisionTransformer".
-    """
-    return analyse_stages(model, example_input=example_input).stages
