@@ -186,22 +186,7 @@ JUSTIFICATIONS: list[tuple[str, str, str]] = [
 ]
 
 # Known core issues behind an architecture's numbers (arch regex → note), shown with its entry.
-NOTES: list[tuple[str, str]] = [
-    (
-        r"^timm:gemma4_vit",
-        "**0 sites is a core bug, not the model**: `trace()`'s fallback treats the encoder's "
-        "`blocks` (an `nn.ModuleList`, a leaf under torch's default rule for torch.nn modules) "
-        "as a leaf, so its Gemma4Blocks are neither traced nor reported "
-        "(`tests/test_zoo.py` holds it as a strict xfail)",
-    ),
-    (
-        r"^timm:(repvgg_d2se|mobileone_s4)$",
-        "a core false negative: the residual add is followed by squeeze-excite in the same "
-        "forward (`x = attn(drop_path(branches) + identity)`), and graph/residual.py's "
-        "`_internal` rule takes a learned map consuming the sum inside the module for an add "
-        "internal to a layer (reported)",
-    ),
-]
+NOTES: list[tuple[str, str]] = []
 
 
 def note_for(arch: str) -> str:
