@@ -137,6 +137,28 @@ FRAMES_IN_BATCH = {"xclip_vision_model"}
 # listed with an empty reason to fill.
 JUSTIFICATIONS: list[tuple[str, str, str]] = [
     (
+        r"^swin2sr$",
+        r"^encoder\.stages\.\d+\.layers\.\d+$",
+        "Swin2SR's Swin blocks: attention and MLP residuals (`shortcut + drop_path(attention)`) "
+        "exactly as in Swin; HF builds Swin2SR's drop paths but never passes its "
+        "`drop_path_rate` to the layers (modeling_swin2sr.py), so the oracle built with a rate "
+        "sees none: the model has no oracle, not a false site",
+    ),
+    (
+        r"^swin2sr$",
+        r"^encoder\.stages\.\d+$",
+        "Swin2SR's residual Swin transformer block (RSTB, SwinIR/Swin2SR): "
+        "`patch_embed(conv(patch_unembed(layers(x)))) + residual` around each stage's layers, "
+        "a residual-in-residual group (modeling_swin2sr.py `Swin2SRStage.forward`)",
+    ),
+    (
+        r"^swin2sr$",
+        r"^$",
+        "Swin2SR's global residual: `conv_after_body(encoder(x)) + embeddings` in the model's "
+        "own forward (modeling_swin2sr.py `Swin2SRModel.forward`), SwinIR's long skip over the "
+        "whole deep-feature body",
+    ),
+    (
         r"^cvt$",
         r"\.layers\.\d+\.output$",
         "CvT's MLP residual: `CvtOutput` adds the MLP's output to its caller's hidden state "
