@@ -40,12 +40,7 @@ from user_models import tiny_resnet  # noqa: E402
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sd(mode: str = "batch", **kw) -> dict:

@@ -43,12 +43,7 @@ TINY = "tests.user_models:tiny_resnet"
 needs_flock = pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(tmp: Path, **train) -> str:

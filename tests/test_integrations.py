@@ -34,12 +34,7 @@ RECIPE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

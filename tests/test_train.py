@@ -40,13 +40,7 @@ from retrofit.train.classifier import num_classes_of, resize_classifier
 from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zoo  # tools/zoo.py, beside this script: the shared results reader
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/checks.py: the same checks the acceptance tests use
 
@@ -555,15 +557,7 @@ def run_isolated(entry: Entry, timeout: float) -> dict[str, Any]:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[rec["model"]] = rec
-    return sorted(out.values(), key=lambda r: r["model"])
+    return sorted(zoo.read_results(path, key="model"), key=lambda r: r["model"])
 
 
 def justify(model: str, owner: str) -> str:

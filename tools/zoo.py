@@ -495,7 +495,9 @@ def done_archs(path: Path) -> set[str]:
     return done
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path, key: str = "arch") -> list[dict[str, Any]]:
+    """The records of a JSON-lines results file, the last one per ``key`` (a rerun replaces an
+    earlier record; a line cut short by a kill is skipped). Shared with ``hf_zoo.py``."""
     out: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -503,7 +505,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            out[rec["arch"]] = rec
+            out[rec[key]] = rec
     return list(out.values())
 
 

@@ -188,6 +188,51 @@ def _warn_unequal_training(variants: list[Variant]) -> None:
 
 
 def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    out, variants, baseline, settings = _checked(args)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _preflight(variants, settings, args.seeds)
+
+    from retrofit.compare import runs
+
+    device_type = runs.device_type(args.device)
+    meta = _metadata(args, argv, variants, settings, baseline, device_type)
+    if args.report_only:
+        # The table describes the command that trained the runs, not this one.
+        prior = json.loads((out / SETTINGS_NAME).read_text())
+        meta["command"] = prior.get("command", meta["command"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_json(out / SETTINGS_NAME, meta)
+
+    digest = runs.weights_digest(args.weights)
+    specs = [RunSpec(v, s, settings, out) for s in range(args.seeds) for v in variants]
+    records, interrupted = _run_all(args, specs, device_type, digest)
+
+    names = [v.name for v in variants]
+    _, text = _write_report(out, meta, records, names, baseline)
+    if args.json:
+        print(json.dumps(json.loads((out / TABLE_JSON).read_text()), indent=2))
+    else:
+        print(text, end="")
+    if interrupted:
+        print(f"{PROG}: {interrupted}; {len(records)}/{len(specs)} runs finished, the table "
+              "covers those; run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    if len(records) < len(specs):
+        print(f"{PROG}: {len(records)}/{len(specs)} runs finished, the table covers those; "
+              f"wrote {out / TABLE_MD}, {out / TABLE_JSON}, {out / PLOT}", file=sys.stderr)  # fmt: skip
+        return EXIT_OK
+    print(f"{PROG}: {len(specs)} runs; wrote {out / TABLE_MD}, {out / TABLE_JSON}, {out / PLOT}",
+          file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def _checked(args: argparse.Namespace) -> tuple[Path, list[Variant], str, Settings]:
+    """The arguments checked against each other (no torch yet): the output directory, the
+    variants, the baseline's name and the settings shared by every run."""
     if args.seeds < 1:
         raise CompareError(f"--seeds {args.seeds}: give a number of seeds >= 1")
     if args.threads is not None and args.threads < 1:
@@ -216,20 +261,23 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         pretrained=args.pretrained,
         device=args.device,
     )
+    return out, variants, baseline, settings
+
+
+def _metadata(
+    args: argparse.Namespace,
+    argv: list[str],
+    variants: list[Variant],
+    settings: Settings,
+    baseline: str,
+    device_type: str,
+) -> dict[str, Any]:
+    """What ``settings.json`` records: enough to rerun the comparison and to head its table."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _preflight(variants, settings, args.seeds)
-
-    from retrofit.compare import runs
-
-    device_type = runs.device_type(args.device)
-    digest = runs.weights_digest(args.weights)
-    command = " ".join(["retrofit-cli", "compare", *map(shlex.quote, argv)])
-    meta = {
+    return {
         "title": args.title or f"{args.model} on {args.data or 'digits'}",
-        "command": command,
+        "command": " ".join(["retrofit-cli", "compare", *map(shlex.quote, argv)]),
         "settings": settings.to_dict(),
         "baseline": baseline,
         "seeds": list(range(args.seeds)),
@@ -245,26 +293,25 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         "device": device_type,
         "threads": torch.get_num_threads(),
     }
-    if args.report_only:
-        # The table describes the command that trained the runs, not this one.
-        meta["command"] = json.loads((out / SETTINGS_NAME).read_text()).get("command", command)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        runs._write_json(out / SETTINGS_NAME, meta)
 
-    specs = [RunSpec(v, s, settings, out) for s in range(args.seeds) for v in variants]
-    prints = [sp.fingerprint(device_type, digest) for sp in specs]
+
+def _run_all(
+    args: argparse.Namespace, specs: list[RunSpec], device_type: str, digest: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Train the runs not finished yet (none with ``--report-only``); returns every finished
+    run's record and, when interrupted, why."""
+    from retrofit.compare import runs
+
     records: list[dict[str, Any]] = []
     todo = []
-    for sp, fp in zip(specs, prints, strict=True):
+    for sp in specs:
+        fp = sp.fingerprint(device_type, digest)
         rec = runs.finished(sp, fp)
         if rec is not None:
             records.append(rec)
-        else:
+        elif not args.report_only:
             todo.append((sp, fp))
     interrupted: str | None = None
-    if args.report_only:
-        todo = []
     bar = _Progress(len(specs), len(records), enabled=not args.no_progress)
     try:
         for sp, fp in todo:
@@ -279,23 +326,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         interrupted = str(e) or "interrupted"
     finally:
         bar.close()
-
-    rows, text = _write_report(out, meta, records, names, baseline)
-    if args.json:
-        print(json.dumps(json.loads((out / TABLE_JSON).read_text()), indent=2))
-    else:
-        print(text, end="")
-    if interrupted:
-        print(f"{PROG}: {interrupted}; {len(records)}/{len(specs)} runs finished, the table "
-              "covers those; run the same command again to resume", file=sys.stderr)  # fmt: skip
-        return EXIT_INTERRUPTED
-    if len(records) < len(specs):
-        print(f"{PROG}: {len(records)}/{len(specs)} runs finished, the table covers those; "
-              f"wrote {out / TABLE_MD}, {out / TABLE_JSON}, {out / PLOT}", file=sys.stderr)  # fmt: skip
-        return EXIT_OK
-    print(f"{PROG}: {len(specs)} runs; wrote {out / TABLE_MD}, {out / TABLE_JSON}, {out / PLOT}",
-          file=sys.stderr)  # fmt: skip
-    return EXIT_OK
+    return records, interrupted
 
 
 def _write_report(

@@ -51,7 +51,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     from retrofit.train.checkpoint import atomic_write
 
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
@@ -115,7 +115,7 @@ def _start_over(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
         shutil.rmtree(spec.dir)
     spec.dir.mkdir(parents=True)
     prior = {"fingerprint": fingerprint, "attempts": [], "variant": spec.variant.name}
-    _write_json(spec.dir / RUN_NAME, prior)
+    write_json(spec.dir / RUN_NAME, prior)
     return prior
 
 
@@ -148,7 +148,7 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
     attempt |= {"resumed": resume, "step": result.step}
     if not result.completed:
         prior["attempts"] = [*prior.get("attempts", []), attempt]
-        _write_json(spec.dir / RUN_NAME, prior)
+        write_json(spec.dir / RUN_NAME, prior)
         raise Interrupted(
             f"{spec.label} stopped at step {result.step}/{result.total_steps} "
             f"({result.stop_reason}); run the same command again to resume it"
@@ -188,7 +188,7 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
         "torch": torch.__version__,
         "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    _write_json(spec.dir / RESULT_NAME, rec)
+    write_json(spec.dir / RESULT_NAME, rec)
     (spec.dir / "checkpoint.pt").unlink(missing_ok=True)
     return rec
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -215,6 +216,77 @@ def _leaves_through_maps(add: fx.Node, owner_local: str, flow: DataFlow) -> bool
     return True
 
 
+class _Fork(NamedTuple):
+    """The two operands of an add that fork from one node: the heavier one is the branch."""
+
+    fork: fx.Node
+    branch: fx.Node
+    branch_arg: int
+    branch_region: int  # bitset of the nodes only the branch needs
+    branch_weight: int
+    shortcut: fx.Node
+    shortcut_region: int
+    shortcut_weight: int
+
+
+def _fork_of(node: fx.Node, flow: DataFlow) -> _Fork | None:
+    """Split an add into branch and shortcut, or None when its operands do not both come from
+    the input through a common node."""
+    operands = [(i, a) for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
+    if len(operands) != 2:
+        return None
+    (ia, a), (ib, b) = operands
+    if not (flow.depends_on_input(a) and flow.depends_on_input(b)):
+        return None
+    common = flow.anc(a) & flow.anc(b)
+    fork_index = common.bit_length() - 1
+    if fork_index < 0 or not (flow.ancestors[fork_index] & flow.inputs_mask):
+        return None
+    region_a = flow.anc(a) & ~flow.anc(b)
+    region_b = flow.anc(b) & ~flow.anc(a)
+    wa, wb = flow.weight(region_a), flow.weight(region_b)
+    # The heavier side is the branch; on a tie, the deeper one.
+    tie_a, tie_b = (flow.depth(region_a), flow.depth(region_b)) if wa == wb else (0, 0)
+    fork = flow.nodes[fork_index]
+    if (wa, tie_a) > (wb, tie_b):
+        return _Fork(fork, a, ia, region_a, wa, b, region_b, wb)
+    return _Fork(fork, b, ib, region_b, wb, a, region_a, wa)
+
+
+def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
+    """Whether a fork is a residual block: a shortcut that carries its input forward around a
+    branch of learned maps."""
+    if f.shortcut_weight > 1 or _reduces(flow.region_nodes(f.shortcut_region), gm):
+        # A shortcut carries its input's representation forward (identity, or a projection
+        # of it); one that pools it away is a head: ``(exit1(h.mean()) + exit2(g(h))) / 2``
+        # averages two classifiers (early-exit and deep-supervision models).
+        return False
+    if f.branch_weight == 0 and (f.shortcut_weight or _slot_on_branch(f.branch, gm, flow) is None):
+        # No learned map: not a block (ConvNeXt-V2's GRN), unless the model's author put a
+        # drop-path slot on it (MetaFormer's pooling token mixer, ``x + drop_path(pool(x) -
+        # x)``: a residual branch whose mixer has no weights by design).
+        return False
+    if f.branch_weight == 1 and (f.shortcut_weight or not f.branch_region & flow.dense_mask):
+        # One learned map is a block only when it is dense and the shortcut is the identity
+        # (EfficientNetV2's conv-bn-act block); a depthwise conv added to its input is a
+        # convolutional position encoding (CPVT/DaViT/CoaT), not a residual block.
+        return False
+    # Parallel single maps summed (RepVGG/MobileOne) are not a branch and a shortcut.
+    return not (f.shortcut_weight == 1 and flow.depth(f.branch_region) < 2)
+
+
+def _block_child(owner_local: str, f: _Fork, flow: DataFlow) -> str | None:
+    """The child of the owner that holds the whole branch (a loop over ``blocks``), if one does."""
+    region_nodes = flow.region_nodes(f.branch_region)
+    weighted = {_module_path(n) for n in region_nodes if flow.weights[flow.order[n]]}
+    called = {
+        _module_path(n)
+        for n in region_nodes
+        if n.op == "call_module" or n.meta.get("owner_local", "") != owner_local
+    }
+    return _container_child(owner_local, weighted) or _single_child(owner_local, called | weighted)
+
+
 def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     gm = part.graph_module
     flow = DataFlow.of(gm)
@@ -227,75 +299,26 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
         key = node_key(node)
         ordinal = ordinals.get((owner_local, key), 0)
         ordinals[(owner_local, key)] = ordinal + 1
-        if not is_add(node):
+        f = _fork_of(node, flow) if is_add(node) else None
+        if f is None or not _is_block(f, gm, flow):
             continue
-        operands = [(i, a) for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
-        if len(operands) != 2:
-            continue
-        (ia, a), (ib, b) = operands
-        if not (flow.depends_on_input(a) and flow.depends_on_input(b)):
-            continue
-        common = flow.anc(a) & flow.anc(b)
-        fork_index = common.bit_length() - 1
-        if fork_index < 0 or not (flow.ancestors[fork_index] & flow.inputs_mask):
-            continue
-        region_a = flow.anc(a) & ~flow.anc(b)
-        region_b = flow.anc(b) & ~flow.anc(a)
-        wa, wb = flow.weight(region_a), flow.weight(region_b)
-        if (wa, flow.depth(region_a) if wa == wb else 0) > (
-            wb,
-            flow.depth(region_b) if wa == wb else 0,
-        ):
-            branch, b_arg, b_region, b_weight, shortcut, s_weight = a, ia, region_a, wa, b, wb
-            s_region = region_b
-        else:
-            branch, b_arg, b_region, b_weight, shortcut, s_weight = b, ib, region_b, wb, a, wa
-            s_region = region_a
-        if s_weight > 1 or _reduces(flow.region_nodes(s_region), gm):
-            # A shortcut carries its input's representation forward (identity, or a projection
-            # of it); one that pools it away is a head: ``(exit1(h.mean()) + exit2(g(h))) / 2``
-            # averages two classifiers (early-exit and deep-supervision models).
-            continue
-        if b_weight == 0 and (s_weight or _slot_on_branch(branch, gm, flow) is None):
-            # No learned map: not a block (ConvNeXt-V2's GRN), unless the model's author put a
-            # drop-path slot on it (MetaFormer's pooling token mixer, ``x + drop_path(pool(x) -
-            # x)``: a residual branch whose mixer has no weights by design).
-            continue
-        if b_weight == 1 and (s_weight or not b_region & flow.dense_mask):
-            # One learned map is a block only when it is dense and the shortcut is the identity
-            # (EfficientNetV2's conv-bn-act block); a depthwise conv added to its input is a
-            # convolutional position encoding (CPVT/DaViT/CoaT), not a residual block.
-            continue
-        if s_weight == 1 and flow.depth(b_region) < 2:
-            continue  # parallel single maps summed (RepVGG/MobileOne), not a branch and a shortcut
-        region_nodes = flow.region_nodes(b_region)
-        weighted = {_module_path(n) for n in region_nodes if flow.weights[flow.order[n]]}
-        called = {
-            _module_path(n)
-            for n in region_nodes
-            if n.op == "call_module" or n.meta.get("owner_local", "") != owner_local
-        }
-        candidate = _container_child(owner_local, weighted) or _single_child(
-            owner_local, called | weighted
-        )
-        existing_type = existing_drop_path(branch, gm)
+        child = _block_child(owner_local, f, flow)
+        existing_type = existing_drop_path(f.branch, gm)
         sites.append(
             ResidualSite(
                 owner=_join(part.prefix, owner_local),
                 node=node.name,
                 key=key,
                 ordinal=ordinal,
-                fork=flow.nodes[fork_index].name,
-                branch=branch.name,
-                shortcut=shortcut.name,
-                branch_arg=b_arg,
-                branch_weight=b_weight,
-                shortcut_weight=s_weight,
-                block=_join(
-                    part.prefix, _join(owner_local, candidate) if candidate else owner_local
-                ),
+                fork=f.fork.name,
+                branch=f.branch.name,
+                shortcut=f.shortcut.name,
+                branch_arg=f.branch_arg,
+                branch_weight=f.branch_weight,
+                shortcut_weight=f.shortcut_weight,
+                block=_join(part.prefix, _join(owner_local, child) if child else owner_local),
                 source=node.meta.get("source"),
-                existing=_join(part.prefix, str(branch.target)) if existing_type else None,
+                existing=_join(part.prefix, str(f.branch.target)) if existing_type else None,
                 existing_type=existing_type,
                 position=flow.order[node],
             )

@@ -183,10 +183,15 @@ def fit(
         # Rank 0 holds the run directory for the whole run: a second run into it refuses, and
         # temp files that killed writes left there are removed first.
         with lock_run_dir(out if env.is_main else None):
-            return _fit(model, recipe, data, env=env, out=out, resume=resume, strict_lint=strict_lint,
-                        console=console if env.is_main else console.silent(), max_steps=max_steps,
-                        config=config, model_name=model_name, apply=apply,
-                        allow_partial=allow_partial)  # fmt: skip
+            run, state = _setup(model, recipe, data, env=env, out=out, resume=resume,
+                                strict_lint=strict_lint,
+                                console=console if env.is_main else console.silent(),
+                                max_steps=max_steps, config=config, model_name=model_name,
+                                apply=apply, allow_partial=allow_partial)  # fmt: skip
+            with StopRequest() as stop:
+                while state.epoch < run.cfg.epochs and state.stop_reason is None:
+                    _run_epoch(run, state, stop)
+            return _finish(run, state)
     finally:
         D.teardown(env)
 
@@ -361,32 +366,6 @@ class RunState:
     last_eval: dict[str, Any] = field(default_factory=dict)
     window_t0: float = 0.0
     window_steps: int = 0
-
-
-def _fit(
-    model: nn.Module,
-    recipe: Any,
-    data: Any,
-    *,
-    env: D.DistEnv,
-    out: Path | None,
-    resume: bool,
-    strict_lint: bool,
-    console: Console,
-    max_steps: int | None,
-    config: TrainConfig | None,
-    model_name: str | None,
-    apply: bool,
-    allow_partial: bool,
-) -> RunResult:
-    run, state = _setup(model, recipe, data, env=env, out=out, resume=resume, strict_lint=strict_lint,
-                        console=console, max_steps=max_steps, config=config, model_name=model_name,
-                        apply=apply, allow_partial=allow_partial)  # fmt: skip
-    stop = StopRequest()
-    with stop:
-        while state.epoch < run.cfg.epochs and state.stop_reason is None:
-            _run_epoch(run, state, stop)
-    return _finish(run, state)
 
 
 # --- setup ------------------------------------------------------------------------------------
