@@ -104,3 +104,30 @@ def test_stages_of_an_encoder_returning_feature_maps():
         (2, "layer2", 4),
         (3, "layer3", 8),
     ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_einops_transformer_with_class_attention(mode: str):
+    """vit-pytorch's style (einops, block pairs in a ModuleList) and CaiT's class attention: every
+    residual found, one depth per block, the learned class token's first residual included."""
+    pytest.importorskip("einops")
+    from tests.einops_models import EinopsCaiT
+
+    torch.manual_seed(0)
+    model = EinopsCaiT(depth=2, cls_depth=2)
+    x_probe, x_fresh = image(0), image(1)
+    snap = snapshot(model, x_fresh)
+    plan = retrofit.plan(model, {"stochastic_depth": {"mode": mode}}, example_input=x_probe)
+    assert plan.skipped == []
+    blocks = [e.block for e in plan.edits]
+    expected = [f"transformer.layers.{i}" for i in (0, 1)] + [
+        f"cls_transformer.layers.{i}" for i in (0, 1)
+    ]
+    assert blocks == [b for b in expected for _ in range(2)]
+    # one depth per block, linear from 1 - 0.5/4 down to p_L = 0.5
+    assert [e.depth for e in plan.edits] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [e.survival for e in plan.edits[::2]] == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x_probe)
+    assert_instrumented(model, snap, x_probe, x_fresh)
+    retrofit.strip(model)
+    assert_unchanged(model, snap, x_fresh)

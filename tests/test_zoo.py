@@ -75,9 +75,9 @@ CASES = [
     ("timm:efficientformer_l1", 30, 15, "(3+2+6+3) Meta4D × 2 + 1 Meta3D × 2", set()),
     ("timm:poolformer_s12", 24, 12, "(2+2+6+2) blocks × 2 (pooling mixer, MLP)", set()),
     # --- class-attention heads timm builds without drop path
-    # CaiT: 24 blocks × 2, + token-only blocks: block 0's attention add reads the class token
-    # parameter (not input-dependent), so 1 + 2
-    ("timm:cait_xxs24_224", 51, 26, "24 × 2 + (1 + 2)", {"blocks_token_only.0", "blocks_token_only.1"}),
+    # CaiT: 24 blocks × 2, + 2 token-only blocks × 2; block 0's attention add has the class
+    # token parameter as its shortcut (a learned query the branch reads with the patches)
+    ("timm:cait_xxs24_224", 52, 26, "24 × 2 + 2 × 2", {"blocks_token_only.0", "blocks_token_only.1"}),
     # XCiT: 12 × (attention, local patch interaction, MLP) + 2 class-attention blocks × 2
     ("timm:xcit_nano_12_p16_224", 40, 14, "12 × 3 + 2 × 2", {"cls_attn_blocks.0", "cls_attn_blocks.1"}),
     ("timm:volo_d1_224", 40, 20, "(4+4+8+2) × 2 + post network 2 × 2", {"post_network.0", "post_network.1"}),

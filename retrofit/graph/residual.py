@@ -20,8 +20,9 @@ those branches plus the identity — where timm itself applies drop path — sta
 
 Sites are grouped into blocks as the model defines them: the sites a module's own ``forward``
 owns share one depth index (a transformer block's attention and MLP residuals), unless each
-branch lives entirely inside its own child — a module applying a list of blocks in a loop
-(``for blk in self.blocks: x = x + blk(x)``) gives every add its own depth.
+branch lives entirely inside one of its children, run one after the other — a module applying
+a list of blocks in a loop (``for blk in self.blocks: x = x + blk(x)``, or ``for attn, ff in
+self.layers`` with two residuals per block) gives every child its own depth.
 """
 
 from __future__ import annotations
@@ -236,11 +237,14 @@ def _fork_of(node: fx.Node, flow: DataFlow) -> _Fork | None:
     if len(operands) != 2:
         return None
     (ia, a), (ib, b) = operands
-    if not (flow.depends_on_input(a) and flow.depends_on_input(b)):
-        return None
     common = flow.anc(a) & flow.anc(b)
     fork_index = common.bit_length() - 1
-    if fork_index < 0 or not (flow.ancestors[fork_index] & flow.inputs_mask):
+    if fork_index < 0:
+        return None
+    if not (flow.depends_on_input(a) and flow.depends_on_input(b)):
+        if not _learned_query(flow.nodes[fork_index], a, b, flow):
+            return None
+    elif not flow.ancestors[fork_index] & flow.inputs_mask:
         return None
     region_a = flow.anc(a) & ~flow.anc(b)
     region_b = flow.anc(b) & ~flow.anc(a)
@@ -251,6 +255,18 @@ def _fork_of(node: fx.Node, flow: DataFlow) -> _Fork | None:
     if (wa, tie_a) > (wb, tie_b):
         return _Fork(fork, a, ia, region_a, wa, b, region_b, wb)
     return _Fork(fork, b, ib, region_b, wb, a, region_a, wa)
+
+
+def _learned_query(fork: fx.Node, a: fx.Node, b: fx.Node, flow: DataFlow) -> bool:
+    """``q + f(q, x)`` where ``q`` is learned, not computed from the input: CaiT's class-attention
+    (the class token attends to the patches), Perceiver's latents, DETR's object queries. The
+    shortcut is the fork itself, and the branch reads it together with the input."""
+    if fork is not a and fork is not b:
+        return False
+    other = b if fork is a else a
+    return flow.depends_on_input(other) and any(
+        n.op == "get_attr" for n in flow.region_nodes(flow.anc(fork))
+    )
 
 
 def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
@@ -277,7 +293,10 @@ def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
 
 def _block_child(owner_local: str, f: _Fork, flow: DataFlow) -> str | None:
     """The child of the owner that holds the whole branch (a loop over ``blocks``), if one does."""
-    region_nodes = flow.region_nodes(f.branch_region)
+    # What the branch computes from the fork: a cross-attention's context (CaiT's patches) is
+    # read by the branch but computed before it, elsewhere.
+    fork_bit = 1 << flow.order[f.fork]
+    region_nodes = [n for n in flow.region_nodes(f.branch_region) if flow.anc(n) & fork_bit]
     weighted = {_module_path(n) for n in region_nodes if flow.weights[flow.order[n]]}
     called = {
         _module_path(n)
@@ -343,22 +362,37 @@ def _internal(site: ResidualSite, flow: DataFlow, prefix: str) -> bool:
     return _leaves_through_maps(add, add.meta.get("owner_local", ""), flow)
 
 
+def _blocks_of(candidates: list[str], owner: str) -> list[str]:
+    """The block of each of one owner's sites (in execution order), from each site's candidate:
+    the child of the owner that holds its whole branch, or the owner itself.
+
+    Candidates stand when the owner runs its children one after the other, every site's branch
+    inside one: a loop over blocks (``for blk in self.blocks: x = x + blk(x)``: every candidate
+    different; a site whose branch no one child holds is then a block of its own, the owner),
+    or over blocks of several residuals each (``for attn, ff in self.layers: x = attn(x) + x;
+    x = ff(x) + x``: consecutive runs of one child). Otherwise the owner is the block of all its
+    sites: a transformer block's attention and MLP residuals, whose branches share no one child;
+    children visited in turn (``a, b, a, b``).
+    """
+    if len(candidates) > 1 and len(set(candidates)) == len(candidates):
+        return candidates
+    runs = [c for i, c in enumerate(candidates) if i == 0 or c != candidates[i - 1]]
+    if owner not in candidates and len(runs) > 1 and len(set(runs)) == len(runs):
+        return candidates
+    return [owner] * len(candidates)
+
+
 def find_residual_sites(traced: TraceResult) -> list[ResidualSite]:
     """Every residual site of every traced part, in execution order."""
     found = [(part, *_sites_in_part(part)) for part in traced.parts]
     sites = [site for _, part_sites, _ in found for site in part_sites]
-    # ``block`` holds each site's candidate child so far. It stands only when every site of the
-    # owner sits in a different child (a loop over blocks, or a chain of distinct blocks);
-    # otherwise the owner itself is the block (a transformer block's attention + MLP residuals).
     by_owner: dict[str, list[ResidualSite]] = {}
     for site in sites:
         by_owner.setdefault(site.owner, []).append(site)
     for owner_sites in by_owner.values():
-        candidates = [s.block for s in owner_sites]
-        distinct = len(set(candidates)) == len(candidates) and len(candidates) > 1
-        for s in owner_sites:
-            if not distinct or s.block == s.owner:
-                s.block = s.owner
+        blocks = _blocks_of([s.block for s in owner_sites], owner_sites[0].owner)
+        for s, block in zip(owner_sites, blocks, strict=True):
+            s.block = block
     return [
         site
         for part, part_sites, flow in found

@@ -58,20 +58,45 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _RETROFIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+def _library_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """Modules and functions fx must not trace into: timm's no-trace registry, and einops."""
+    modules: tuple[type, ...] = ()
+    functions: tuple[Any, ...] = ()
     try:
         import timm.models  # noqa: F401  (importing the models registers their no-trace entries)
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover
+        pass
+    else:
+        modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+        functions = tuple(f for f in get_notrace_functions() if callable(f))
+    einops_modules, einops_functions = _einops_ops()
+    return modules + einops_modules, functions + einops_functions
+
+
+def _einops_ops() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """einops (``rearrange(x, "b c h w -> b (h w) c")``, its ``Rearrange`` layers) is how much
+    hand-written vision code reshapes (vit-pytorch, many papers' reference code). Its functions
+    parse the pattern against ``x.shape`` and cache recipes keyed by shapes, which a Proxy cannot
+    be: traced into, they fail. Each call is one node instead: a function of its tensors (data
+    flows through it, it has no weights), which a specialised trace can also evaluate."""
+    if "einops" not in sys.modules:  # only a model that imported it can use it
         return (), ()
-    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
-    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    try:
+        import einops
+        from einops.layers import torch as einops_layers
+    except ImportError:  # pragma: no cover - einops without its torch layers
+        return (), ()
+    names = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
+    functions = tuple(getattr(einops, n) for n in names if callable(getattr(einops, n, None)))
+    layers = ("Rearrange", "Reduce", "EinMix")
+    modules = tuple(t for n in layers if isinstance(t := getattr(einops_layers, n, None), type))
     return modules, functions
 
 
 def leaf_types() -> tuple[type, ...]:
     """Module classes every retrofit trace keeps as leaves (timm no-trace + regularizers)."""
-    return _timm_notrace()[0] + regularizer_types()
+    return _library_notrace()[0] + regularizer_types()
 
 
 class RetrofitTracer(fx.Tracer):
@@ -102,7 +127,7 @@ class RetrofitTracer(fx.Tracer):
         extra_leaves: tuple[type, ...] = (),
         call: Call | None = None,
     ):
-        notrace_modules, notrace_functions = _timm_notrace()
+        notrace_modules, notrace_functions = _library_notrace()
         super().__init__(autowrap_functions=notrace_functions)
         self.shallow = shallow
         self.call = call
@@ -523,7 +548,7 @@ def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -
                 expanded.add(name)
                 visit(child, name)
 
-    notrace = _timm_notrace()[0]
+    notrace = _library_notrace()[0]
     expanded: set[str] = set()
     visit(model, "")
     return result
