@@ -8,6 +8,7 @@ Three things make plain ``torch.fx.symbolic_trace`` fail or mislead on real zoo 
 
 * timm marks modules and functions it knows are not symbolically traceable
   (``timm.layers.get_notrace_modules`` / ``get_notrace_functions``); they must be leaves/wrapped.
+  einops calls and layers, which parse their patterns against real shapes, likewise.
 * Regularizers already in the model (Dropout*, timm ``DropPath``/``DropBlock2d``, torchvision
   ``StochasticDepth``/``DropBlock2d``, our own layers) must stay single nodes so analyses can see
   them and rewrites can reuse them.
@@ -95,7 +96,8 @@ def _einops_ops() -> tuple[tuple[type, ...], tuple[Any, ...]]:
 
 
 def leaf_types() -> tuple[type, ...]:
-    """Module classes every retrofit trace keeps as leaves (timm no-trace + regularizers)."""
+    """Module classes every retrofit trace keeps as leaves (timm no-trace, einops layers,
+    regularizers)."""
     return _library_notrace()[0] + regularizer_types()
 
 
