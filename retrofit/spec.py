@@ -163,6 +163,13 @@ class Spec:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
 
+    @classmethod
+    def parse(cls, value: object) -> Any:
+        """The recipe's ``<section>:`` value → this spec: a mapping (empty or bare for the
+        defaults), or None when the section is false (disabled)."""
+        body = section_body(cls.section, value)
+        return None if body is None else cls.from_dict(body)  # type: ignore[attr-defined]
+
     def to_dict(self) -> dict[str, Any]:
         """Resolved values, ready for JSON/YAML (tuples become lists)."""
         out: dict[str, Any] = {}

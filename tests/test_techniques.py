@@ -24,7 +24,7 @@ from retrofit.graph.existing import is_existing_regularizer
 from retrofit.layers import protocol
 from retrofit.plan import planners
 from retrofit.recipe import top_level
-from retrofit.spec import Spec, check_keys, number, section_body
+from retrofit.spec import Spec, check_keys, number
 from retrofit.techniques import TECHNIQUES, Technique, model_edits
 from retrofit.train.prepare import has_model_edits
 
@@ -110,14 +110,9 @@ def plan_branch_noise(analysis: Any, spec: BranchNoiseSpec) -> list[Edit]:
     ]
 
 
-def _parse(value: Any) -> BranchNoiseSpec | None:
-    body = section_body("branch_noise", value)
-    return None if body is None else BranchNoiseSpec.from_dict(body)
-
-
 BRANCH_NOISE = Technique(
     name="branch_noise",
-    parse=_parse,
+    parse=BranchNoiseSpec.parse,
     fields=BranchNoiseSpec.field_names(),
     planner=plan_branch_noise,
     layer=lambda edit: BranchNoise(edit.params["alpha"]),

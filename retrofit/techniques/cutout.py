@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from retrofit.errors import RecipeError
-from retrofit.spec import Spec, boolean, check_keys, integer, numeric_string, section_body
+from retrofit.spec import Spec, boolean, check_keys, integer, numeric_string
 from retrofit.techniques.record import Technique
 
 __all__ = ["CutoutSpec", "TECHNIQUE"]
@@ -75,10 +75,4 @@ class CutoutSpec(Spec):
         return integer(field, value, low=1)  # pixels: an int64, like every integer of a recipe
 
 
-def parse(value: Any) -> CutoutSpec | None:
-    """The ``cutout:`` section: a mapping (empty or bare for the defaults), or false."""
-    body = section_body("cutout", value)
-    return None if body is None else CutoutSpec.from_dict(body)
-
-
-TECHNIQUE = Technique(name="cutout", parse=parse, fields=CutoutSpec.field_names())
+TECHNIQUE = Technique(name="cutout", parse=CutoutSpec.parse, fields=CutoutSpec.field_names())

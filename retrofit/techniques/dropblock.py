@@ -63,7 +63,7 @@ from retrofit.graph.shapes import shape_of
 from retrofit.graph.stages import CallSite, Stage, StageAnalysis
 from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
-from retrofit.spec import Spec, boolean, check_keys, choice, integer, number, section_body
+from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
@@ -412,15 +412,9 @@ def dropblock_layer(edit: Edit) -> DropBlock:
     )
 
 
-def parse(value: Any) -> DropBlockSpec | None:
-    """The ``dropblock:`` section: a mapping (empty or bare for the defaults), or false."""
-    body = section_body("dropblock", value)
-    return None if body is None else DropBlockSpec.from_dict(body)
-
-
 TECHNIQUE = Technique(
     name="dropblock",
-    parse=parse,
+    parse=DropBlockSpec.parse,
     fields=DropBlockSpec.field_names(),
     planner=plan_dropblock,
     layer=dropblock_layer,

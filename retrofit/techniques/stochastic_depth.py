@@ -17,7 +17,7 @@ from retrofit.edit import Edit
 from retrofit.errors import RecipeError
 from retrofit.layers import StochasticDepthGate
 from retrofit.schedule import block_survivals
-from retrofit.spec import Spec, boolean, check_keys, choice, integer, number, section_body
+from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
@@ -219,15 +219,9 @@ def gate(edit: Edit) -> nn.Module:
     )
 
 
-def parse(value: Any) -> StochasticDepthSpec | None:
-    """The ``stochastic_depth:`` section: a mapping (empty or bare for the defaults), or false."""
-    body = section_body("stochastic_depth", value)
-    return None if body is None else StochasticDepthSpec.from_dict(body)
-
-
 TECHNIQUE = Technique(
     name="stochastic_depth",
-    parse=parse,
+    parse=StochasticDepthSpec.parse,
     fields=StochasticDepthSpec.field_names() + StochasticDepthSpec.ALIASES,
     planner=plan_stochastic_depth,
     layer=gate,

@@ -14,7 +14,7 @@ from torch import nn
 
 from retrofit.edit import Edit
 from retrofit.layers import Uout
-from retrofit.spec import Spec, check_keys, number, section_body
+from retrofit.spec import Spec, check_keys, number
 from retrofit.techniques.dropout_sites import replace, why
 from retrofit.techniques.record import Technique
 
@@ -70,12 +70,10 @@ def uout_layer(edit: Edit) -> nn.Module:
     return Uout(beta=float(edit.params.get("beta", 0.1)))
 
 
-def parse(value: Any) -> UoutSpec | None:
-    """The ``uout:`` section: a mapping (empty or bare for the defaults), or false."""
-    body = section_body("uout", value)
-    return None if body is None else UoutSpec.from_dict(body)
-
-
 TECHNIQUE = Technique(
-    name="uout", parse=parse, fields=UoutSpec.field_names(), planner=plan_uout, layer=uout_layer
+    name="uout",
+    parse=UoutSpec.parse,
+    fields=UoutSpec.field_names(),
+    planner=plan_uout,
+    layer=uout_layer,
 )
