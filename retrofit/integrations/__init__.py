@@ -67,11 +67,11 @@ def progress(step: int, total: float) -> float:
 
 
 def reset_gate_stats(model: nn.Module) -> None:
-    """Start a new window for the gates' kept-fraction counters (after each log)."""
-    for m in model.modules():
-        reset = getattr(m, "reset_stats", None)
-        if callable(reset) and hasattr(m, "kept_fraction"):
-            reset()
+    """Start a new window for the kept-fraction counters of the gates and of the reused
+    drop-path slots (after each log)."""
+    from retrofit.schedule import reset_stats
+
+    reset_stats(model)
 
 
 def logged(model: nn.Module, prefix: str = "retrofit/") -> dict[str, Any]:

@@ -256,16 +256,14 @@ def _to_device(
 
 
 def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
-    """Mean kept fraction of the stochastic-depth gates, mean DropBlock keep_prob, and per layer
-    only the values that move during training (the rest is in plan.json)."""
-    kept = [
-        float(r["kept_fraction"]) for r in rates.values() if r.get("kind") == "stochastic_depth"
-    ]
-    keep_prob = [float(r["keep_prob"]) for r in rates.values() if r.get("kind") == "dropblock"]
+    """The kept fraction over every stochastic-depth site and the mean DropBlock keep_prob
+    (``retrofit.schedule.summary``: the numbers every consumer reports), and per layer only the
+    values that move during training (the rest is in plan.json)."""
+    scalars = schedule.summary(rates)
     moving = ("kept_fraction", "keep_prob", "survival")  # survival moves under a warm-up
     return {
-        "sd_kept": sum(kept) / len(kept) if kept else None,
-        "keep_prob": sum(keep_prob) / len(keep_prob) if keep_prob else None,
+        "sd_kept": scalars.get("sd_kept"),
+        "keep_prob": scalars.get("keep_prob"),
         "rates": {
             name: {k: r[k] for k in moving if k in r}
             for name, r in rates.items()
@@ -298,9 +296,7 @@ def _private_generators(model: nn.Module) -> dict[str, torch.Generator]:
 
 
 def _reset_gate_counters(model: nn.Module) -> None:
-    for m in model.modules():
-        if is_gate(m):
-            m.reset_stats()
+    schedule.reset_stats(model)  # gates and reused drop-path slots
 
 
 @dataclass
