@@ -2,19 +2,21 @@
 
 When a model has its own drop-path slot on a residual branch (timm's ``DropPath``, torchvision's
 ``StochasticDepth``), row-mode stochastic depth sets that module's rate to 1 − p_l instead of
-stacking a gate on it (``retrofit.rewrite``). The module draws its own masks, so to report what it
-kept, :func:`watch_slot` gives it two counters and a forward hook: every training call adds its
-batch size to ``retrofit_calls`` and the number of rows whose output is not all zeros to
-``retrofit_kept`` (a dropped row is exactly zero; a kept row is x/p_l, zero only if the branch
-output row was all zeros already, which a residual branch's output never is in practice).
-The counters are non-persistent buffers of the slot — tensors that move with the model, count
-inside a compiled graph (the hook is traced with the module) and stay out of the ``state_dict`` —
-and :func:`unwatch_slot` (``retrofit.strip``) removes them and the hook again.
+stacking a gate on it (``retrofit.rewrite``). To report what it kept, :func:`watch_slot` gives the
+module an instance ``forward`` that computes what both libraries compute in training — one
+Bernoulli(1 − rate) draw per row, divided by 1 − rate, times x (the same draws from the same
+global RNG) — with its mask in hand, and adds the batch size and the kept rows to two counters.
+(Counting from the output instead is wrong exactly when it matters: timm zero-initialises the
+last BatchNorm of each block, so at the start every branch output is 0, kept or not.) In eval,
+or at rate 0, the class's own forward runs. The counters are non-persistent buffers of the slot:
+they move with the model, count inside a compiled graph and stay out of the ``state_dict``;
+:func:`unwatch_slot` (``retrofit.strip``) removes them and the forward again.
 :func:`slot_rates` reports a slot in the same form as a gate's ``rates()``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +36,18 @@ class _Slot:
     target_survival: float
 
 
-def _count(module: nn.Module, args: Any, output: Any) -> None:
-    if not module.training or not isinstance(output, Tensor) or output.ndim == 0:
-        return
-    n = output.shape[0]
-    kept = output.detach().reshape(n, -1).ne(0).any(1).sum()
-    getattr(module, _CALLS).add_(n)
-    getattr(module, _KEPT).add_(kept)
+def _forward(module: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    info: _Slot = module.__dict__[_INFO]
+    rate = float(getattr(module, info.attr))
+    if not module.training or rate == 0.0 or args or kwargs or not isinstance(x, Tensor):
+        return type(module).forward(module, x, *args, **kwargs)
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    getattr(module, _CALLS).add_(x.shape[0])
+    getattr(module, _KEPT).add_(mask.detach().sum().to(torch.int64))
+    if keep > 0.0 and getattr(module, "scale_by_keep", True):
+        mask.div_(keep)
+    return x * mask
 
 
 def watch_slot(module: nn.Module, attr: str, depth: int | None, survival: float) -> None:
@@ -51,7 +58,7 @@ def watch_slot(module: nn.Module, attr: str, depth: int | None, survival: float)
     for name in (_CALLS, _KEPT):
         module.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device), False)
     module.__dict__[_INFO] = _Slot(attr, depth, float(survival))
-    module.register_forward_hook(_count)
+    module.__dict__["forward"] = functools.partial(_forward, module)
 
 
 def unwatch_slot(module: nn.Module) -> None:
@@ -60,9 +67,9 @@ def unwatch_slot(module: nn.Module) -> None:
         return
     for name in (_CALLS, _KEPT):
         module._buffers.pop(name, None)
-    for key, hook in list(module._forward_hooks.items()):
-        if hook is _count:
-            del module._forward_hooks[key]
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is _forward:
+        del module.__dict__["forward"]
 
 
 def watched(module: nn.Module) -> bool:

@@ -324,8 +324,8 @@ class StochasticDepthGate(nn.Module):
         self.mode = mode
         self.scaling = scaling
         self.depth = depth
+        self._stream = stream
         self.seed = seed
-        self.stream = stream
         self.compiled = "skip"
         self.forced: bool | None = None
         self._draws = 0
@@ -355,6 +355,34 @@ class StochasticDepthGate(nn.Module):
         if value != self._p:
             self._t.survival.fill_(value)
             self._p = value
+
+    # ------------------------------------------------------------------ seeding
+
+    @property
+    def seed(self) -> int | None:
+        """Seed of the counter-based batch/subset draws (None: torch's global generator)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        self._seed = value
+        self._rekey()
+
+    @property
+    def stream(self) -> str:
+        """This site's name in the counter-based draws (unique per site, same in every process)."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, value: str) -> None:
+        self._stream = value
+        self._rekey()
+
+    def _rekey(self) -> None:
+        # The site's 32-bit key for in-graph draws, computed here on the host: a compiled graph
+        # cannot run blake2b, and reads this int as a constant (it changes only with the seed).
+        seed = self.__dict__.get("_seed")
+        self._base = None if seed is None else draw_key(seed, f"{self._stream}/compiled", 0) & _M32
 
     # ------------------------------------------------------------------ schedule
 
@@ -538,7 +566,7 @@ class StochasticDepthGate(nn.Module):
         if self.forced is not None:
             return x.new_full((1,) * x.ndim, 1.0 if self.forced else 0.0)
         p = t.survival
-        base = None if self.seed is None else self._compiled_base()
+        base = self._base
         if self.mode == "subset":
             u = (
                 torch.rand(n, device=x.device)
@@ -566,10 +594,6 @@ class StochasticDepthGate(nn.Module):
         t.kept.add_(kept.to(torch.int64))
         t.draws.add_(1)
         return scale.to(x.dtype)
-
-    def _compiled_base(self) -> int:
-        """This site's 32-bit key for in-graph counter-based draws (fixed per seed and site)."""
-        return draw_key(self.seed or 0, f"{self.stream}/compiled", 0) & _M32
 
     def _outlined_compiled(
         self, shortcut: Tensor, inputs: tuple[Any, ...], branch: Any, spec: Outline
