@@ -486,8 +486,8 @@ def _print_config(args: argparse.Namespace, recipe: Any, recipe_path: Path | Non
     run's other settings; the YAML form loads back as a recipe."""
     import yaml
 
+    from retrofit.finetune_config import TrainConfig, available_cpus, resolve_workers
     from retrofit.models import ModelInfo, parse_kwargs, resolve_model_name
-    from retrofit.train.config import TrainConfig, available_cpus, resolve_workers
     from retrofit.train.prepare import recipe_dict, train_config_of
 
     source, name, _ = resolve_model_name(args.model)
@@ -745,7 +745,14 @@ def _lint(args: argparse.Namespace) -> int:
     findings = lint(model)
     shifts = None
     if args.measure:
-        shifts = measure_variance_shift(model, data=args.data, findings=findings)
+        batches = None
+        if args.data:
+            # The trainer's data stack reads --data (a bad path is a DataError, exit 2, even when
+            # there is nothing to measure); the lint itself never imports the trainer.
+            from retrofit.train.data import build_data
+
+            batches = build_data(args.data, model).train.iter_epoch(0)
+        shifts = measure_variance_shift(model, batches, findings=findings)
     if args.json:
         body = findings.to_dict()
         payload: dict[str, Any] = {

@@ -612,4 +612,4 @@ from retrofit.graph.probe import (  # noqa: E402, F401
 )
 
 # One implementation of checkpoint loading, shared with the trainer.
-from retrofit.train.checkpoint import load_weights  # noqa: E402
+from retrofit.weights import load_weights  # noqa: E402

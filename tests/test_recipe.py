@@ -172,7 +172,7 @@ def test_uout_and_dropout_fix_are_exclusive():
 
 
 def test_train_section_uses_the_trainers_schema():
-    config = pytest.importorskip("retrofit.train.config")
+    config = pytest.importorskip("retrofit.finetune_config")
     r = load_recipe({"train": {"epochs": 2, "batch_size": 64}})
     assert isinstance(r.train, config.TrainConfig)
     assert r.train.epochs == 2 and r.train.batch_size == 64
