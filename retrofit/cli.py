@@ -351,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
 
         check_device(args.device)
     recipe_path = _recipe_path(args.recipe) if args.recipe else None
-    from retrofit.models import create_model, load_weights, parse_kwargs
+    from retrofit.models import create_model, parse_kwargs
+    from retrofit.weights import load_weights
 
     kwargs = parse_kwargs(args.model_kwargs)
     recipe = _load_recipe(args, recipe_path) if recipe_path else None
@@ -618,7 +619,7 @@ def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
     import torch
 
     import retrofit
-    from retrofit.models import probe_input_size
+    from retrofit.graph.probe import probe_input_size
 
     channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None
