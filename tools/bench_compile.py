@@ -9,6 +9,7 @@
 Steps are forward + backward + SGD, interleaved in rounds, median per model. CPU inductor here:
 
     OMP_NUM_THREADS=2 python tools/bench_compile.py --batch 8 --size 64 --rounds 5
+    python tools/bench_compile.py --counts-only            # graph counts only (aot_eager)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import timm
@@ -26,9 +28,9 @@ import retrofit
 from retrofit.layers.stochastic_depth import compiled_form
 
 
-def build(rate: float, recipe: dict | None, x: torch.Tensor) -> torch.nn.Module:
+def build(arch: str, rate: float, recipe: dict | None, x: torch.Tensor) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=10, drop_path_rate=rate)
+    model = timm.create_model(arch, num_classes=10, drop_path_rate=rate)
     if recipe:
         retrofit.apply(model, recipe, example_input=x[:1])
     return model.train()
@@ -61,20 +63,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--model", default="resnet18", help="a timm ResNet (drop_path_rate)")
+    ap.add_argument("--counts-only", action="store_true", help="graph counts, no timing")
     args = ap.parse_args()
     x = torch.randn(args.batch, 3, args.size, args.size)
     batch = {"stochastic_depth": {"drop_path_rate": args.rate, "mode": "batch", "seed": 0}}
+    arch = args.model
     models = {
-        "timm_drop_path": build(args.rate, None, x),
-        "retrofit_row": build(0.0, {"stochastic_depth": {"drop_path_rate": args.rate}}, x),
-        "unmodified": build(0.0, None, x),
-        "retrofit_batch_mask": compiled_form(build(0.0, batch, x), "mask"),
+        "timm_drop_path": build(arch, args.rate, None, x),
+        "retrofit_row": build(arch, 0.0, {"stochastic_depth": {"drop_path_rate": args.rate}}, x),
+        "unmodified": build(arch, 0.0, None, x),
+        "retrofit_batch_mask": compiled_form(build(arch, 0.0, batch, x), "mask"),
     }
-    skip = build(0.0, batch, x)
     counts = {
+        "row_graphs": graphs(models["retrofit_row"], x),
         "batch_mask_graphs": graphs(models["retrofit_batch_mask"], x),
-        "batch_skip_graphs": graphs(skip, x),
+        "batch_skip_graphs": graphs(build(arch, 0.0, batch, x), x),
     }
+    print(json.dumps({"model": arch, **counts}), file=sys.stderr, flush=True)
+    if args.counts_only:
+        return
     torch._dynamo.reset()
     steps = {name: step_fn(m, args.backend) for name, m in models.items()}
     for step in steps.values():  # compile and warm up

@@ -273,7 +273,7 @@ _drop_block = drop_block
 class DropBlock(nn.Module):
     """DropBlock layer over :func:`drop_block`, with the paper's linear keep_prob schedule.
 
-    Attributes (plain, may be changed between steps):
+    Attributes (may be changed between steps):
         target_keep_prob: keep_prob reached at the end of the ramp (the recipe's ``keep_prob``).
         keep_prob: the current value. It starts at 1.0 (training progress 0, no dropping) and
             follows ``set_progress``; a training loop calls ``retrofit.schedule.update(model, t)``
