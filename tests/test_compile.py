@@ -187,3 +187,32 @@ def test_forced_decisions_run_or_skip_the_branch():
         model(X).sum().backward()
     assert all(m.conv1.weight.grad is None for m in model.blocks)
     assert all(g.calls == 0 for g in gates(model)), "forced calls are not counted"
+
+
+class _SlotBlock(nn.Module):
+    """A residual block with its own timm DropPath slot (rate 0 until retrofit sets it)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        return x + self.drop_path(self.conv(x))
+
+
+def test_reused_drop_path_slots_count_under_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _SlotBlock(4), _SlotBlock(4), nn.Flatten())
+    retrofit.apply(model, {"stochastic_depth": {"p_L": 0.5}}, example_input=X)
+    rates = schedule.current_rates(model)
+    assert [r.get("reused") for r in rates.values()] == ["DropPath", "DropPath"]
+    compiled = torch.compile(model.train(), backend="aot_eager", fullgraph=True)
+    steps, batch = 30, 16
+    for _ in range(steps):
+        compiled(torch.randn(batch, 3, 8, 8)).sum().backward()
+    for depth, b in schedule.statistics(model)["blocks"].items():
+        assert b["calls"] == steps * batch, depth
+        assert abs(b["kept_fraction"] - b["survival"]) < binomial_tol(b["survival"], steps * batch)
