@@ -418,9 +418,43 @@ def test_lightning_callback_reports_plan_lint_and_per_block_rates(tmp_path):
     data = torch.utils.data.TensorDataset(x, y)
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     callback = RetrofitCallback(RECIPE, example_input=x[:2], per_block=True)
+    per_step: dict[int, dict[str, tuple[float, float]]] = {}  # step → gate → (kept, calls)
+
+    def counters() -> dict[str, tuple[float, float]]:
+        rates = retrofit.schedule.current_rates(lit.model)
+        return {
+            n: (r["kept_fraction"] * r["calls"], r["calls"])
+            for n, r in rates.items()
+            if "calls" in r
+        }
+
+    class Window(pl.Callback):
+        """Each step's own kept/calls per gate, read around the step (before RetrofitCallback's
+        batch end, which may restart the counters)."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = counters()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = counters()
+            per_step[trainer.global_step - 1] = {
+                n: (after[n][0] - self.before[n][0], after[n][1] - self.before[n][1]) for n in after
+            }
+
+    def window_kept(last: int, steps: int) -> float:
+        """Mean over gates of the kept fraction over steps last − steps + 1 … last."""
+        gates = per_step[last]
+        fractions = [
+            sum(per_step[s][n][0] for s in range(last - steps + 1, last + 1))
+            / sum(per_step[s][n][1] for s in range(last - steps + 1, last + 1))
+            for n in gates
+        ]
+        return sum(fractions) / len(fractions)
+
     trainer = pl.Trainer(
         max_steps=STEPS, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"),
-        log_every_n_steps=1, val_check_interval=3, limit_val_batches=1, callbacks=[callback],
+        log_every_n_steps=2, val_check_interval=3, limit_val_batches=1,
+        callbacks=[Window(), callback],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0,
     )  # fmt: skip
@@ -437,12 +471,14 @@ def test_lightning_callback_reports_plan_lint_and_per_block_rates(tmp_path):
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
     train_rows = [r for r in rows if r.get("retrofit/sd_survival")]
-    assert sorted(int(r["step"]) for r in train_rows) == list(range(STEPS))
+    assert sorted(int(r["step"]) for r in train_rows) == [1, 3, 5]  # every 2nd step
     planned = planned_mean(TinyRes(num_classes=4))
     for r in train_rows:
         values = {k: float(v) for k, v in r.items() if k.startswith("retrofit/") and v}
         assert_per_block(values, callback_gate_names(callback), int(r["step"]) / STEPS)
         assert values["retrofit/sd_planned"] == pytest.approx(planned)
+        # The logged kept fraction covers the 2 steps since the previous logged one.
+        assert values["retrofit/sd_kept"] == pytest.approx(window_kept(int(r["step"]), 2))
     val_rows = [r for r in rows if r.get("val_loss")]
     assert len(val_rows) == 2, "validated at steps 3 and 6"
     assert not any(v for r in val_rows for k, v in r.items() if k.startswith("retrofit/"))
