@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrofit.finetune_config import TrainConfig
 from retrofit.lifecycle import Lifecycle
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.techniques import model_edits
-from retrofit.train.config import TrainConfig
 
 log = logging.getLogger("retrofit.train")
 
