@@ -373,6 +373,13 @@ def _run(args: argparse.Namespace) -> int:
 
         seed_all(train_config_of(recipe).seed)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
+    if not real:
+        from retrofit.graph.detection import is_detector
+
+        if is_detector(model):
+            # A detector's heads are read on the calls one real forward makes (they loop over
+            # the feature maps it is given), and its NMS has no meta kernel: build it for real.
+            model, info = create_model(args.model, kwargs=kwargs)
     if args.weights:
         load_weights(model, args.weights)
 
