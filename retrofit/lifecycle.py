@@ -160,6 +160,8 @@ class Lifecycle:
         example_input: the probe for ``apply``'s verification and the lint (see ``retrofit.apply``).
         verify: check the eval output is unchanged (``retrofit.apply``'s ``verify``).
         allow_partial: ``retrofit.apply``'s ``allow_partial``.
+        training_call: ``retrofit.apply``'s ``training_call`` (what a training-mode forward is
+            called with: a detector's targets …; see ``retrofit.training_call``).
         run_lint: lint the model at start.
         strict_lint: let a lint crash propagate (otherwise the verdict says it did not run).
     """
@@ -171,6 +173,7 @@ class Lifecycle:
         example_input: Any = None,
         verify: bool = True,
         allow_partial: bool = True,
+        training_call: Any = None,
         run_lint: bool = True,
         strict_lint: bool = False,
     ) -> None:
@@ -178,6 +181,7 @@ class Lifecycle:
         self.example_input = example_input
         self.verify = verify
         self.allow_partial = allow_partial
+        self.training_call = training_call
         self.run_lint = run_lint
         self.strict_lint = strict_lint
         self.model: nn.Module | None = None
@@ -207,7 +211,7 @@ class Lifecycle:
             if apply and self.edits_model():
                 retrofit_apply(
                     model, self.recipe, example_input=self.example_input, verify=self.verify,
-                    allow_partial=self.allow_partial,
+                    allow_partial=self.allow_partial, training_call=self.training_call,
                 )  # fmt: skip
         finally:
             model.train(was_training)

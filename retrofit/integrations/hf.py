@@ -56,6 +56,8 @@ class RetrofitTrainerCallback(TrainerCallback):
             ``"resnet"`` of ``ResNetForImageClassification``); None: the whole model.
         example_input: probe input for the eval-equivalence check and the lint (see
             ``retrofit.apply``).
+        training_call: what a training-mode forward of the network is called with, for the
+            liveness check (``retrofit.apply``'s ``training_call``: a detector's targets …).
         verify: check that the eval output is unchanged.
         per_block: also log every inserted layer's survival / kept fraction / keep_prob.
 
@@ -70,10 +72,13 @@ class RetrofitTrainerCallback(TrainerCallback):
         *,
         module: str | None = None,
         example_input: Any = None,
+        training_call: Any = None,
         verify: bool = True,
         per_block: bool = False,
     ) -> None:
-        self.lifecycle = Lifecycle(recipe, example_input=example_input, verify=verify)
+        self.lifecycle = Lifecycle(
+            recipe, example_input=example_input, verify=verify, training_call=training_call
+        )
         self.recipe = self.lifecycle.recipe
         self.module = module
         self.per_block = per_block

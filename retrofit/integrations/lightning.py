@@ -68,6 +68,8 @@ class RetrofitCallback(Callback):
             ``"net.backbone"``); None: ``"model"`` if the LightningModule has it, else itself.
         example_input: probe input for the eval-equivalence check and the lint (see
             ``retrofit.apply``).
+        training_call: what a training-mode forward of the network is called with, for the
+            liveness check (``retrofit.apply``'s ``training_call``: a detector's targets …).
         verify: check that the eval output is unchanged (``retrofit.apply``'s ``verify``).
         log: log the rates through ``LightningModule.log_dict``.
         per_block: also log every inserted layer's survival / kept fraction / keep_prob.
@@ -83,12 +85,15 @@ class RetrofitCallback(Callback):
         *,
         module: str | None = None,
         example_input: Any = None,
+        training_call: Any = None,
         verify: bool = True,
         log: bool = True,
         per_block: bool = False,
     ) -> None:
         super().__init__()
-        self.lifecycle = Lifecycle(recipe, example_input=example_input, verify=verify)
+        self.lifecycle = Lifecycle(
+            recipe, example_input=example_input, verify=verify, training_call=training_call
+        )
         self.recipe = self.lifecycle.recipe
         self.module = module
         self.log = log
