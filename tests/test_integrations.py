@@ -612,7 +612,9 @@ def readme_timm_lines() -> list[str]:
     return [ast.get_source_segment(block.group(1), s) for s in tree.body]
 
 
-def test_timm_train_py_with_the_readme_lines_logs_and_writes_summary_csv(tmp_path, caplog):
+def test_timm_train_py_with_the_readme_lines_logs_and_writes_summary_csv(
+    tmp_path, caplog, monkeypatch
+):
     """timm's train.py, step by step with timm's own pieces: ``create_model``, [README line 1],
     ``create_optimizer_v2``, ``create_scheduler_v2``, [line 2], then per epoch the loop shape of
     its ``train_one_epoch`` (forward, backward, ``optimizer.step``, ``step_update`` after each
@@ -626,13 +628,14 @@ def test_timm_train_py_with_the_readme_lines_logs_and_writes_summary_csv(tmp_pat
 
     import retrofit.integrations.timm
 
+    monkeypatch.chdir(ROOT)  # the README's recipe path is relative to the repository
     line1, line2, line3 = readme_timm_lines()
     assert "retrofit.apply" in line1 and "scheduled(" in line2 and "retrofit_metrics" in line3
     torch.manual_seed(0)
     x, y = images(48)
     x = F.interpolate(x, size=32)
     ns = {"retrofit": retrofit, "model": timm.create_model("resnet10t", num_classes=4)}
-    exec(line1, ns)  # the recipe path is relative to the repository (as in the README)
+    exec(line1, ns)
     model = ns["model"]
     optimizer = create_optimizer_v2(model, opt="sgd", lr=0.05)
     num_epochs, updates_per_epoch = 2, 3
