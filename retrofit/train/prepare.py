@@ -128,11 +128,10 @@ def prepare_model(
     # The one lifecycle the integrations share (retrofit.lifecycle): apply, then lint the model
     # that will actually be trained.
     lifecycle = Lifecycle(
-        recipe if has_model_edits(recipe) else None, example_input=example,
-        allow_partial=allow_partial, strict_lint=strict_lint,
-    )  # fmt: skip
+        recipe, example_input=example, allow_partial=allow_partial, strict_lint=strict_lint
+    )
     start = lifecycle.start(model, apply=apply)
-    the_plan = start.plan if apply and has_model_edits(recipe) else None
+    the_plan = start.plan if apply and lifecycle.edits_model() else None
     plan_dict = the_plan.to_dict() if the_plan is not None else None
     plan_summary = start.plan_summary if the_plan is not None else None
     findings, skipped = start.findings, start.lint_skipped
