@@ -52,8 +52,9 @@ MOVING = ("survival", "kept_fraction", "keep_prob")
 def block_rates(rates: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per layer, the values of :func:`retrofit.schedule.current_rates` that move in training
     (layers with none, such as Uout, are left out)."""
+    # A value may be None (a kept fraction with no training call in the window): not measured.
     return {
-        name: {k: float(r[k]) for k in MOVING if k in r}
+        name: {k: float(r[k]) for k in MOVING if r.get(k) is not None}
         for name, r in rates.items()
         if any(k in r for k in MOVING)
     }
@@ -266,8 +267,8 @@ class Lifecycle:
             return None
         rates = schedule.current_rates(self.model)
         means = dict(schedule.summary(rates))
-        if self._planned is not None and "sd_kept" in means:
-            means["sd_planned"] = self._planned
+        if self._planned is not None and "sd_survival" in means:
+            means.setdefault("sd_planned", self._planned)
         out = Report(
             steps=self._window_steps, means=means, blocks=block_rates(rates), layers=len(rates)
         )
@@ -279,6 +280,12 @@ class Lifecycle:
         """Start a new window: no steps yet, the gates' counters zeroed."""
         self._window_steps = 0
         if self.model is None:
+            return
+        # retrofit.schedule owns the counters where it offers their reset (it then covers the
+        # model's reused drop-path slots too); otherwise every reporting layer resets its own.
+        reset_all = getattr(schedule, "reset_stats", None)
+        if callable(reset_all):
+            reset_all(self.model)
             return
         for m in self.model.modules():
             reset = getattr(m, "reset_stats", None)

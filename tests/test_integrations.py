@@ -423,7 +423,7 @@ def test_lightning_callback_reports_plan_lint_and_per_block_rates(tmp_path):
     def counters() -> dict[str, tuple[float, float]]:
         rates = retrofit.schedule.current_rates(lit.model)
         return {
-            n: (r["kept_fraction"] * r["calls"], r["calls"])
+            n: (r["kept"] if "kept" in r else r["kept_fraction"] * r["calls"], r["calls"])
             for n, r in rates.items()
             if "calls" in r
         }
