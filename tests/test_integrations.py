@@ -567,9 +567,10 @@ def test_hf_trainer_callback_reports_once_and_keeps_eval_logs_clean(tmp_path, ca
 
 @pytest.mark.skipif(not has_hf, reason="the hf extra (transformers, accelerate) is not installed")
 @pytest.mark.xfail(
+    not hasattr(retrofit.schedule, "reset_stats"),  # the fix's own entry point
     strict=True,
     reason="gates at survival 1.0 count no calls (issue 19 item 5): fixed at the source in "
-    "retrofit.schedule / the gate counters by the compile branch",
+    "retrofit.schedule / the gate counters by the compile branch, not merged here yet",
 )
 def test_hf_logged_kept_is_one_while_every_gate_survives(tmp_path):
     """The first step of a warm-up runs every gate at survival 1.0: all branches are kept, so
