@@ -271,11 +271,17 @@ def _import_factory(spec: str) -> Any:
 
 def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if source == "torchvision":
+        import inspect
+
         import torchvision
 
-        return torchvision.models.get_model(
-            name, weights="DEFAULT" if pretrained else None, **kwargs
-        )
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            # Detection and segmentation builders default to downloading ImageNet backbone
+            # weights even with weights=None: no network unless pretrained weights were asked
+            # for (with them, torchvision takes the whole model's weights, backbone included).
+            kwargs = {"weights_backbone": None, **kwargs}
+        return builder(weights="DEFAULT" if pretrained else None, **kwargs)
     if source == "timm":
         import timm
 
