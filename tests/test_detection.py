@@ -297,3 +297,41 @@ def test_task_zoo_covers_every_torchvision_detector_and_segmenter():
     for _, name in listed:
         assert f"`{name}`" in section, name
     assert "refused" not in section or "targets should not be" not in section
+
+
+# --- other libraries' parts, no special case ----------------------------------------------------
+
+
+class _TimmFPN(nn.Module):
+    """A timm ResNet-18 (features_only) under torchvision's FPN: a backbone for FasterRCNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.body = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
+        channels = self.body.feature_info.channels()
+        self.fpn = FeaturePyramidNetwork(channels, 32, extra_blocks=LastLevelMaxPool())
+        self.out_channels = 32
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn({str(i): f for i, f in enumerate(self.body(x))})
+
+
+def test_timm_backbone_inside_torchvision_faster_rcnn():
+    """Stochastic depth on the timm ResNet-18's 8 blocks and DropBlock after the 2+2 blocks of
+    its groups 3 and 4, each applied verified and live inside a torchvision FasterRCNN."""
+    from torchvision.models.detection import FasterRCNN
+
+    torch.manual_seed(0)
+    model = FasterRCNN(_TimmFPN(), num_classes=3, **SMALL)
+    retrofit.apply(model, SD)
+    assert [g.rsplit(".", 1)[0] for g in _gates(model)] == [
+        f"backbone.body.layer{i}.{j}" for i in range(1, 5) for j in range(2)
+    ]
+    retrofit.apply(model, ROOT / "recipes" / "dropblock.yaml")
+    assert [e.target for e in retrofit.applied_plan(model).by_kind("dropblock")] == [
+        f"backbone.body.layer{i}.{j}" for i in (3, 4) for j in range(2)
+    ]
