@@ -246,11 +246,11 @@ def test_cli_applies_a_detector_verified_and_takes_a_training_example(tmp_path):
     images = [torch.rand(3, 64, 64)]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
     torch.save({"args": [images, targets]}, tmp_path / "example.pt")
-    flags = ["--recipe", "sd", "--training-example", "example.pt", "--out", "a"]
+    flags = ["--recipe", "sd", "--training-example", "example.pt", "--out", "b"]
     done = _cli("--model", model, *kwargs, *flags, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "10 stochastic_depth" in done.stdout
-    state = load_file(tmp_path / "a" / "model.safetensors")
+    state = load_file(tmp_path / "b" / "model.safetensors")
     torchvision.models.get_model(model, weights=None, weights_backbone=None).load_state_dict(
         state, strict=True
     )
