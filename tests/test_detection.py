@@ -7,6 +7,7 @@ weights, ResNet-18 / MobileNet backbones where the zoo's ResNet-50 adds only tim
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,25 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
         timeout=300,
     )
+
+
+@pytest.mark.parametrize(
+    "recipe,kind,count", [("sd", "stochastic_depth", 10), ("dropblock", "dropblock", 6)]
+)
+def test_cli_plans_a_detector_complete_on_real_weights(capsys, recipe, kind, count):
+    """`retrofit-cli --model <detector> --recipe R` (the plan, no --allow-partial): exit 0, the
+    detection API's bookkeeping forwards listed as known to hold no site, nothing else unread.
+    The detector is built for real: its heads are read on the calls a real forward makes."""
+    from retrofit.cli import main
+
+    argv = ["--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "--model-kwargs", "min_size=64",
+            "max_size=64", "--recipe", recipe, "--json"]  # fmt: skip
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sum(e["kind"] == kind for e in plan["edits"]) == count
+    assert plan["partial"] == []
+    assert {s["module"] for s in plan["skipped"]} == {"<root>", "transform", "rpn", "roi_heads"}
+    assert all(s.get("known") for s in plan["skipped"])
 
 
 # Two CLI processes (torch + torchvision imports, a detector built and verified): ~30-45 s on
