@@ -351,3 +351,49 @@ def test_timm_backbone_inside_torchvision_faster_rcnn():
     assert [e.target for e in retrofit.applied_plan(model).by_kind("dropblock")] == [
         f"backbone.body.layer{i}.{j}" for i in (3, 4) for j in range(2)
     ]
+
+
+def test_hf_segformer_and_detr_with_labels_as_their_training_call():
+    """HF models whose training forward takes labels (and returns ``.loss``): SegFormer's two
+    blocks' four drop-path slots are reused; DETR (a tiny ResNet backbone, 1+1 layers) gets its
+    backbone's 4 blocks and its decoder layer's 3 residuals — its encoder layer is not read yet
+    (a warned partial plan, left to the capture)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    segformer = transformers.SegformerForSemanticSegmentation(
+        transformers.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+            patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+            decoder_hidden_size=32, num_labels=3,
+        )
+    )  # fmt: skip
+    labels = torch.randint(0, 3, (2, 32, 32))
+    call = TrainingCall(kwargs={"pixel_values": x, "labels": labels})
+    retrofit.apply(segformer, SD, example_input=x, training_call=call)
+    edits = retrofit.applied_plan(segformer).by_kind("stochastic_depth")
+    assert len(edits) == 4 and all(e.action in ("set_rate", "replace_module") for e in edits)
+    segformer.train()
+    assert call.loss_of(call.run(segformer)).ndim == 0  # HF's .loss
+
+    backbone = transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+        layer_type="basic", out_features=["stage4"],
+    )  # fmt: skip
+    detr = transformers.DetrForObjectDetection(
+        transformers.DetrConfig(
+            use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
+            num_labels=3,
+        )
+    )  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    targets = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    call = TrainingCall(kwargs={"pixel_values": x, "labels": targets * 2})
+    with pytest.warns(retrofit.RetrofitWarning, match="4 module\(s\) could not be read"):
+        retrofit.apply(detr, SD, example_input=x, training_call=call)
+    modules = [e.module for e in retrofit.applied_plan(detr).by_kind("stochastic_depth")]
+    stages = [f"model.backbone.model.encoder.stages.{i}.layers.0" for i in range(4)]
+    assert modules == stages + ["model.decoder.layers.0"] * 3
+    assert "model.encoder.layers.0" in [s.module for s in retrofit.applied_plan(detr).skipped]
