@@ -391,7 +391,7 @@ def test_hf_segformer_and_detr_with_labels_as_their_training_call():
     x = torch.randn(2, 3, 64, 64)
     targets = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     call = TrainingCall(kwargs={"pixel_values": x, "labels": targets * 2})
-    with pytest.warns(retrofit.RetrofitWarning, match="4 module\(s\) could not be read"):
+    with pytest.warns(retrofit.RetrofitWarning, match=r"4 module\(s\) could not be read"):
         retrofit.apply(detr, SD, example_input=x, training_call=call)
     modules = [e.module for e in retrofit.applied_plan(detr).by_kind("stochastic_depth")]
     stages = [f"model.backbone.model.encoder.stages.{i}.layers.0" for i in range(4)]
