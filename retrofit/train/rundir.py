@@ -33,7 +33,13 @@ try:  # pragma: no cover - always present on POSIX
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunDirError", "check_out_dir", "lock_run_dir", "remove_stale_temps"]
+__all__ = [
+    "RunDirError",
+    "check_out_dir",
+    "lock_run_dir",
+    "remove_stale_temps",
+    "writes_run_dir",
+]
 
 # realpath -> [fd, depth] for the locks this process holds (re-entrancy).
 _HELD: dict[str, list[int]] = {}
@@ -41,6 +47,17 @@ _HELD: dict[str, list[int]] = {}
 
 class RunDirError(ValueError):
     """The output directory cannot be used: the message names it and what would be accepted."""
+
+
+def writes_run_dir() -> bool:
+    """Whether this process is the one that checks, locks and writes ``--out``.
+
+    Under torchrun every process runs the same command, and rank 0 alone writes the run
+    directory (:func:`retrofit.train.fit`); the others only read a checkpoint from it when
+    resuming. Read from torchrun's ``RANK`` (what the process group will report), so the CLI
+    can decide before importing torch. A process outside torchrun is rank 0.
+    """
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _first_existing(path: Path) -> Path:
