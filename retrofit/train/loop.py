@@ -64,6 +64,7 @@ from retrofit.train.data import DataBundle, build_data
 from retrofit.train.data import steps_per_epoch as count_steps
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
+from retrofit.train.outputs import logits_of
 from retrofit.train.plots import plot_curves, plot_survival, regularizer_layers
 from retrofit.train.precision import Precision, resolve_precision
 from retrofit.train.prepare import (
@@ -233,7 +234,7 @@ def evaluate(
     for x, y in batches.iter_epoch():
         x, y = _to_device(x, y, env.device, precision)
         with precision.autocast():
-            logits = model(x)
+            logits = logits_of(model(x))
         logits = logits.float()
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1:3] += correct_counts(logits, y, (1, 5)).to(sums.dtype)
@@ -788,7 +789,7 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
         )
         with sync:
             with precision.autocast():
-                loss = run.criterion(train_model(x), y)
+                loss = run.criterion(logits_of(train_model(x)), y)
             scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
