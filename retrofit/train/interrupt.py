@@ -3,23 +3,14 @@
 Schedulers (SLURM, Kubernetes, torchrun's agent) send SIGTERM before killing a job; Ctrl-C sends
 SIGINT. Either only sets a flag, so the optimizer step in flight completes and the checkpoint is
 consistent. A second SIGINT restores Python's default and raises KeyboardInterrupt at once, for a
-user who does not want to wait. Under torchrun a Ctrl-C reaches every worker twice: from the
-terminal (the whole foreground process group) and, a moment later, from torchrun's agent, which
-forwards the signal it got to its workers; a repeat within :data:`TORCHRUN_ECHO_S` is that echo,
-not a second request, so the step still completes and the checkpoint is saved on every rank.
+user who does not want to wait.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from types import FrameType, TracebackType
-
-# How long after a SIGINT torchrun's forwarded copy of it may arrive (the agent forwards at once;
-# the margin covers a loaded machine).
-TORCHRUN_ECHO_S = 2.0
 
 
 class StopRequest:
@@ -33,17 +24,11 @@ class StopRequest:
         self.requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
-        self._first_at = 0.0
-        self._under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
-            if self._under_torchrun and time.monotonic() - self._first_at < TORCHRUN_ECHO_S:
-                return  # the agent's copy of the same Ctrl-C
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        if not self.requested:
-            self._first_at = time.monotonic()
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
