@@ -47,8 +47,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True,
+def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env() | env, capture_output=True, text=True,
                           timeout=TIMEOUT)  # fmt: skip
 
 
@@ -260,7 +260,8 @@ def test_a_failing_run_leaves_its_out_as_it_found_it(tmp_path, capsys, monkeypat
 def test_compare_with_two_seeds(tmp_path):
     cmd = [sys.executable, "-m", "retrofit.cli", "compare", "--model", TINY, "--recipes",
            str(REPO / "recipes/study/none.yaml"), str(REPO / "recipes/sd.yaml"),
-           "--train-kwargs", "epochs=1", "img_size=16", "--seeds", "2", "--out", "ab",
+           "--train-kwargs", "epochs=1", "img_size=16", "batch_size=32", "--seeds", "2",
+           "--data", "digits:per_class=20", "--out", "ab",
            "--no-progress", "--threads", "1"]  # fmt: skip
     done = _run(cmd, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -272,7 +273,7 @@ def test_compare_with_two_seeds(tmp_path):
     assert "1 thread(s)" in header
     # --report-only (no --threads) trains nothing and keeps the header's thread count: the
     # table describes the runs, which ran on 1 thread.
-    again = _run([*cmd[:-2], "--report-only"], tmp_path)
+    again = _run([*cmd[:-2], "--report-only"], tmp_path, OMP_NUM_THREADS="3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "ab" / "table.md").read_text().splitlines()[0] == header
 
@@ -309,14 +310,7 @@ def test_the_launcher_is_read_back_from_torchrun_command_line():
 def test_only_rank_0_locks_the_run_dir(tmp_path, monkeypatch):
     import retrofit.train
     from retrofit.cli import main
-    from retrofit.train.rundir import writes_run_dir
 
-    monkeypatch.setenv("RANK", "1")
-    assert not writes_run_dir()
-    monkeypatch.setenv("RANK", "0")
-    assert writes_run_dir()
-    monkeypatch.delenv("RANK")
-    assert writes_run_dir()
     # Rank 0 (another process) holds --out while rank 1 starts: rank 1 must not take the lock.
     out = tmp_path / "run"
     out.mkdir()
@@ -344,12 +338,21 @@ def test_only_rank_0_locks_the_run_dir(tmp_path, monkeypatch):
         holder.wait()
     assert seen["out"] == out  # rank 1 got to fit without taking (or failing on) the lock
 
+    from retrofit.train.rundir import writes_run_dir
+
+    assert not writes_run_dir()
+    monkeypatch.setenv("RANK", "0")
+    assert writes_run_dir()
+    monkeypatch.delenv("RANK")
+    assert writes_run_dir()
+
 
 def test_a_checkpoint_of_another_world_size_is_refused_unless_the_global_batch_is_kept(
     tmp_path, one_thread
 ):
+    from retrofit.errors import ModelError
     from retrofit.train import TrainConfig, fit
-    from retrofit.train.checkpoint import ResumeError, save_checkpoint
+    from retrofit.train.checkpoint import save_checkpoint
     from tests.user_models import tiny_resnet
 
     cfg = TrainConfig(epochs=1, batch_size=32, img_size=16, workers=0, log_every=2)
@@ -368,7 +371,7 @@ def test_a_checkpoint_of_another_world_size_is_refused_unless_the_global_batch_i
     ckpt["world_size"], ckpt["per_rank"] = 2, ckpt["per_rank"] * 2
     ckpt["launch"] = {"launcher": ["torchrun", "--nproc_per_node", "2"], "entry": ["x.py"]}
     save_checkpoint(ckpt, tmp_path / CHECKPOINT_NAME)
-    with pytest.raises(ResumeError, match="2 process\\(es\\) × batch_size 32 = 64 images") as e:
+    with pytest.raises(ModelError, match="2 process\\(es\\) × batch_size 32 = 64 images") as e:
         fit(tiny_resnet(), None, None, out=tmp_path, device="cpu", progress=False, resume=True,
             config=cfg)  # fmt: skip
     assert e.value.launch == (["torchrun", "--nproc_per_node", "2"], ["x.py"])
@@ -436,4 +439,5 @@ def test_curves_of_a_short_run_have_no_empty_panel(tmp_path, monkeypatch):
     # No heatmap of a single log window; the plan vs run panel shows both blocks.
     assert not any(ax.images for ax in fig.axes)
     plan = titles["stochastic depth: plan vs run"]
-    assert [list(line.get_xdata()) for line in plan.lines] == [[0.75, 0.5], [0.8, 0.6]]
+    marks = [[float(x) for x in line.get_xdata()] for line in plan.lines]
+    assert marks == [[0.75, 0.5], pytest.approx([0.8, 0.6])]
