@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -441,3 +442,96 @@ def test_curves_of_a_short_run_have_no_empty_panel(tmp_path, monkeypatch):
     plan = titles["stochastic depth: plan vs run"]
     marks = [[float(x) for x in line.get_xdata()] for line in plan.lines]
     assert marks == [[0.75, 0.5], pytest.approx([0.8, 0.6])]
+
+
+# --- every retrofit-cli command in README.md --------------------------------------------------
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """``(launcher, argv)`` of every ``retrofit-cli`` / ``-m retrofit.cli`` command in README.md's
+    code blocks (continued lines joined, ``&&`` chains split, comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.removeprefix("$ ")
+            if "retrofit-cli" not in line and "retrofit.cli" not in line:
+                continue
+            for part in line.split("&&"):
+                tokens = shlex.split(part, comments=True)
+                if "retrofit-cli" in tokens:
+                    command = ("retrofit-cli", tokens[tokens.index("retrofit-cli") + 1 :])
+                elif "retrofit.cli" in tokens:
+                    command = (tokens[0], tokens[tokens.index("retrofit.cli") + 1 :])
+                else:
+                    continue
+                if command not in out:  # the demo's command is shown twice
+                    out.append(command)
+    return out
+
+
+README_COMMANDS = _readme_commands()
+
+
+def _parse(argv: list[str]) -> None:
+    from retrofit.cli import SUBCOMMANDS, _main_parser
+    from retrofit.compare.command import parser as compare_parser
+
+    if argv[0] == "compare":
+        compare_parser().parse_args(argv[1:])
+    elif argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]].parser().parse_args(argv[1:])
+    else:
+        _main_parser().parse_args(argv)
+
+
+def test_readme_shows_the_commands_this_module_runs():
+    commands = [" ".join(argv) for _, argv in README_COMMANDS]
+    assert len(commands) >= 14, commands
+    assert any(launcher == "torchrun" for launcher, _ in README_COMMANDS)
+    assert any(argv[:1] == ["compare"] for _, argv in README_COMMANDS)
+    for _, argv in README_COMMANDS:
+        _parse(argv)  # argparse exits 2 on a flag the CLI no longer has
+        for token in argv:
+            if token.startswith("recipes/") or token.startswith("examples."):
+                path = token if token.startswith("recipes/") else token.split(":")[0]
+                path = path.replace(".", "/") + ".py" if token.startswith("examples.") else path
+                assert (REPO / path).exists(), f"README names {token}, which does not exist"
+
+
+# Placeholders in the README's commands → something that exists here; sizes made small.
+_STAND_INS = {
+    "mypkg.models:build": "tests.user_models:dropout_before_bn",
+    "hf:./swin_config_dir": "hf:{tmp}/swin_config_dir",
+    "runs/demo": "{tmp}/runs/demo",
+    "out/": "{tmp}/out",
+}
+# Exit codes the README states for a command (the rest: 0).
+_EXPECTED = {"lint": 1}
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path, capsys, monkeypatch, one_thread):
+    """Every retrofit-cli command of README.md, executed in this process with the stand-ins
+    above; training stops after one step at 16 px. compare and the torchrun commands are run
+    by the journeys above (on the tiny model); here they are parsed only."""
+    from retrofit.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                            num_heads=[1, 2], window_size=4).save_pretrained(tmp_path / "swin_config_dir")  # fmt: skip
+    monkeypatch.chdir(REPO)
+    ran = []
+    for launcher, argv in README_COMMANDS:
+        if launcher != "retrofit-cli" or argv[0] == "compare":
+            continue
+        argv = [_STAND_INS.get(a, a).format(tmp=tmp_path) for a in argv]
+        if "--train" in argv and "--print-config" not in argv:
+            argv += ["--max-steps", "1", "--img-size", "16", "--no-progress"]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == _EXPECTED.get(argv[0], 0), (argv, err[-2000:])
+        ran.append(argv)
+    assert len(ran) >= 12, ran  # all but compare and torchrun
+    assert (tmp_path / "runs" / "demo" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
