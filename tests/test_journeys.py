@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_weights
+from retrofit.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from retrofit.weights import read_weights
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "tests.user_models:tiny_resnet"
