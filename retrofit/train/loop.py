@@ -45,7 +45,6 @@ from retrofit import schedule
 from retrofit.errors import ModelError
 from retrofit.finetune_config import TrainConfig
 from retrofit.layers import cutout, is_gate
-from retrofit.rewrite import strip
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -257,25 +256,6 @@ def _to_device(
     return x, y.to(device, non_blocking=True)
 
 
-def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
-    """Mean kept fraction of the stochastic-depth gates, mean DropBlock keep_prob, and per layer
-    only the values that move during training (the rest is in plan.json)."""
-    kept = [
-        float(r["kept_fraction"]) for r in rates.values() if r.get("kind") == "stochastic_depth"
-    ]
-    keep_prob = [float(r["keep_prob"]) for r in rates.values() if r.get("kind") == "dropblock"]
-    moving = ("kept_fraction", "keep_prob", "survival")  # survival moves under a warm-up
-    return {
-        "sd_kept": sum(kept) / len(kept) if kept else None,
-        "keep_prob": sum(keep_prob) / len(keep_prob) if keep_prob else None,
-        "rates": {
-            name: {k: r[k] for k in moving if k in r}
-            for name, r in rates.items()
-            if any(k in r for k in moving)
-        },
-    }
-
-
 def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
     """Calls/kept counters of the stochastic-depth gates (they feed ``kept_fraction``), and the
     draw counter of gates that have one (seeded gates derive draw i from it: resuming continues
@@ -297,12 +277,6 @@ def _private_generators(model: nn.Module) -> dict[str, torch.Generator]:
             if isinstance(g, torch.Generator):
                 out[f"{name}.{attr}"] = g
     return out
-
-
-def _reset_gate_counters(model: nn.Module) -> None:
-    for m in model.modules():
-        if is_gate(m):
-            m.reset_stats()
 
 
 @dataclass
@@ -654,7 +628,7 @@ def _run_epoch(run: _Run, state: RunState, stop: StopRequest) -> None:
 
 def _step(run: _Run, state: RunState, batches: Iterator) -> None:
     """One optimizer step and what follows it: counters, lr schedule, EMA, running loss sums."""
-    schedule.update(run.model, state.step / run.total_steps)
+    run.prep.lifecycle.update(state.step / run.total_steps)  # retrofit.lifecycle: step 2
     loss_sum = _train_step(run, batches, state.step)
     state.step += 1
     state.step_in_epoch += 1
@@ -731,7 +705,7 @@ def _hand_back(run: _Run) -> None:
             continue
         if run.sync_bn:
             D.revert_sync_bn(m, run.sync_bn)
-        strip(m)  # a no-op on a model that was never retrofitted
+        run.prep.lifecycle.strip(m)  # retrofit.lifecycle, step 4 (a no-op if never retrofitted)
         if run.precision.channels_last:
             m.to(memory_format=torch.contiguous_format)
 
@@ -824,11 +798,14 @@ def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
         "lr": max(g["lr"] for g in run.optimizer.param_groups),
         "images_per_s": state.window_steps * run.images_per_step / max(seconds, 1e-9),
     }
-    rates = schedule.current_rates(run.model)
-    if rates:
-        # kept_fraction is per log window: the gates count from the previous log step.
-        rec.update(_rate_summary(rates))
-        _reset_gate_counters(run.model)
+    # retrofit.lifecycle, step 3: kept_fraction is per log window (since the previous log step).
+    report = run.prep.lifecycle.report()
+    if report is not None and report.layers:
+        rec.update(
+            sd_kept=report.means.get("sd_kept"),
+            keep_prob=report.means.get("keep_prob"),
+            rates=report.blocks,
+        )
     return run.metrics.write(rec)
 
 
