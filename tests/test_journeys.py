@@ -241,6 +241,7 @@ def test_a_failing_run_leaves_its_out_as_it_found_it(tmp_path, capsys, monkeypat
 # --- compare ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 4 trainings in a fresh interpreter: ~15 s alone, ~45 s on a loaded machine
 def test_compare_with_two_seeds(tmp_path):
     cmd = [sys.executable, "-m", "retrofit.cli", "compare", "--model", TINY, "--recipes",
            str(REPO / "recipes/study/none.yaml"), str(REPO / "recipes/sd.yaml"),
