@@ -2,16 +2,19 @@
 
 House rules: never hand back a model whose inference output silently differs from the original
 (``apply`` records the original's eval output on a probe input before rewriting and compares
-after: :func:`compare`), nor one whose inserted regularizers silently never run (one training
-forward on the probe must call every inserted layer and every reused slot: :func:`check_live`).
+after: :func:`compare`), nor one whose inserted regularizers silently never run (a training step on
+the probe, forward and backward, with every stochastic-depth gate forced onto its kept path must
+call every inserted layer and every reused slot, and the same step with every gate dropped must
+work too: :func:`check_live`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,11 +24,15 @@ from torch.utils._pytree import tree_flatten
 from retrofit.errors import VerifyError
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.sandbox import mode
+from retrofit.layers.stochastic_depth import is_gate
 
 __all__ = [
+    "TrainingCall",
     "check_live",
     "compare",
     "eval_output",
+    "float_sum",
+    "forced_gates",
     "paper_gates_neutral",
     "probe_input",
     "probe_size",
@@ -117,10 +124,86 @@ def compare(
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
+def float_sum(output: Any) -> torch.Tensor | None:
+    """The default training loss: the sum of every floating-point tensor the forward returned
+    that autograd can differentiate (None when there is none: nothing to run backward on)."""
+    if hasattr(output, "to_tuple"):  # a transformers ModelOutput
+        output = output.to_tuple()
+    leaves, _ = tree_flatten(output)
+    tensors = [
+        t
+        for t in leaves
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+    ]
+    if not tensors:
+        return None
+    return torch.stack([t.float().sum() for t in tensors]).sum()
+
+
+@dataclass(frozen=True)
+class TrainingCall:
+    """How liveness runs the model as a training step: the training forward's arguments and how
+    to reduce what it returns to the scalar that backward starts from.
+
+    The default (:meth:`from_example`) is the probe itself and :func:`float_sum`; a detector,
+    whose training forward takes targets and returns a dict of losses, needs its own.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: Callable[[Any], torch.Tensor | None] = float_sum
+
+    @classmethod
+    def from_example(cls, x: Any) -> TrainingCall:
+        """``x`` as :func:`run` reads it: a tuple is positional arguments, a dict keywords."""
+        if isinstance(x, tuple):
+            return cls(args=x)
+        if isinstance(x, dict):
+            return cls(kwargs=dict(x))
+        return cls(args=(x,))
+
+    def __call__(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+@contextmanager
+def forced_gates(gates: list[nn.Module], keep: bool) -> Iterator[None]:
+    """Every stochastic-depth gate in ``gates`` takes its kept (``keep=True``) or dropped path on
+    each training call, whatever its draw. The one hook verification has into the gates: the
+    attribute ``_forced_keep`` that ``StochasticDepthGate``'s batch decision reads.
+
+    Rates are set below 1 so a gate goes through its decision at all (at p_l = 1 it short-cuts
+    to "kept"); a gate whose mode has no whole-batch decision (row, subset) draws at p_l = ½ on
+    the dropped pass, which takes both paths on a batch of two or more.
+    """
+    saved = [(g, g.survival) for g in gates]
+    try:
+        for g in gates:
+            if g.mode == "batch":
+                _set_survival(g, 0.5)
+                g.__dict__["_forced_keep"] = keep
+            else:
+                _set_survival(g, 1.0 if keep else 0.5)
+        yield
+    finally:
+        for g, survival in saved:
+            g.__dict__.pop("_forced_keep", None)
+            g.survival = survival
+
+
+def _set_survival(gate: nn.Module, value: float) -> None:
+    if isinstance(gate.survival, torch.Tensor):
+        with torch.no_grad():
+            gate.survival.fill_(value)
+    else:
+        gate.survival = value
+
+
 @contextmanager
 def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
-    """A training forward that leaves no trace: buffers (BatchNorm statistics), the RNG streams
-    and the inserted layers' counters and draw counters are put back afterwards."""
+    """A training step that leaves no trace: buffers (BatchNorm statistics), the RNG streams,
+    the training flags and the inserted layers' counters and draw counters are put back
+    afterwards; gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is written."""
     buffers = [(b, b.detach().clone()) for b in model.buffers() if b is not None]
     states = [
         (m, {k: copy.copy(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS})
@@ -129,27 +212,51 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
             # What the layers tell a user's training loop (a DropBlock whose schedule was
             # never set) is not news during a check.
             warnings.simplefilter("ignore")
+            for m in model.modules():
+                # Norms with running statistics stay in eval: they decide no control flow, and
+                # in training a probe of one sample (or a 1×1 map) is an error for them.
+                m.training = not isinstance(m, nn.modules.batchnorm._NormBase)
             yield
     finally:
-        for b, saved in buffers:
-            b.copy_(saved)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         for m, state in states:
             m.__dict__.update(state)
         for m, flag in flags:
             m.training = flag
 
 
-def check_live(model: nn.Module, x: Any, modules: dict[str, str]) -> None:
-    """One training-mode forward on ``x`` must call every module named in ``modules`` (name →
-    what it is, for the message): the inserted layers and the reused drop-path slots.
+def _training_step(model: nn.Module, call: TrainingCall) -> None:
+    """One training forward and, when its loss depends on a trainable parameter, the backward
+    (gradients returned by ``autograd.grad`` and dropped)."""
+    with torch.enable_grad():
+        loss = call.loss(call(model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if loss is None or not loss.requires_grad or not params:
+            return
+        torch.autograd.grad(loss, params, allow_unused=True)
 
-    Raises VerifyError naming each module that was never called and its site. Nothing the
-    forward does persists (see :func:`_checking_only`).
+
+def check_live(
+    model: nn.Module, x: Any, modules: dict[str, str], *, call: TrainingCall | None = None
+) -> None:
+    """What training does must work on the rewritten model: a training-mode forward **and
+    backward** (``call``, by default the probe ``x`` with :func:`float_sum` as the loss) with
+    every stochastic-depth gate forced onto its kept path, which must call every module named in
+    ``modules`` (name → what it is, for the message): the inserted layers and the reused
+    drop-path slots; then the same step with every gate forced onto its dropped path. A rewrite
+    that cannot train (a dropped branch hands back a shortcut that the model then overwrites in
+    place, which autograd still needs) fails there instead of in the user's first step.
+
+    Raises VerifyError naming each module that was never called and its site, or the pass whose
+    forward or backward failed. Nothing the check does persists (see :func:`_checking_only`).
     """
+    call = call if call is not None else TrainingCall.from_example(x)
     calls = dict.fromkeys(modules, 0)
     handles = []
     layers = []
@@ -161,18 +268,27 @@ def check_live(model: nn.Module, x: Any, modules: dict[str, str]) -> None:
             calls[name] += 1
 
         handles.append(module.register_forward_pre_hook(count))
+    gates = [m for m in model.modules() if is_gate(m)]
+    layers += [g for g in gates if g not in layers]
     try:
         with _checking_only(model, layers):
-            for m in model.modules():
-                # Norms with running statistics stay in eval: they decide no control flow, and
-                # in training a probe of one sample (or a 1×1 map) is an error for them.
-                m.training = not isinstance(m, nn.modules.batchnorm._NormBase)
-            for layer in layers:
-                # Liveness asks "is it called", not "what does it draw": every branch is kept,
-                # so outlined branches run too and subset mode never leaves a BatchNorm one row.
-                if isinstance(getattr(layer, "survival", None), float):
-                    layer.survival = 1.0
-            run(model, x)
+            # Kept first: it runs every branch, so gates nested in a branch are reached.
+            for keep in (True, False) if gates else (True,):
+                path = "kept" if keep else "dropped"
+                with forced_gates(gates, keep):
+                    try:
+                        _training_step(model, call)
+                    except RuntimeError as exc:
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        raise VerifyError(
+                            f"the rewritten model cannot train: a training step with every "
+                            f"stochastic-depth branch {path} failed ({type(exc).__name__}: "
+                            f"{first[:300]})"
+                        ) from exc
+                if keep:
+                    for handle in handles:
+                        handle.remove()
+                    handles = []
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,7 @@ import torch
 import retrofit
 from tests.checks import (
     assert_instrumented,
+    assert_trains,
     assert_unchanged,
     differences,
     retrofit_errors,
@@ -55,6 +56,7 @@ def test_apply_instruments_or_refuses_cleanly(case: WildCase, mode: str):
         return
     assert _site_owners(model) == Counter(case.owners), case.failure
     assert_instrumented(model, snap, x_probe, x_fresh)
+    assert_trains(model, x_probe)
     retrofit.strip(model)
     assert_unchanged(model, snap, x_fresh)
 

@@ -719,6 +719,86 @@ class OwnDropPathMixer(nn.Module):
 # --- the cases --------------------------------------------------------------------------------
 
 
+# --- issue 22, class 1: an in-place activation inside a wrapper module -------------------------
+
+
+class Activation(nn.Module):
+    """A library's activation wrapper (``get_act("relu")``): the in-place op is its child's."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+class WrappedActBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.act1 = Activation()
+        self.act2 = Activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.conv2(self.act1(self.conv1(x))) + x)
+
+
+class WrappedInplaceActNet(nn.Module):
+    """Residual blocks ending in ``act(f(x) + x)`` where ``act`` wraps ``nn.ReLU(inplace=True)``:
+    a dropped branch must not hand the shortcut itself to the in-place ReLU, which would
+    overwrite the block input that the previous ReLU's backward needs. Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.act = Activation()
+        self.blocks = nn.Sequential(*[WrappedActBlock(width) for _ in range(3)])
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.act(self.stem(x))).mean((2, 3)))
+
+
+class InplaceScale(nn.Module):
+    """A learned per-channel scale applied in place: it holds a parameter, so nothing about the
+    module says that it writes its input (no ``inplace`` attribute, no in-place child)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.scale)
+
+
+class InplaceScaleBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.scale = InplaceScale(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.scale(self.conv2(F.relu(self.conv1(x))) + x))
+
+
+class HiddenInplaceNet(nn.Module):
+    """``relu(scale(f(x) + x))`` with ``scale`` writing in place: a dropped branch hands the
+    shortcut (the previous ReLU's output, saved for its backward) to ``scale``. No static rule
+    sees it; only a training step with the branches dropped does. Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.Sequential(*[InplaceScaleBlock(width) for _ in range(2)])
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -837,5 +917,18 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1},
         failure="an HF-style *DropPath module (drop_prob) already on the residual branch",
         extra={"slots": ["blocks.0.drop_path", "blocks.1.drop_path", "blocks.2.drop_path"]},
+    ),
+    WildCase(
+        "wrapped_inplace_act",
+        WrappedInplaceActNet,
+        {f"blocks.{i}": 1 for i in range(3)},
+        failure="issue 22 class 1: act(f(x) + x) with act a wrapper of nn.ReLU(inplace=True)",
+    ),
+    WildCase(
+        "hidden_inplace",
+        HiddenInplaceNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        expect="either",
+        failure="issue 22 class 1: a module with parameters writing the residual sum in place",
     ),
 ]
