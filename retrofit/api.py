@@ -24,7 +24,15 @@ from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import is_retrofitted, rewrite, strip
-from retrofit.verify import check_live, compare, eval_output, paper_gates_neutral
+from retrofit.verify import (
+    TrainingCall,
+    TrainingStepError,
+    check_live,
+    compare,
+    eval_output,
+    paper_gates_neutral,
+    training_step_error,
+)
 
 __all__ = ["RetrofitWarning", "apply"]
 
@@ -51,8 +59,10 @@ def apply(
 
     The model keeps its class, methods and ``state_dict`` keys. With ``verify=True`` (default)
     two things are checked on a probe input (``example_input``, else a random batch sized from
-    the model's config, else 224²): the eval-mode output is unchanged, and one training-mode
-    forward calls every inserted regularizer (liveness). Applying again replaces the earlier
+    the model's config, else 224²): the eval-mode output is unchanged, and a training step
+    (forward and backward) with every stochastic-depth branch kept calls every inserted
+    regularizer, and works again with every branch dropped (liveness; a model that cannot train
+    as written gets the forwards only). Applying again replaces the earlier
     edits: one gate per site.
 
     All or nothing: whatever fails — reading the model, planning, rewriting, verifying — the model
@@ -89,7 +99,17 @@ def apply(
             phase = "verifying"
             with paper_gates_neutral(model):
                 compare(reference, eval_output(model, x))
-            check_live(model, x, record.live())
+            try:
+                check_live(model, x, record.live())
+            except TrainingStepError:
+                # Blame the rewrite only if the model as written trains: put it back, try it.
+                snapshot.restore()
+                if training_step_error(model, TrainingCall.from_example(x)) is None:
+                    raise
+                phase = "rewriting"
+                record = rewrite(model, the_plan, seeds=analysis.seed)
+                phase = "verifying"
+                check_live(model, x, record.live(), backward=False)
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise

@@ -28,6 +28,7 @@ from retrofit.layers.stochastic_depth import is_gate
 
 __all__ = [
     "TrainingCall",
+    "TrainingStepError",
     "check_live",
     "compare",
     "eval_output",
@@ -36,6 +37,7 @@ __all__ = [
     "paper_gates_neutral",
     "probe_input",
     "probe_size",
+    "training_step_error",
 ]
 
 
@@ -242,8 +244,35 @@ def _training_step(model: nn.Module, call: TrainingCall) -> None:
         torch.autograd.grad(loss, params, allow_unused=True)
 
 
+class TrainingStepError(VerifyError):
+    """A training step (forward and backward) of the rewritten model failed."""
+
+
+def training_step_error(model: nn.Module, call: TrainingCall) -> str | None:
+    """Why one training step of ``model`` as it is fails (None: it works). Leaves no trace.
+    ``apply`` asks it of the original when the rewritten model's step failed: a model that
+    cannot train as written (an in-place op on a value its own backward needs) is not a
+    rewrite's fault."""
+    try:
+        with _checking_only(model, []):
+            _training_step(model, call)
+    except RuntimeError as exc:
+        return _first_line(exc)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def check_live(
-    model: nn.Module, x: Any, modules: dict[str, str], *, call: TrainingCall | None = None
+    model: nn.Module,
+    x: Any,
+    modules: dict[str, str],
+    *,
+    call: TrainingCall | None = None,
+    backward: bool = True,
 ) -> None:
     """What training does must work on the rewritten model: a training-mode forward **and
     backward** (``call``, by default the probe ``x`` with :func:`float_sum` as the loss) with
@@ -253,8 +282,11 @@ def check_live(
     that cannot train (a dropped branch hands back a shortcut that the model then overwrites in
     place, which autograd still needs) fails there instead of in the user's first step.
 
-    Raises VerifyError naming each module that was never called and its site, or the pass whose
-    forward or backward failed. Nothing the check does persists (see :func:`_checking_only`).
+    With ``backward=False`` only the forwards run (the model cannot train as written).
+
+    Raises VerifyError naming each module that was never called and its site, or
+    TrainingStepError naming the pass whose forward or backward failed. Nothing the check does
+    persists (see :func:`_checking_only`).
     """
     call = call if call is not None else TrainingCall.from_example(x)
     calls = dict.fromkeys(modules, 0)
@@ -277,13 +309,15 @@ def check_live(
                 path = "kept" if keep else "dropped"
                 with forced_gates(gates, keep):
                     try:
-                        _training_step(model, call)
+                        if backward:
+                            _training_step(model, call)
+                        else:
+                            with torch.no_grad():
+                                call(model)
                     except RuntimeError as exc:
-                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        raise VerifyError(
+                        raise TrainingStepError(
                             f"the rewritten model cannot train: a training step with every "
-                            f"stochastic-depth branch {path} failed ({type(exc).__name__}: "
-                            f"{first[:300]})"
+                            f"stochastic-depth branch {path} failed ({_first_line(exc)})"
                         ) from exc
                 if keep:
                     for handle in handles:
