@@ -149,9 +149,10 @@ class Analysis:
 
     @cached_property
     def stages(self) -> StageAnalysis:
-        # Shapes at the model's own input size (its config), as ``retrofit.stages`` reports
-        # them; a root specialised on a recorded call uses that call's shapes.
-        return analyse_stages(self.model, self.traced, calls=self._call)
+        # Shapes at the probe input, as ``retrofit.stages(model, example_input)`` reports them
+        # (the model's own size without one): a 32-px CIFAR net probed at 224² is a shape
+        # error in its classifier. A root specialised on a recorded call uses its shapes.
+        return analyse_stages(self.model, self.traced, self._example_input, calls=self._call)
 
     @cached_property
     def dropout_bn(self) -> DropoutBNAnalysis:

@@ -799,6 +799,103 @@ class HiddenInplaceNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
+# --- issue 22, classes 3-6: DropBlock planning, lint ------------------------------------------
+
+
+class AuxOutputBlock(nn.Module):
+    """A residual block returning ``(y, aux)``, ``aux`` computed before ``y`` (a deep-supervision
+    or feature-pyramid side output): the block's call is a tuple, its map is made inside."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, 3, stride)
+        self.conv2 = conv_bn(cout, cout)
+        self.down = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        identity = x if self.down is None else self.down(x)
+        h = F.relu(self.conv1(x))
+        aux = h.mean((2, 3))
+        return F.relu(self.conv2(h) + identity), aux
+
+
+class AuxOutputNet(nn.Module):
+    """Three stages of two tuple-returning blocks: ``x, aux = block(x)`` in the root's loop."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.layer1 = nn.ModuleList([AuxOutputBlock(8, 8), AuxOutputBlock(8, 8)])
+        self.layer2 = nn.ModuleList([AuxOutputBlock(8, 16, 2), AuxOutputBlock(16, 16)])
+        self.layer3 = nn.ModuleList([AuxOutputBlock(16, 32, 2), AuxOutputBlock(32, 32)])
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        side = []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            for block in layer:
+                x, aux = block(x)
+                side.append(aux.mean())
+        return self.fc(x.mean((2, 3))) + torch.stack(side).sum()
+
+
+class CifarFlattenNet(nn.Module):
+    """A 32-px CIFAR ResNet whose classifier flattens the last map: it only runs at 32×32, so
+    planning must probe at the example input, not at the default 224²."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.layer1 = Bottleneck(8, 8)
+        self.layer2 = Bottleneck(8, 16, 2)
+        self.layer3 = Bottleneck(16, 32, 2)
+        self.fc = nn.Linear(32 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.stem(x)))))
+        return self.fc(x.flatten(1))
+
+
+def sequential_resnet() -> nn.Sequential:
+    """A ResNet built as nested ``nn.Sequential``s: no module with code of its own calls a stage."""
+    return nn.Sequential(
+        conv_bn(3, 8),
+        nn.ReLU(),
+        nn.Sequential(Bottleneck(8, 8), Bottleneck(8, 8)),
+        nn.Sequential(Bottleneck(8, 16, 2), Bottleneck(16, 16)),
+        nn.Sequential(Bottleneck(16, 32, 2), Bottleneck(32, 32)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+class NdimBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm that also takes (N, C, L) sequences: a subclass with code, so it is traced
+    into, and in training mode its forward bumps ``num_batches_tracked``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return super().forward(x.unsqueeze(-1)).squeeze(-1)
+        return super().forward(x)
+
+
+class DropoutBeforeNdimBN(nn.Module):
+    """conv → NdimBatchNorm → Dropout → conv → BatchNorm: one finding for lint."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = NdimBatchNorm(4)
+        self.drop = nn.Dropout(0.2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.drop(self.bn1(self.conv1(x)))))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
