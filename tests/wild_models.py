@@ -896,6 +896,116 @@ class DropoutBeforeNdimBN(nn.Module):
         return self.bn2(self.conv2(self.drop(self.bn1(self.conv1(x)))))
 
 
+# --- issue 22, class 2: nested residual branches in one owner ----------------------------------
+
+
+class UpBlock(nn.Module):
+    """A decoder step: ``h = x + res(x)`` then ``up(h) + skip``. The second add's branch
+    ``up(h)`` holds the first site whole, so outlining it moves the first gate into it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.res = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.up = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        h = x + self.res(x)
+        return self.up(h) + skip
+
+
+class NestedBranchNet(nn.Module):
+    """An encoder map decoded with the stem's map as the skip. Sites: two, both in ``dec``."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.enc = conv_bn(width, width)
+        self.dec = UpBlock(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        return self.fc(self.dec(F.relu(self.enc(x)), x).mean((2, 3)))
+
+
+# --- issue 22, class 7: torch calls on traced values -------------------------------------------
+
+
+class CausalAttention(nn.Module):
+    """Masked attention filling with ``-torch.finfo(q.dtype).max`` (HF's idiom)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(mask, -torch.finfo(q.dtype).max)
+        return self.proj(scores.softmax(-1) @ v)
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FinfoViT(nn.Module):
+    """Sites: two per block (attention, MLP)."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(CausalBlock(dim), CausalBlock(dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+class OddPadBlock(nn.Module):
+    """Pads odd maps with a size computed by ``torch.as_tensor`` on the map's shape."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        odd = torch.as_tensor([h, w]) % 2
+        y = F.pad(x, (1, 1 + int(odd[1]), 1, 1 + int(odd[0])))
+        return F.relu(x + self.bn(self.conv(y))[..., :h, :w])
+
+
+class AsTensorPadNet(nn.Module):
+    """Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width, 3, 2)
+        self.blocks = nn.Sequential(OddPadBlock(width), OddPadBlock(width))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -1027,5 +1137,23 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1},
         expect="either",
         failure="issue 22 class 1: a module with parameters writing the residual sum in place",
+    ),
+    WildCase(
+        "nested_branches",
+        NestedBranchNet,
+        {"dec": 2},
+        failure="issue 22 class 2: up(x + res(x)) + skip, one site inside the other's branch",
+    ),
+    WildCase(
+        "finfo_of_traced_dtype",
+        FinfoViT,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="issue 22 class 7: -torch.finfo(q.dtype).max in attention (zero sites before)",
+    ),
+    WildCase(
+        "as_tensor_of_traced_shape",
+        AsTensorPadNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="issue 22 class 7: torch.as_tensor([h, w]) on a traced shape (zero sites before)",
     ),
 ]

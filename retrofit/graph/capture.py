@@ -33,9 +33,10 @@ from retrofit.graph.sandbox import mode, preserved
 __all__ = ["Call", "CallKey", "GUARDS", "NoCall", "record_calls"]
 
 # How much of a tensor argument a specialised graph depends on, least to most: nothing (the
-# code only passed it on), its rank (``B, L, C = x.shape``), or its shape, dtype and device
-# (``if H % 7``, ``math.ceil(W / 2)``, ``if x.dtype != w.dtype``).
-GUARDS = ("none", "rank", "shape")
+# code only passed it on), its rank (``B, L, C = x.shape``), its rank, dtype and device
+# (``torch.finfo(q.dtype).max``, ``if x.is_cuda``), or its shape, dtype and device
+# (``if H % 7``, ``math.ceil(W / 2)``).
+GUARDS = ("none", "rank", "dtype", "shape")
 
 
 class NoCall(LookupError):
@@ -94,6 +95,8 @@ class CallKey:
     def describe_tensor(t: Tensor, guard: str) -> Any:
         if guard == "shape":
             return (tuple(t.shape), t.dtype, t.device.type)
+        if guard == "dtype":
+            return (t.ndim, t.dtype, t.device.type)
         if guard == "rank":
             return t.ndim
         return None

@@ -285,10 +285,15 @@ def branch_region(
     )
 
 
-def extract_branch(region: BranchRegion) -> fx.Graph:
-    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order)."""
+def extract_branch(region: BranchRegion, env: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
+    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order).
+
+    ``env``, if given, receives each region node's copy: a branch that holds an already
+    outlined site (a decoder's ``up(h) + skip`` where ``h = x + res(x)``) carries that site's
+    gate call, whose branch the rewrite must then attach to the copy, not the erased original.
+    """
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env = {} if env is None else env
     for node in region.inputs:
         env[node] = graph.placeholder(node.name)
     for node in region.attrs:
