@@ -33,6 +33,7 @@ from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, traini
 from retrofit.graph.outline import NotOutlinable, branch_region
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.residual import ResidualSite, find_residual_sites
+from retrofit.graph.shapes import ShapePropError
 from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
 
@@ -149,10 +150,17 @@ class Analysis:
 
     @cached_property
     def stages(self) -> StageAnalysis:
-        # Shapes at the probe input, as ``retrofit.stages(model, example_input)`` reports them
-        # (the model's own size without one): a 32-px CIFAR net probed at 224² is a shape
-        # error in its classifier. A root specialised on a recorded call uses its shapes.
-        return analyse_stages(self.model, self.traced, self._example_input, calls=self._call)
+        # Shapes at the model's own input size (its config), the resolution it trains at, so a
+        # block_size is clamped to the maps it will see, not to a small probe's. A model that
+        # does not run at that size (a 32-px CIFAR net whose classifier flattens the last map)
+        # is read at the example input, as ``retrofit.stages(model, example_input)`` reads
+        # it. A root specialised on a recorded call uses that call's shapes.
+        try:
+            return analyse_stages(self.model, self.traced, calls=self._call)
+        except ShapePropError:
+            if self._example_input is None:
+                raise
+            return analyse_stages(self.model, self.traced, self._example_input, calls=self._call)
 
     @cached_property
     def dropout_bn(self) -> DropoutBNAnalysis:

@@ -85,7 +85,10 @@ def preserved(root: nn.Module) -> Iterator[None]:
     small = [
         (b, b._version, b.detach().clone())
         for b in root.buffers()
-        if b is not None and b.numel() <= SMALL_BUFFER and b.device.type != "meta"
+        if b is not None
+        and not isinstance(b, nn.parameter.UninitializedTensorMixin)  # a lazy module's
+        and b.device.type != "meta"
+        and b.numel() <= SMALL_BUFFER
     ]
     try:
         yield
