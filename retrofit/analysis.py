@@ -66,6 +66,15 @@ class Analysis:
         self.counts: Counter[str] = Counter()
         self._owner_traces: dict[str, Traced | None] = {}
         self.recording_error: str | None = None
+        self._recorded_output: list[Any] = []
+
+    def recorded_output(self) -> Any:
+        """What the recording forward returned (eval mode, on ``example_input``), if one ran
+        and the model has not been changed since: ``apply`` reads its verification reference
+        here instead of running the original once more. Raises LookupError otherwise."""
+        if "calls" not in self.__dict__ or not self._recorded_output:
+            raise LookupError("no recording forward ran")
+        return self._recorded_output[0]
 
     # ------------------------------------------------------------------ inputs and calls
 
@@ -77,7 +86,7 @@ class Analysis:
     def calls(self) -> dict[str, list[Call]]:
         self.counts["recording forward"] += 1
         try:
-            return record_calls(self.model, self.example_input)
+            return record_calls(self.model, self.example_input, output=self._recorded_output)
         except Exception as exc:  # the model does not run on the probe: no specialisation
             self.recording_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             return {}

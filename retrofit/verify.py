@@ -33,6 +33,7 @@ __all__ = [
     "compare",
     "eval_output",
     "float_sum",
+    "output_tensors",
     "forced_gates",
     "paper_gates_neutral",
     "probe_input",
@@ -78,6 +79,11 @@ def eval_output(model: nn.Module, x: Any) -> list[torch.Tensor]:
     """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored)."""
     with mode(model, False), torch.no_grad():
         out = run(model, x)
+    return output_tensors(out)
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """A forward's output as a flat list of its tensors (copies)."""
     leaves, _ = tree_flatten(out)
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
 
@@ -170,13 +176,15 @@ class TrainingCall:
 
 @contextmanager
 def forced_gates(gates: list[nn.Module], keep: bool) -> Iterator[None]:
-    """Every stochastic-depth gate in ``gates`` takes its kept (``keep=True``) or dropped path on
-    each training call, whatever its draw. The one hook verification has into the gates: the
-    attribute ``_forced_keep`` that ``StochasticDepthGate``'s batch decision reads.
+    """Every batch-mode stochastic-depth gate in ``gates`` takes its kept (``keep=True``) or
+    dropped path on each training call, whatever its draw. The one hook verification has into
+    the gates: the attribute ``_forced_keep`` that ``StochasticDepthGate``'s batch decision reads.
 
-    Rates are set below 1 so a gate goes through its decision at all (at p_l = 1 it short-cuts
-    to "kept"); a gate whose mode has no whole-batch decision (row, subset) draws at p_l = ½ on
-    the dropped pass, which takes both paths on a batch of two or more.
+    Their rate is set below 1 so they go through their decision at all (at p_l = 1 a gate
+    short-cuts to "kept"). Row- and subset-mode gates decide per row: at p_l = ½ on the kept
+    pass one step takes both paths on a batch of two or more (the branch runs on every row in
+    row mode, on at least one in subset mode, so whatever it calls is called); on the dropped
+    pass they keep every row.
     """
     saved = [(g, g.survival) for g in gates]
     try:
@@ -185,7 +193,7 @@ def forced_gates(gates: list[nn.Module], keep: bool) -> Iterator[None]:
                 _set_survival(g, 0.5)
                 g.__dict__["_forced_keep"] = keep
             else:
-                _set_survival(g, 1.0 if keep else 0.5)
+                _set_survival(g, 0.5 if keep else 1.0)
         yield
     finally:
         for g, survival in saved:
@@ -276,9 +284,11 @@ def check_live(
 ) -> None:
     """What training does must work on the rewritten model: a training-mode forward **and
     backward** (``call``, by default the probe ``x`` with :func:`float_sum` as the loss) with
-    every stochastic-depth gate forced onto its kept path, which must call every module named in
+    every batch-mode stochastic-depth gate forced onto its kept path and the per-row ones
+    drawing both paths (:func:`forced_gates`), which must call every module named in
     ``modules`` (name → what it is, for the message): the inserted layers and the reused
-    drop-path slots; then the same step with every gate forced onto its dropped path. A rewrite
+    drop-path slots; then, if there are batch-mode gates, the same step with them forced onto
+    their dropped path. A rewrite
     that cannot train (a dropped branch hands back a shortcut that the model then overwrites in
     place, which autograd still needs) fails there instead of in the user's first step.
 
@@ -304,8 +314,11 @@ def check_live(
     layers += [g for g in gates if g not in layers]
     try:
         with _checking_only(model, layers):
-            # Kept first: it runs every branch, so gates nested in a branch are reached.
-            for keep in (True, False) if gates else (True,):
+            # Kept first: it runs every branch, so gates nested in a branch are reached. Only
+            # a batch-mode gate has a dropped path the kept pass does not take (and there the
+            # dropped pass is cheap: no branch runs).
+            dropped = any(g.mode == "batch" for g in gates)
+            for keep in (True, False) if dropped else (True,):
                 path = "kept" if keep else "dropped"
                 with forced_gates(gates, keep):
                     try:

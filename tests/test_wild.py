@@ -29,8 +29,10 @@ from tests.wild_models import (
     CifarFlattenNet,
     DropoutBeforeNdimBN,
     FeatureListEncoder,
+    HiddenInplaceNet,
     OwnDropPathMixer,
     WildCase,
+    WrappedInplaceActNet,
     image,
     sequential_resnet,
 )
@@ -219,3 +221,44 @@ def test_lint_leaves_the_state_dict_bit_identical(build):
     assert changed == []
     if build is DropoutBeforeNdimBN:
         assert [(f.dropout, f.norm) for f in findings] == [("drop", "bn2")]
+
+
+def test_a_rewrite_that_cannot_train_is_refused_before_it_is_handed_back():
+    """Class 1 at the liveness check: nothing says that ``InplaceScale`` writes its input, so
+    batch mode outlines the sites and a dropped branch hands the shortcut to it. Only a training
+    step with every branch dropped shows it (a forward under no_grad at survival 1 did not);
+    the model comes back as it was. Row mode computes every branch: it trains, and the check
+    leaves no gradient behind."""
+    torch.manual_seed(0)
+    model = HiddenInplaceNet()
+    snap = snapshot(model, image(1))
+    with pytest.raises(
+        retrofit.VerifyError,
+        match="cannot train: a training step with every stochastic-depth branch dropped failed",
+    ):
+        retrofit.apply(model, {"stochastic_depth": {"mode": "batch"}}, example_input=image(0))
+    assert_unchanged(model, snap, image(1))
+    retrofit.apply(model, {"stochastic_depth": {"mode": "row"}}, example_input=image(0))
+    assert all(p.grad is None for p in model.parameters())
+    assert_trains(model, image(0))
+
+
+def test_liveness_takes_both_paths_of_every_batch_mode_gate(monkeypatch):
+    """The liveness step forces every batch-mode gate kept, then dropped, with gradients on."""
+    from retrofit.layers import StochasticDepthGate
+
+    seen = []
+    original = StochasticDepthGate._outlined
+
+    def spy(self, shortcut, inputs, branch, spec):
+        out = original(self, shortcut, inputs, branch, spec)
+        seen.append((self.depth, self.__dict__.get("_forced_keep"), torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(StochasticDepthGate, "_outlined", spy)
+    torch.manual_seed(0)
+    model = WrappedInplaceActNet()
+    retrofit.apply(model, {"stochastic_depth": {"mode": "batch"}}, example_input=image(0))
+    checked = [s for s in seen if s[1] is not None]
+    assert checked == [(d, keep, True) for keep in (True, False) for d in (1, 2, 3)]
+    assert all(not g.__dict__.get("_forced_keep") for g in model.modules())

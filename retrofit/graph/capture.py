@@ -147,9 +147,13 @@ def _iter_named(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from model.named_modules()
 
 
-def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dict[str, list[Call]]:
+def record_calls(
+    model: nn.Module, example_input: Any, *, limit: int = 4, output: list[Any] | None = None
+) -> dict[str, list[Call]]:
     """Run ``model`` once on ``example_input`` and return every module's calls (at most ``limit``
-    per module, in call order), keyed by qualified name ("" for the root).
+    per module, in call order), keyed by qualified name ("" for the root). ``output``, if
+    given, receives what the forward returned (the model's eval output on the probe: the
+    reference verification compares against, without a forward of its own).
 
     Eval mode and ``no_grad``: nothing is learned or drawn; the model's attributes (and any
     cache its forward fills) are restored afterwards. Modules that did not run (a training-only
@@ -162,11 +166,13 @@ def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dic
         # preserved: whatever the forward writes (caches) goes; mode: eval, flags restored
         with preserved(model), mode(model, False), torch.no_grad(), torch.random.fork_rng([]):
             if isinstance(example_input, tuple):
-                model(*example_input)
+                out = model(*example_input)
             elif isinstance(example_input, dict):
-                model(**example_input)
+                out = model(**example_input)
             else:
-                model(example_input)
+                out = model(example_input)
+            if output is not None:
+                output.append(out)
     finally:
         for handle in handles:
             handle.remove()
