@@ -1006,6 +1006,44 @@ class AsTensorPadNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
+# --- issue 22, class 8: residuals missed -------------------------------------------------------
+
+
+class ReducingBlock(nn.Module):
+    """A transformer block that ends in a projection to the next stage's width. Every way out of
+    its two residual adds goes through ``reduce`` (what an attention-internal add looks like),
+    but the author marked both branches with their own ``drop_path1``/``drop_path2`` slots."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Linear(dim, dim)
+        self.drop_path1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop_path2 = nn.Identity()
+        self.reduce = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.reduce(x)
+
+
+class MarkedReducingViT(nn.Module):
+    """Sites: two per block, both marked by the author's drop-path slots."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(ReducingBlock(8, 12), ReducingBlock(12, 16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -1155,5 +1193,12 @@ CASES: list[WildCase] = [
         AsTensorPadNet,
         {"blocks.0": 1, "blocks.1": 1},
         failure="issue 22 class 7: torch.as_tensor([h, w]) on a traced shape (zero sites before)",
+    ),
+    WildCase(
+        "drop_path_marked_before_projection",
+        MarkedReducingViT,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="issue 22 class 8: residuals marked by the author's drop_path1/2, in a block "
+        "ending in a projection (filtered as layer-internal adds before)",
     ),
 ]
