@@ -36,6 +36,7 @@ from retrofit.graph.residual import ResidualSite, find_residual_sites
 from retrofit.graph.shapes import ShapePropError
 from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.training_call import default_example_input
 
 __all__ = ["Analysis", "probe_for", "stages"]
 
@@ -70,17 +71,22 @@ class Analysis:
 
     def recorded_output(self) -> Any:
         """What the recording forward returned (eval mode, on ``example_input``), if one ran
-        and the model has not been changed since: ``apply`` reads its verification reference
-        here instead of running the original once more. Raises LookupError otherwise."""
+        (else None): ``apply`` reads its verification reference here instead of running the
+        original once more."""
         if "calls" not in self.__dict__ or not self._recorded_output:
-            raise LookupError("no recording forward ran")
+            return None
         return self._recorded_output[0]
 
     # ------------------------------------------------------------------ inputs and calls
 
     @cached_property
     def example_input(self) -> Any:
-        return self._example_input if self._example_input is not None else probe_for(self.model)
+        if self._example_input is not None:
+            return self._example_input
+        # A model whose API takes other than one image batch (a torchvision detector: a list of
+        # images) says so; else a batch of the model's input size.
+        own = default_example_input(self.model)
+        return own if own is not None else probe_for(self.model)
 
     @cached_property
     def calls(self) -> dict[str, list[Call]]:

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from retrofit.analysis import Analysis
 from retrofit.errors import (
@@ -20,12 +21,13 @@ from retrofit.errors import (
     TraceError,
     VerifyError,
 )
+from retrofit.graph import detection
 from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import is_retrofitted, rewrite, strip
+from retrofit.training_call import TrainingCall, training_call_for
 from retrofit.verify import (
-    TrainingCall,
     TrainingStepError,
     check_live,
     compare,
@@ -55,6 +57,7 @@ def apply(
     example_input: Any = None,
     verify: bool = True,
     allow_partial: bool = True,
+    training_call: TrainingCall | Any = None,
 ) -> nn.Module:
     """Add the recipe's regularizers to ``model`` in place and return it.
 
@@ -65,6 +68,14 @@ def apply(
     regularizer, and works again with every branch dropped (liveness; a model that cannot train
     as written gets the forwards only). Applying again replaces the earlier
     edits: one gate per site.
+
+    The training forward is ``training_call`` — a :class:`~retrofit.training_call.TrainingCall`
+    (arguments and loss), or a tuple of positional / dict of keyword arguments — for a model
+    whose training forward needs more than its input (``model(x, y)``). Without it: the probe,
+    or for a torchvision detector (its ``transform`` says so) the probe images with one box
+    per image (and a mask / keypoints for Mask / Keypoint R-CNN); a detector's eval
+    equivalence is checked on its backbone's and heads' outputs and on its detections with
+    every ``score_thresh`` at 0 (random weights otherwise detect nothing).
 
     All or nothing: whatever fails — reading the model, planning, rewriting, verifying — the model
     is handed back exactly as it came (same forward, modules and state) and a retrofit error
@@ -93,27 +104,31 @@ def apply(
             phase = "running the original model on the probe input"
             x = analysis.example_input
             _check_real(x)
-            try:  # the planning's recording forward already ran the original on x
-                reference = output_tensors(analysis.recorded_output())
-            except LookupError:
-                reference = eval_output(model, x)
+            call = training_call_for(model, x, training_call)
+            watch = detection.watched(model) if detection.is_detector(model) else ()
+            # The planning's recording forward, if one ran, already ran the original on x.
+            recorded = None if watch else analysis.recorded_output()
+            reference = None if recorded is None else output_tensors(recorded)
+            if reference is None:
+                with detection.verifying(model):
+                    reference = eval_output(model, x, watch=watch)
         phase = "rewriting"
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
-            with paper_gates_neutral(model):
-                compare(reference, eval_output(model, x))
+            with paper_gates_neutral(model), detection.verifying(model):
+                compare(reference, eval_output(model, x, watch=watch))
             try:
-                check_live(model, x, record.live())
+                check_live(model, call, record.live())
             except TrainingStepError:
                 # Blame the rewrite only if the model as written trains: put it back, try it.
                 snapshot.restore()
-                if training_step_error(model, TrainingCall.from_example(x)) is None:
+                if training_step_error(model, call) is None:
                     raise
                 phase = "rewriting"
                 record = rewrite(model, the_plan, seeds=analysis.seed)
                 phase = "verifying"
-                check_live(model, x, record.live(), backward=False)
+                check_live(model, call, record.live(), backward=False)
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise
@@ -127,7 +142,7 @@ def apply(
 
 
 def _check_real(x: Any) -> None:
-    leaves = x if isinstance(x, tuple) else (x,)
+    leaves, _ = tree_flatten(x)
     if any(getattr(t, "device", None) is not None and t.device.type == "meta" for t in leaves):
         raise VerifyError(
             "verify=True needs real weights, but the model is on the meta device "

@@ -126,6 +126,14 @@ def _main_parser() -> argparse.ArgumentParser:
         help="skip the eval-mode equivalence and liveness checks of the rewritten model",
     )
     p.add_argument(
+        "--training-example",
+        metavar="FILE",
+        help="the training forward the liveness check runs, for a model whose training call "
+        "needs more than its input: a torch.save'd tuple of positional arguments, or a dict "
+        "{'args': [...], 'kwargs': {...}} (loaded with weights_only=True); torchvision "
+        "detectors need none (built-in targets)",
+    )
+    p.add_argument(
         "--allow-partial",
         action="store_true",
         help="go on when a requested technique finds no site in the model or modules could not "
@@ -308,6 +316,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             "nothing to do: give --recipe FILE to plan (add --out DIR to write weights, --train "
             f"to fine-tune), --stages to list stages, or run '{PROG} lint --model NAME'"
         )
+    if args.training_example and (args.train or not args.out):
+        # Only `--out DIR` applies the recipe here; a plan runs nothing, and the trainer runs
+        # its own training steps on its data.
+        raise _BadInput("--training-example applies with --out DIR (not with --train, nor alone)")
     if args.stages:
         used = [_flag(k) for k in (*_TRAIN_ONLY, *_TRAIN_OVERRIDES, *_REPORTING) if _given(args, k)]
         used = [f for f in used if f != "--img-size"]
@@ -351,11 +363,13 @@ def _run(args: argparse.Namespace) -> int:
 
         check_device(args.device)
     recipe_path = _recipe_path(args.recipe) if args.recipe else None
-    from retrofit.models import create_model, load_weights, parse_kwargs
+    from retrofit.models import create_model, parse_kwargs
+    from retrofit.weights import load_weights
 
     kwargs = parse_kwargs(args.model_kwargs)
     recipe = _load_recipe(args, recipe_path) if recipe_path else None
     out = Path(args.out) if args.out else None
+    training_call = _training_example(args.training_example)  # a bad file: before any build
 
     if args.stages:
         model, info = create_model(args.model, kwargs=kwargs, meta=True)
@@ -373,6 +387,13 @@ def _run(args: argparse.Namespace) -> int:
 
         seed_all(train_config_of(recipe).seed)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
+    if not real:
+        from retrofit.graph.detection import is_detector
+
+        if is_detector(model):
+            # A detector's heads are read on the calls one real forward makes (they loop over
+            # the feature maps it is given), and its NMS has no meta kernel: build it for real.
+            model, info = create_model(args.model, kwargs=kwargs)
     if args.weights:
         load_weights(model, args.weights)
 
@@ -385,7 +406,11 @@ def _run(args: argparse.Namespace) -> int:
         plan = retrofit.plan(model, recipe)
     else:
         model = retrofit.apply(
-            model, recipe, verify=not args.no_verify, allow_partial=args.allow_partial
+            model,
+            recipe,
+            verify=not args.no_verify,
+            allow_partial=args.allow_partial,
+            training_call=training_call,
         )
         # The plan apply executed (no second trace); None when it had nothing to change.
         plan = retrofit.applied_plan(model) or retrofit.plan(model, recipe)
@@ -405,6 +430,34 @@ def _run(args: argparse.Namespace) -> int:
         # The plan was shown; what it lacks refuses the model unless the user accepts it.
         raise PartialError("; ".join(partial) + " (--allow-partial to accept it)")
     return EXIT_OK
+
+
+def _training_example(path: str | None) -> Any:
+    """``--training-example FILE`` as a TrainingCall (None without the flag)."""
+    if path is None:
+        return None
+    import torch
+
+    from retrofit.training_call import TrainingCall
+
+    flag = f"--training-example {path!r}"
+    if not Path(path).is_file():
+        raise _BadInput(f"{flag}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that needs code, a truncated file, not torch.save's format
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _BadInput(f"{flag}: not a torch.save'd example ({first[:200]})") from None
+    if isinstance(saved, list | tuple):
+        return TrainingCall(args=tuple(saved))
+    if isinstance(saved, dict) and set(saved) <= {"args", "kwargs"} and saved:
+        args, kwargs = saved.get("args", ()), saved.get("kwargs", {})
+        if isinstance(args, list | tuple) and isinstance(kwargs, dict):
+            return TrainingCall(args=tuple(args), kwargs=dict(kwargs))
+    raise _BadInput(
+        f"{flag}: holds {type(saved).__name__}{sorted(saved) if isinstance(saved, dict) else ''};"
+        " allowed: a tuple/list of positional arguments, or {'args': [...], 'kwargs': {...}}"
+    )
 
 
 def _given(args: argparse.Namespace, key: str) -> bool:
@@ -486,8 +539,8 @@ def _print_config(args: argparse.Namespace, recipe: Any, recipe_path: Path | Non
     run's other settings; the YAML form loads back as a recipe."""
     import yaml
 
+    from retrofit.finetune_config import TrainConfig, available_cpus, resolve_workers
     from retrofit.models import ModelInfo, parse_kwargs, resolve_model_name
-    from retrofit.train.config import TrainConfig, available_cpus, resolve_workers
     from retrofit.train.prepare import recipe_dict, train_config_of
 
     source, name, _ = resolve_model_name(args.model)
@@ -618,7 +671,7 @@ def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
     import torch
 
     import retrofit
-    from retrofit.models import probe_input_size
+    from retrofit.graph.probe import probe_input_size
 
     channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None
@@ -745,7 +798,14 @@ def _lint(args: argparse.Namespace) -> int:
     findings = lint(model)
     shifts = None
     if args.measure:
-        shifts = measure_variance_shift(model, data=args.data, findings=findings)
+        batches = None
+        if args.data:
+            # The trainer's data stack reads --data (a bad path is a DataError, exit 2, even when
+            # there is nothing to measure); the lint itself never imports the trainer.
+            from retrofit.train.data import build_data
+
+            batches = build_data(args.data, model).train.iter_epoch(0)
+        shifts = measure_variance_shift(model, batches, findings=findings)
     if args.json:
         body = findings.to_dict()
         payload: dict[str, Any] = {

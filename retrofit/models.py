@@ -53,9 +53,7 @@ __all__ = [
     "create_model",
     "hf_model_class",
     "list_model_names",
-    "load_weights",
     "parse_kwargs",
-    "probe_input_size",
     "resolve_model_name",
 ]
 
@@ -273,11 +271,17 @@ def _import_factory(spec: str) -> Any:
 
 def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if source == "torchvision":
+        import inspect
+
         import torchvision
 
-        return torchvision.models.get_model(
-            name, weights="DEFAULT" if pretrained else None, **kwargs
-        )
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            # Detection and segmentation builders default to downloading ImageNet backbone
+            # weights even with weights=None: no network unless pretrained weights were asked
+            # for (with them, torchvision takes the whole model's weights, backbone included).
+            kwargs = {"weights_backbone": None, **kwargs}
+        return builder(weights="DEFAULT" if pretrained else None, **kwargs)
     if source == "timm":
         import timm
 
@@ -602,14 +606,3 @@ def parse_kwargs(items: Iterable[str] | None) -> dict[str, Any]:
             raise ModelError(f"--model-kwargs: {key!r} is given twice")
         out[key] = _parse_value(value.strip())
     return out
-
-
-# Probe sizes live with the analysis that needs them (no trainer import on the apply path).
-from retrofit.graph.probe import (  # noqa: E402, F401
-    VIDEO_PROBE,
-    fixed_image_size,
-    probe_input_size,
-)
-
-# One implementation of checkpoint loading, shared with the trainer.
-from retrofit.train.checkpoint import load_weights  # noqa: E402

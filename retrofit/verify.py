@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,14 +24,13 @@ from retrofit.errors import VerifyError
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.sandbox import mode
 from retrofit.layers.stochastic_depth import is_gate
+from retrofit.training_call import TrainingCall, as_training_call
 
 __all__ = [
-    "TrainingCall",
     "TrainingStepError",
     "check_live",
     "compare",
     "eval_output",
-    "float_sum",
     "output_tensors",
     "forced_gates",
     "paper_gates_neutral",
@@ -75,11 +73,22 @@ def run(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
-def eval_output(model: nn.Module, x: Any) -> list[torch.Tensor]:
-    """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored)."""
-    with mode(model, False), torch.no_grad():
-        out = run(model, x)
-    return output_tensors(out)
+def eval_output(model: nn.Module, x: Any, *, watch: Sequence[str] = ()) -> list[torch.Tensor]:
+    """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored),
+    followed by the outputs of the submodules named in ``watch`` (a detector's backbone and
+    heads: see ``graph/detection.py``), in call order."""
+    seen: list[Any] = []
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda _m, _i, o: seen.append(o))
+        for name in watch
+    ]
+    try:
+        with mode(model, False), torch.no_grad():
+            out = run(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output_tensors([out, *seen])
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
@@ -130,48 +139,6 @@ def compare(
 
 # What every nn.Module carries (children, parameters, hooks…): not the layer's own settings.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
-
-
-def float_sum(output: Any) -> torch.Tensor | None:
-    """The default training loss: the sum of every floating-point tensor the forward returned
-    that autograd can differentiate (None when there is none: nothing to run backward on)."""
-    if hasattr(output, "to_tuple"):  # a transformers ModelOutput
-        output = output.to_tuple()
-    leaves, _ = tree_flatten(output)
-    tensors = [
-        t
-        for t in leaves
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
-    ]
-    if not tensors:
-        return None
-    return torch.stack([t.float().sum() for t in tensors]).sum()
-
-
-@dataclass(frozen=True)
-class TrainingCall:
-    """How liveness runs the model as a training step: the training forward's arguments and how
-    to reduce what it returns to the scalar that backward starts from.
-
-    The default (:meth:`from_example`) is the probe itself and :func:`float_sum`; a detector,
-    whose training forward takes targets and returns a dict of losses, needs its own.
-    """
-
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    loss: Callable[[Any], torch.Tensor | None] = float_sum
-
-    @classmethod
-    def from_example(cls, x: Any) -> TrainingCall:
-        """``x`` as :func:`run` reads it: a tuple is positional arguments, a dict keywords."""
-        if isinstance(x, tuple):
-            return cls(args=x)
-        if isinstance(x, dict):
-            return cls(kwargs=dict(x))
-        return cls(args=(x,))
-
-    def __call__(self, model: nn.Module) -> Any:
-        return model(*self.args, **self.kwargs)
 
 
 @contextmanager
@@ -245,9 +212,15 @@ def _training_step(model: nn.Module, call: TrainingCall) -> None:
     """One training forward and, when its loss depends on a trainable parameter, the backward
     (gradients returned by ``autograd.grad`` and dropped)."""
     with torch.enable_grad():
-        loss = call.loss(call(model))
+        output = call.run(model)
+        try:
+            loss = call.loss_of(output)
+        except TypeError:
+            if call.loss is not None:
+                raise
+            return  # no floating output (the default loss says so): nothing to run backward on
         params = [p for p in model.parameters() if p.requires_grad]
-        if loss is None or not loss.requires_grad or not params:
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad or not params:
             return
         torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -256,14 +229,14 @@ class TrainingStepError(VerifyError):
     """A training step (forward and backward) of the rewritten model failed."""
 
 
-def training_step_error(model: nn.Module, call: TrainingCall) -> str | None:
+def training_step_error(model: nn.Module, call: TrainingCall | Any) -> str | None:
     """Why one training step of ``model`` as it is fails (None: it works). Leaves no trace.
     ``apply`` asks it of the original when the rewritten model's step failed: a model that
     cannot train as written (an in-place op on a value its own backward needs) is not a
     rewrite's fault."""
     try:
         with _checking_only(model, []):
-            _training_step(model, call)
+            _training_step(model, as_training_call(call))
     except RuntimeError as exc:
         return _first_line(exc)
     return None
@@ -276,14 +249,14 @@ def _first_line(exc: BaseException) -> str:
 
 def check_live(
     model: nn.Module,
-    x: Any,
+    call: TrainingCall | Any,
     modules: dict[str, str],
     *,
-    call: TrainingCall | None = None,
     backward: bool = True,
 ) -> None:
     """What training does must work on the rewritten model: a training-mode forward **and
-    backward** (``call``, by default the probe ``x`` with :func:`float_sum` as the loss) with
+    backward** — ``call``, a :class:`~retrofit.training_call.TrainingCall` (arguments and
+    loss), or an input, as ``example_input`` (its loss: ``default_loss``) — with
     every batch-mode stochastic-depth gate forced onto its kept path and the per-row ones
     drawing both paths (:func:`forced_gates`), which must call every module named in
     ``modules`` (name → what it is, for the message): the inserted layers and the reused
@@ -298,7 +271,7 @@ def check_live(
     TrainingStepError naming the pass whose forward or backward failed. Nothing the check does
     persists (see :func:`_checking_only`).
     """
-    call = call if call is not None else TrainingCall.from_example(x)
+    call = as_training_call(call)
     calls = dict.fromkeys(modules, 0)
     handles = []
     layers = []
@@ -326,7 +299,7 @@ def check_live(
                             _training_step(model, call)
                         else:
                             with torch.no_grad():
-                                call(model)
+                                call.run(model)
                     except RuntimeError as exc:
                         raise TrainingStepError(
                             f"the rewritten model cannot train: a training step with every "

@@ -49,12 +49,14 @@ clamped to its dimension; ``retrofit/layers/dropblock.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
+from torch import nn
 
 from retrofit.edit import Edit
 from retrofit.errors import RecipeError, RewriteError, TraceError
@@ -295,6 +297,21 @@ def _checked(sa: StageAnalysis, site: CallSite, where: str) -> CallSite:
     return site
 
 
+def _iterates_children(owner: Any) -> bool:
+    # A container with a forward of its own (torchvision's IntermediateLayerGetter is an
+    # nn.ModuleDict whose forward loops over self.items()) would also run an added child.
+    return isinstance(owner, nn.ModuleDict | nn.ModuleList | nn.Sequential) and not (
+        is_passthrough(owner)
+    )
+
+
+def _outside_containers(sa: StageAnalysis, stage: Stage) -> CallSite:
+    site = _stage_site(stage)
+    if stage.module and _iterates_children(sa.model.get_submodule(site.owner)):
+        return sa.output_site(stage.module)
+    return site
+
+
 def _stage_site(stage: Stage) -> CallSite:
     if stage.site is None:
         raise TraceError(
@@ -341,6 +358,8 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         RecipeError: ``dropblock.stages`` names a stage the model does not have.
     """
     sa = analysis.stages
+    if sa.graph_module is None and spec.placement == "blocks" and sa.part is not None:
+        return _plan_in_part(analysis, spec, sa)
     if sa.graph_module is None and spec.placement == "blocks":
         raise TraceError(
             f"dropblock.placement: blocks needs {type(analysis.model).__name__}'s forward as one "
@@ -366,7 +385,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 _edit(
                     spec,
                     sizes[stage.index],
-                    _checked(sa, _stage_site(stage), f"after {label}"),
+                    _checked(sa, _outside_containers(sa, stage), f"after {label}"),
                     stage.shape,
                     probe,
                     target=stage.module,
@@ -378,6 +397,8 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         for i, (block, node, site) in enumerate(in_stage, start=1):
             if block and sa.module_output.get(block) is node:
                 call = sa.call_site(block)
+                if _iterates_children(sa.model.get_submodule(call.owner)):
+                    call = sa.output_site(block)
             else:
                 call = CallSite(site.owner, site.node, site.key, site.ordinal, site.source)
             where = f"after block {i}/{len(in_stage)} of {label}"
@@ -394,6 +415,53 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 )
             )
     return edits
+
+
+def _plan_in_part(analysis: Analysis, spec: DropBlockSpec, sa: StageAnalysis) -> list[Edit]:
+    """``placement: blocks`` on a model whose stages all lie in one traced part (a detector's
+    backbone, read apart from the detector's untraceable forward): planned in that part's own
+    analysis, on its residual sites, and named in the model."""
+    assert sa.part is not None
+    prefix, local_sa = sa.part
+    head = f"{prefix}." if prefix else ""
+
+    def local(name: str) -> str:
+        return name[len(head) :] if head and name.startswith(head) else name
+
+    sites = [
+        dataclasses.replace(site, owner=local(site.owner), block=local(site.block))
+        for site in analysis.residual_sites
+        if not head or site.owner == prefix or site.owner.startswith(head)
+    ]
+    part_analysis = _PartAnalysis(local_sa, sites)
+    edits = plan_dropblock(part_analysis, spec)  # type: ignore[arg-type]
+    out = []
+    for edit in edits:
+        out.append(
+            dataclasses.replace(
+                edit,
+                module=_join(prefix, edit.module),
+                target=_join(prefix, edit.target) if edit.target is not None else None,
+                block=_join(prefix, edit.block) if edit.block is not None else None,
+            )
+        )
+    return out
+
+
+@dataclasses.dataclass
+class _PartAnalysis:
+    """What plan_dropblock reads of an Analysis, for one part in its own (local) names."""
+
+    stages: StageAnalysis
+    residual_sites: list[ResidualSite]
+
+    @property
+    def model(self) -> Any:
+        return self.stages.model
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def dropblock_layer(edit: Edit) -> DropBlock:
