@@ -33,12 +33,12 @@ from retrofit.train import (
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
-    read_weights,
     save_checkpoint,
 )
 from retrofit.train.classifier import num_classes_of, resize_classifier
 from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
+from retrofit.weights import read_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
