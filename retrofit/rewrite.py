@@ -259,7 +259,11 @@ def _edit_graph(
             _wrap_arg(graph, add, edit, name)
             continue
         spec = Outline(region.batched, region.inplace, region.copy_dropped)
-        extracted = extract_branch(region)
+        copies: dict[fx.Node, fx.Node] = {}
+        extracted = extract_branch(region, copies)
+        for inner in outlined:
+            # An earlier site inside this branch: its gate now runs in this branch's code.
+            inner.call = copies.get(inner.call, inner.call)
         with graph.inserting_before(add):
             branch = graph.create_node("call_function", _constant(None), (), {})
             settings = graph.create_node("call_function", _constant(spec), (), {})
