@@ -258,7 +258,7 @@ def test_apply_does_not_load_the_trainer():
         model = torchvision.models.resnet18()
         retrofit.apply(model, {"dropblock": {}, "stochastic_depth": {}},
                        example_input=torch.randn(1, 3, 64, 64))
-        print(sorted(m for m in sys.modules if m.startswith("retrofit.train")))
+        print(sorted(m for m in sys.modules if m.split(".")[:2] == ["retrofit", "train"]))
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -331,5 +331,8 @@ def test_stages_are_read_part_by_part_when_the_root_cannot_be():
     reference = model(x)
     retrofit.apply(model, {"dropblock": {"stages": [2, 3], "block_size": 3}}, example_input=x)
     assert torch.equal(model(x), reference)
-    with pytest.raises(retrofit.TraceError, match="placement: blocks needs"):
-        retrofit.plan(Gated().eval(), {"dropblock": {"placement": "blocks"}}, example_input=x)
+    # Blocks are planned inside the readable part (as on a detector's backbone); here the stage's
+    # caller cannot be re-traced alone, and the refusal says so.
+    blocks = {"placement": "blocks", "stages": [2, 3], "block_size": 3}
+    with pytest.raises(retrofit.TraceError, match="cannot place DropBlock after stage 2"):
+        retrofit.plan(Gated().eval(), {"dropblock": blocks}, example_input=x)
