@@ -275,6 +275,14 @@ def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> 
     if source == "torchvision":
         import torchvision
 
+        if not pretrained and "weights_backbone" not in kwargs:
+            import inspect
+
+            builder = torchvision.models.get_model_builder(name)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                # Detection/segmentation builders download ImageNet backbone weights by default:
+                # random weights mean no network, as everywhere else (--pretrained takes both).
+                kwargs = {**kwargs, "weights_backbone": None}
         return torchvision.models.get_model(
             name, weights="DEFAULT" if pretrained else None, **kwargs
         )
