@@ -351,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
 
         check_device(args.device)
     recipe_path = _recipe_path(args.recipe) if args.recipe else None
-    from retrofit.models import create_model, load_weights, parse_kwargs
+    from retrofit.models import create_model, parse_kwargs
+    from retrofit.weights import load_weights
 
     kwargs = parse_kwargs(args.model_kwargs)
     recipe = _load_recipe(args, recipe_path) if recipe_path else None
@@ -486,8 +487,8 @@ def _print_config(args: argparse.Namespace, recipe: Any, recipe_path: Path | Non
     run's other settings; the YAML form loads back as a recipe."""
     import yaml
 
+    from retrofit.finetune_config import TrainConfig, available_cpus, resolve_workers
     from retrofit.models import ModelInfo, parse_kwargs, resolve_model_name
-    from retrofit.train.config import TrainConfig, available_cpus, resolve_workers
     from retrofit.train.prepare import recipe_dict, train_config_of
 
     source, name, _ = resolve_model_name(args.model)
@@ -618,7 +619,7 @@ def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
     import torch
 
     import retrofit
-    from retrofit.models import probe_input_size
+    from retrofit.graph.probe import probe_input_size
 
     channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None
@@ -745,7 +746,14 @@ def _lint(args: argparse.Namespace) -> int:
     findings = lint(model)
     shifts = None
     if args.measure:
-        shifts = measure_variance_shift(model, data=args.data, findings=findings)
+        batches = None
+        if args.data:
+            # The trainer's data stack reads --data (a bad path is a DataError, exit 2, even when
+            # there is nothing to measure); the lint itself never imports the trainer.
+            from retrofit.train.data import build_data
+
+            batches = build_data(args.data, model).train.iter_epoch(0)
+        shifts = measure_variance_shift(model, batches, findings=findings)
     if args.json:
         body = findings.to_dict()
         payload: dict[str, Any] = {

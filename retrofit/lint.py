@@ -22,7 +22,6 @@ module); the rest is reached with ``from retrofit.lint import format_report``.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,26 +393,13 @@ def format_report(
 def _probe_batches(
     model: nn.Module,
     batches: Iterable[Any] | None,
-    data: str | os.PathLike[str] | None,
     num_batches: int,
     batch_size: int,
     seed: int,
 ) -> list[Any]:
-    if batches is not None and data is not None:
-        raise ValueError("give either batches or data, not both")
     if batches is not None:
         out = []
         for batch in batches:
-            if len(out) >= num_batches:
-                break
-            out.append(batch)
-        return out
-    if data is not None:
-        from retrofit.train.data import build_data  # lazy: the trainer's data stack
-
-        bundle = build_data(data, model)
-        out = []
-        for batch in bundle.train.iter_epoch(0):
             if len(out) >= num_batches:
                 break
             out.append(batch)
@@ -455,7 +441,6 @@ def measure_variance_shift(
     model: nn.Module,
     batches: Iterable[Any] | None = None,
     *,
-    data: str | os.PathLike[str] | None = None,
     findings: Sequence[Finding] | None = None,
     norms: Iterable[str] | None = None,
     fill: bool = True,
@@ -481,10 +466,8 @@ def measure_variance_shift(
     Args:
         model: the model, with real weights (not on the meta device).
         batches: probe batches (tensors or ``(input, target)`` pairs); at most ``num_batches``
-            are used.
-        data: instead of batches, a ``--data`` value the trainer reads (``digits``, an
-            ImageFolder or CIFAR directory…). Neither: random normal images at the model's
-            input size.
+            are used. None: random normal images at the model's input size. (``retrofit-cli lint
+            --measure --data D`` passes the trainer's batches of ``D``.)
         findings: the lint findings whose norms to measure (default: lint the model).
         norms: measure these norms (qualified names) instead of the findings' victims.
         fill: re-estimate running statistics with dropout on first (see above).
@@ -497,7 +480,6 @@ def measure_variance_shift(
 
     Raises:
         ValueError: the model is on the meta device, or no batch was given.
-        DataError: ``data`` names nothing readable (even when there is nothing to measure).
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "meta":
@@ -514,13 +496,9 @@ def measure_variance_shift(
         names = list(dict.fromkeys(f.norm for f in found))
     modules = dict(work.named_modules())
     targets = {n: modules[n] for n in names if n in modules and is_running_stat_norm(modules[n])}
-    if not targets and data is None:
-        return {}
-    # Data named by the caller is read even when there is nothing to measure: a path that does
-    # not exist is an error, never silently ignored (DataError names it).
-    probe = _probe_batches(work, batches, data, num_batches, batch_size, seed)
     if not targets:
         return {}
+    probe = _probe_batches(work, batches, num_batches, batch_size, seed)
     if not probe:
         raise ValueError("measure_variance_shift needs at least one probe batch")
     device = next((t.device for t in work.parameters()), torch.device("cpu"))

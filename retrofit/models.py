@@ -53,9 +53,7 @@ __all__ = [
     "create_model",
     "hf_model_class",
     "list_model_names",
-    "load_weights",
     "parse_kwargs",
-    "probe_input_size",
     "resolve_model_name",
 ]
 
@@ -610,14 +608,3 @@ def parse_kwargs(items: Iterable[str] | None) -> dict[str, Any]:
             raise ModelError(f"--model-kwargs: {key!r} is given twice")
         out[key] = _parse_value(value.strip())
     return out
-
-
-# Probe sizes live with the analysis that needs them (no trainer import on the apply path).
-from retrofit.graph.probe import (  # noqa: E402, F401
-    VIDEO_PROBE,
-    fixed_image_size,
-    probe_input_size,
-)
-
-# One implementation of checkpoint loading, shared with the trainer.
-from retrofit.train.checkpoint import load_weights  # noqa: E402

@@ -19,10 +19,9 @@ from retrofit.edit import Edit
 from retrofit.errors import TraceError
 from retrofit.graph.trace import Skipped
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.schedule import survival  # re-exported: it lived here
 from retrofit.techniques import TECHNIQUES
 
-__all__ = ["Analysis", "Edit", "Plan", "plan", "planners", "survival"]
+__all__ = ["Analysis", "Edit", "Plan", "plan", "planners"]
 
 
 def planners() -> dict[str, Planner]:

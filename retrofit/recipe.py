@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from retrofit.errors import RecipeError
+from retrofit.finetune_config import TrainConfig
 from retrofit.spec import check_keys, section_body
 from retrofit.techniques import TECHNIQUES
 from retrofit.techniques.cutout import CutoutSpec
@@ -64,17 +65,11 @@ def _misplaced_hint(key: str) -> str | None:
 
 
 def _train_config(value: object) -> Any:
-    """Validate the ``train:`` section with the trainer's own schema.
-
-    The schema belongs to ``retrofit.train.config.TrainConfig``; it is imported here, when a
-    recipe has a ``train:`` section, so that loading one without does not import the trainer
-    (``retrofit.train`` loads the training loop and its dependencies).
-    """
+    """Validate the ``train:`` section with :class:`retrofit.finetune_config.TrainConfig` (a core
+    module: a recipe loads without importing the trainer)."""
     body = section_body("train", value)
     if body is None:
         return None
-    from retrofit.train.config import TrainConfig
-
     try:
         return TrainConfig.from_dict(body)
     except RecipeError as e:
@@ -97,7 +92,7 @@ class Recipe:
     """
 
     sections: Mapping[str, Any] = field(default_factory=dict)
-    train: Any = None  # retrofit.train.config.TrainConfig, or None for the trainer's defaults
+    train: TrainConfig | None = None  # None: the trainer's defaults
 
     def __getattr__(self, name: str) -> Any:
         if name in TECHNIQUES:

@@ -149,7 +149,6 @@ def test_missing_weights_file(capsys, tmp_path):
 
 
 def test_bad_train_override_is_a_recipe_error(capsys):
-    pytest.importorskip("retrofit.train.config")
     line = _bad(capsys, "--model", TINY, "--recipe", SD, "--train", "--epochs", "0")
     assert "train.epochs" in line
 

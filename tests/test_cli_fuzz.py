@@ -532,15 +532,14 @@ def test_fit_refuses_a_bad_device_and_max_steps_before_writing(tmp_path):
     assert not out.exists()
 
 
-def test_lint_measure_reads_the_data_even_without_findings(tmp_path):
+def test_lint_measure_reads_the_data_even_without_findings(tmp_path, capsys):
     from retrofit.lint import measure_variance_shift
-    from retrofit.train import DataError
     from tests.user_models import tiny_resnet
 
-    model = tiny_resnet()
-    assert measure_variance_shift(model) == {}  # nothing to measure, no data named: fine
-    with pytest.raises(DataError, match="nonexistent"):
-        measure_variance_shift(model, data=str(tmp_path / "nonexistent"))
+    assert measure_variance_shift(tiny_resnet()) == {}  # nothing to measure, no data named: fine
+    missing = str(tmp_path / "nonexistent")
+    assert main(["lint", "--model", TINY, "--measure", "--data", missing]) == 2
+    assert "nonexistent" in capsys.readouterr().err
 
 
 # --- recipes, generated -----------------------------------------------------------------------

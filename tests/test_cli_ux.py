@@ -194,7 +194,12 @@ def test_a_bad_override_names_the_flag(capsys):
 
 
 def test_workers_default_to_the_machine_and_never_exceed_it():
-    from retrofit.train.config import MAX_AUTO_WORKERS, TrainConfig, available_cpus, resolve_workers
+    from retrofit.finetune_config import (
+        MAX_AUTO_WORKERS,
+        TrainConfig,
+        available_cpus,
+        resolve_workers,
+    )
 
     cpus = available_cpus()
     assert TrainConfig().workers is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrofit.train.config import TrainConfig
+from retrofit.finetune_config import TrainConfig
 from retrofit.train.data import (
     DataError,
     DigitsSubset,

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 import retrofit  # noqa: E402
 from retrofit.errors import ModelError  # noqa: E402
 from retrofit.graph.oracle import drop_path_placement, hf_drop_path_owners  # noqa: E402
-from retrofit.models import create_model, hf_model_class, probe_input_size  # noqa: E402
+from retrofit.graph.probe import probe_input_size  # noqa: E402
+from retrofit.models import create_model, hf_model_class  # noqa: E402
 from tests.checks import assert_instrumented, snapshot  # noqa: E402
 
 SIZE = 32

@@ -1,12 +1,17 @@
-"""Imports go down: no cycles among retrofit's modules, and the bottom layers import nothing above.
+"""Imports go down: no cycles among retrofit's modules, the bottom layers import nothing above,
+and the core (everything but the trainer, the CLI and compare) never imports the trainer.
 
-Read from the source (module-level imports; ``if TYPE_CHECKING:`` blocks and imports inside
-functions are not load-time edges), so the check needs no import of the package.
+Cycles and layers are read from the source (module-level imports; ``if TYPE_CHECKING:`` blocks
+and imports inside functions are not load-time edges), so the check needs no import of the
+package. The trainer check reads every import, lazy ones included, and also runs the README's own
+calls in a fresh interpreter and looks at ``sys.modules``.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "retrofit"
@@ -111,3 +116,56 @@ def test_the_graph_walk_sees_real_edges():
     graph = _graph()
     assert "retrofit.graph.trace" in graph["retrofit.analysis"]
     assert "retrofit.techniques" in graph["retrofit.recipe"]
+
+
+# Above the core: the trainer and what drives it. Everything else is the core, which a user of
+# ``retrofit.apply`` / ``lint`` / ``retrofit.models`` loads without the training stack.
+ABOVE_CORE = ("retrofit.train", "retrofit.cli", "retrofit.cli_errors", "retrofit.compare")
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every retrofit module named by an import anywhere in ``path`` (inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("retrofit"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrofit"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def _above_core(name: str) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in ABOVE_CORE)
+
+
+def test_the_core_never_imports_the_trainer_even_lazily():
+    wrong = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if _above_core(name):
+            continue
+        bad = sorted(m for m in _all_imports(path) if _above_core(m))
+        if bad:
+            wrong[name] = bad
+    assert not wrong, wrong
+
+
+_LOADED = """
+import sys, torchvision, retrofit
+retrofit.apply(torchvision.models.resnet18(), "recipes/sd.yaml")  # the README's example
+retrofit.apply(torchvision.models.resnet18(), "recipes/dropblock.yaml")
+retrofit.lint(torchvision.models.densenet121(drop_rate=0.2))
+import retrofit.models, retrofit.integrations
+print(sorted(m for m in sys.modules if m.split(".")[:2] == ["retrofit", "train"]
+             or m in ("retrofit.cli", "retrofit.compare")))
+"""
+
+
+def test_apply_lint_and_models_load_no_trainer_module():
+    root = PACKAGE.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _LOADED], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

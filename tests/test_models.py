@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from retrofit.errors import ModelError
+from retrofit.graph.probe import probe_input_size
 from retrofit.models import (
     ModelInfo,
     create_model,
-    load_weights,
     parse_kwargs,
-    probe_input_size,
     resolve_model_name,
 )
+from retrofit.weights import load_weights
 
 USER = "tests.user_models"
 

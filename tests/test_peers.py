@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torchvision
+from scipy import stats
 from torch import nn
 
 import retrofit
@@ -30,8 +31,6 @@ from retrofit.layers import (
 )
 from retrofit.recipe import RecipeError, load_recipe
 from retrofit.schedule import block_survivals, survival
-
-stats = pytest.importorskip("scipy.stats")
 
 
 @pytest.fixture(autouse=True)

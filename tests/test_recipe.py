@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from retrofit.errors import RecipeError
+from retrofit.finetune_config import TrainConfig
 from retrofit.recipe import (
     CutoutSpec,
     DropBlockSpec,
@@ -172,9 +173,8 @@ def test_uout_and_dropout_fix_are_exclusive():
 
 
 def test_train_section_uses_the_trainers_schema():
-    config = pytest.importorskip("retrofit.train.config")
     r = load_recipe({"train": {"epochs": 2, "batch_size": 64}})
-    assert isinstance(r.train, config.TrainConfig)
+    assert isinstance(r.train, TrainConfig)
     assert r.train.epochs == 2 and r.train.batch_size == 64
     e = _error({"train": {"epocs": 2}})
     assert e.field == "train.epocs" and "did you mean 'epochs'?" in str(e)

@@ -86,7 +86,7 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
 
 
 def _config(args: argparse.Namespace, experiment: str, seed: int):
-    from retrofit.train.config import TrainConfig
+    from retrofit.finetune_config import TrainConfig
 
     if experiment == "regularizers":
         return TrainConfig(

@@ -183,10 +183,10 @@ def collapsed_runs(margin: float = 0.05) -> list[dict[str, Any]]:
     import torch
 
     from retrofit.compare.runs import accuracy
+    from retrofit.finetune_config import TrainConfig
     from retrofit.fixes import recalibrate_bn
     from retrofit.models import create_model
     from retrofit.train import load_weights
-    from retrofit.train.config import TrainConfig
     from retrofit.train.data import build_data
 
     torch.set_num_threads(1)

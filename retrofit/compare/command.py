@@ -168,7 +168,7 @@ def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
 def _warn_unequal_training(variants: list[Variant]) -> None:
     """Say when the variants train differently: every difference is then part of what is compared
     (a recipe with ``train: {epochs: 3}`` against one without a ``train:`` section, 10 epochs)."""
-    from retrofit.train.config import TrainConfig
+    from retrofit.finetune_config import TrainConfig
 
     configs = {v.name: TrainConfig.from_dict(v.recipe.get("train")).to_dict() for v in variants}
     first = next(iter(configs.values()))

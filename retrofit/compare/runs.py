@@ -122,11 +122,12 @@ def _start_over(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
 def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool) -> dict[str, Any]:
     import torch
 
-    from retrofit.models import create_model, load_weights
+    from retrofit.models import create_model
     from retrofit.recipe import Recipe
     from retrofit.train import loop
     from retrofit.train.data import build_data
     from retrofit.train.prepare import train_config_of
+    from retrofit.weights import load_weights
 
     s = spec.settings
     recipe = Recipe.from_dict(spec.variant.recipe_for(spec.seed))

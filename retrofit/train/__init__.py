@@ -2,14 +2,15 @@
 
 Modules, one job each:
 
-- ``config``       the recipe's ``train:`` section (:class:`TrainConfig`) and its validation
+- (``retrofit.finetune_config``: the recipe's ``train:`` section, :class:`TrainConfig`, in the core
+  so that a recipe loads without importing the trainer)
 - ``data``         ``--data`` → train/val batches (embedded digits, synthetic, ImageFolder, CIFAR)
 - ``sampler``      data order as a function of (seed, epoch, rank): the basis of exact resume
 - ``classifier``   resize the head to the data's classes (timm ``reset_classifier`` / last Linear)
 - ``prepare``      resize → plan → ``retrofit.apply`` → lint, and the run's preamble files
 - ``precision``    autocast dtype, grad scaler, channels_last per device
 - ``distributed``  torchrun: process group, DDP flags, SyncBatchNorm, collectives
-- ``checkpoint``   atomic checkpoints, RNG state, safetensors export, ``load_weights``
+- ``checkpoint``   atomic checkpoints, RNG state, safetensors export (reading: ``retrofit.weights``)
 - ``rundir``       the run directory: checked early, locked while a run writes, stale temps removed
 - ``metrics``      accuracy counts and ``metrics.jsonl``
 - ``console``      what a run prints: plan and lint up front, a line per epoch, a summary
@@ -18,12 +19,12 @@ Modules, one job each:
 - ``loop``         ``fit`` itself
 """
 
-from retrofit.train.checkpoint import load_weights, read_weights
-from retrofit.train.config import TrainConfig
+from retrofit.finetune_config import TrainConfig
 from retrofit.train.data import DataBundle, DataError, build_data
 from retrofit.train.loop import RunResult, evaluate, fit
 from retrofit.train.metrics import read_metrics
 from retrofit.train.prepare import LintFindingsError
+from retrofit.weights import load_weights, read_weights
 
 __all__ = [
     "DataBundle",

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from retrofit.train.config import TrainConfig, resolve_workers
+from retrofit.finetune_config import TrainConfig, resolve_workers
 from retrofit.train.sampler import ResumableSampler, ShardSampler
 
 DIGITS_DEFAULT_SIDE = 32

@@ -44,6 +44,7 @@ from torch import nn
 
 from retrofit import schedule
 from retrofit.errors import ModelError
+from retrofit.finetune_config import TrainConfig
 from retrofit.layers import cutout, is_gate
 from retrofit.rewrite import strip
 from retrofit.train import distributed as D
@@ -57,7 +58,6 @@ from retrofit.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from retrofit.train.config import TrainConfig
 from retrofit.train.console import Console, result_record
 from retrofit.train.data import DataBundle, DataError
 from retrofit.train.data import steps_per_epoch as count_steps

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from retrofit.errors import RecipeError
-from retrofit.train.config import TrainConfig
+from retrofit.finetune_config import TrainConfig
 
 
 @dataclass

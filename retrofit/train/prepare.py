@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from retrofit.api import apply as retrofit_apply
+from retrofit.finetune_config import TrainConfig
 from retrofit.lint import lint
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import applied_plan
 from retrofit.techniques import model_edits
-from retrofit.train.config import TrainConfig
 
 log = logging.getLogger("retrofit.train")
 
