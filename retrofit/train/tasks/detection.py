@@ -18,7 +18,10 @@ losses out in training; boxes, scores and labels out in eval).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +34,10 @@ IMAGE_STD = (1.0, 1.0, 1.0)
 
 
 class DetectionTask:
+    def __init__(self) -> None:
+        # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
+        import torchmetrics  # noqa: F401
+
     name = "detection"
     metric = "val_map"
     metric_label = "mAP@[.5:.95] (%)"
@@ -108,11 +115,23 @@ class DetectionTask:
             box_format="xyxy", iou_type="bbox", backend="faster_coco_eval"
         )
         metric.update(preds, targets)
-        res = metric.compute()
+        with _quiet("faster_coco_eval"):  # its COCO summary table, at INFO, on every evaluation
+            res = metric.compute()
         return {"map": 100.0 * _num(res["map"]), "map_50": 100.0 * _num(res["map_50"])}
 
     def epoch_fields(self, ev: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
         return {f"{prefix}map": ev["map"], f"{prefix}map_50": ev["map_50"]}
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _num(t: torch.Tensor) -> float:

@@ -30,6 +30,10 @@ AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py
 
 
 class SegmentationTask:
+    def __init__(self) -> None:
+        # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
+        import torchmetrics  # noqa: F401
+
     name = "segmentation"
     metric = "val_miou"
     metric_label = "mIoU (%)"
