@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from retrofit.plan import Edit, Plan, plan
     from retrofit.recipe import Recipe, load_recipe
     from retrofit.rewrite import applied_plan, strip
+    from retrofit.training_call import TrainingCall
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "RewriteError",
     "Stage",
     "TraceError",
+    "TrainingCall",
     "VerifyError",
     "applied_plan",
     "apply",
@@ -86,6 +88,7 @@ _LAZY = {
     "load_recipe": "retrofit.recipe",
     "applied_plan": "retrofit.rewrite",
     "strip": "retrofit.rewrite",
+    "TrainingCall": "retrofit.training_call",
 }
 _SUBMODULES = ("schedule",)  # ``retrofit.schedule`` is the module itself
 # Functions named like their module: ``retrofit.lint`` and ``retrofit.plan`` stay the functions

@@ -35,6 +35,7 @@ from retrofit.graph.probe import probe_input_size
 from retrofit.graph.residual import ResidualSite, find_residual_sites
 from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.training_call import default_example_input
 
 __all__ = ["Analysis", "probe_for", "stages"]
 
@@ -70,7 +71,12 @@ class Analysis:
 
     @cached_property
     def example_input(self) -> Any:
-        return self._example_input if self._example_input is not None else probe_for(self.model)
+        if self._example_input is not None:
+            return self._example_input
+        # A model whose API takes other than one image batch (a torchvision detector: a list of
+        # images) says so; else a batch of the model's input size.
+        own = default_example_input(self.model)
+        return own if own is not None else probe_for(self.model)
 
     @cached_property
     def calls(self) -> dict[str, list[Call]]:

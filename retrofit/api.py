@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from retrofit.analysis import Analysis
 from retrofit.errors import (
@@ -20,10 +21,12 @@ from retrofit.errors import (
     TraceError,
     VerifyError,
 )
+from retrofit.graph import detection
 from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import is_retrofitted, rewrite, strip
+from retrofit.training_call import TrainingCall, training_call_for
 from retrofit.verify import check_live, compare, eval_output, paper_gates_neutral
 
 __all__ = ["RetrofitWarning", "apply"]
@@ -46,6 +49,7 @@ def apply(
     example_input: Any = None,
     verify: bool = True,
     allow_partial: bool = True,
+    training_call: TrainingCall | Any = None,
 ) -> nn.Module:
     """Add the recipe's regularizers to ``model`` in place and return it.
 
@@ -54,6 +58,14 @@ def apply(
     the model's config, else 224²): the eval-mode output is unchanged, and one training-mode
     forward calls every inserted regularizer (liveness). Applying again replaces the earlier
     edits: one gate per site.
+
+    The training forward is ``training_call`` — a :class:`~retrofit.training_call.TrainingCall`
+    (arguments and loss), or a tuple of positional / dict of keyword arguments — for a model
+    whose training forward needs more than its input (``model(x, y)``). Without it: the probe,
+    or for a torchvision detector (its ``transform`` says so) the probe images with one box
+    per image (and a mask / keypoints for Mask / Keypoint R-CNN); a detector's eval
+    equivalence is checked on its backbone's and heads' outputs and on its detections with
+    every ``score_thresh`` at 0 (random weights otherwise detect nothing).
 
     All or nothing: whatever fails — reading the model, planning, rewriting, verifying — the model
     is handed back exactly as it came (same forward, modules and state) and a retrofit error
@@ -82,14 +94,17 @@ def apply(
             phase = "running the original model on the probe input"
             x = analysis.example_input
             _check_real(x)
-            reference = eval_output(model, x)
+            call = training_call_for(model, x, training_call)
+            watch = detection.watched(model) if detection.is_detector(model) else ()
+            with detection.verifying(model):
+                reference = eval_output(model, x, watch=watch)
         phase = "rewriting"
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
-            with paper_gates_neutral(model):
-                compare(reference, eval_output(model, x))
-            check_live(model, x, record.live())
+            with paper_gates_neutral(model), detection.verifying(model):
+                compare(reference, eval_output(model, x, watch=watch))
+            check_live(model, call, record.live())
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise
@@ -103,7 +118,7 @@ def apply(
 
 
 def _check_real(x: Any) -> None:
-    leaves = x if isinstance(x, tuple) else (x,)
+    leaves, _ = tree_flatten(x)
     if any(getattr(t, "device", None) is not None and t.device.type == "meta" for t in leaves):
         raise VerifyError(
             "verify=True needs real weights, but the model is on the meta device "

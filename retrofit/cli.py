@@ -126,6 +126,14 @@ def _main_parser() -> argparse.ArgumentParser:
         help="skip the eval-mode equivalence and liveness checks of the rewritten model",
     )
     p.add_argument(
+        "--training-example",
+        metavar="FILE",
+        help="the training forward the liveness check runs, for a model whose training call "
+        "needs more than its input: a torch.save'd tuple of positional arguments, or a dict "
+        "{'args': [...], 'kwargs': {...}} (loaded with weights_only=True); torchvision "
+        "detectors need none (built-in targets)",
+    )
+    p.add_argument(
         "--allow-partial",
         action="store_true",
         help="go on when a requested technique finds no site in the model or modules could not "
@@ -316,6 +324,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             "nothing to do: give --recipe FILE to plan (add --out DIR to write weights, --train "
             f"to fine-tune), --stages to list stages, or run '{PROG} lint --model NAME'"
         )
+    if args.training_example and (args.train or not args.out):
+        # Only `--out DIR` applies the recipe here; a plan runs nothing, and the trainer runs
+        # its own training steps on its data.
+        raise _BadInput("--training-example applies with --out DIR (not with --train, nor alone)")
     if args.stages:
         used = [_flag(k) for k in (*_TRAIN_ONLY, *_TRAIN_OVERRIDES, *_REPORTING) if _given(args, k)]
         used = [f for f in used if f != "--img-size"]
@@ -384,6 +396,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.train:
         kwargs = _task_kwargs(args, kwargs)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
+    if not real:
+        from retrofit.graph.detection import is_detector
+
+        if is_detector(model):
+            # A detector's heads are read on the calls one real forward makes (they loop over
+            # the feature maps it is given), and its NMS has no meta kernel: build it for real.
+            model, info = create_model(args.model, kwargs=kwargs)
     if args.weights:
         load_weights(model, args.weights)
 
@@ -396,7 +415,11 @@ def _run(args: argparse.Namespace) -> int:
         plan = retrofit.plan(model, recipe)
     else:
         model = retrofit.apply(
-            model, recipe, verify=not args.no_verify, allow_partial=args.allow_partial
+            model,
+            recipe,
+            verify=not args.no_verify,
+            allow_partial=args.allow_partial,
+            training_call=_training_example(args.training_example),
         )
         # The plan apply executed (no second trace); None when it had nothing to change.
         plan = retrofit.applied_plan(model) or retrofit.plan(model, recipe)
@@ -435,6 +458,34 @@ def _task_kwargs(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, 
         if "min_size" not in kwargs and "max_size" not in kwargs:
             kwargs = {**kwargs, "min_size": side, "max_size": side}
     return kwargs
+
+
+def _training_example(path: str | None) -> Any:
+    """``--training-example FILE`` as a TrainingCall (None without the flag)."""
+    if path is None:
+        return None
+    import torch
+
+    from retrofit.training_call import TrainingCall
+
+    flag = f"--training-example {path!r}"
+    if not Path(path).is_file():
+        raise _BadInput(f"{flag}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that needs code, a truncated file, not torch.save's format
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _BadInput(f"{flag}: not a torch.save'd example ({first[:200]})") from None
+    if isinstance(saved, list | tuple):
+        return TrainingCall(args=tuple(saved))
+    if isinstance(saved, dict) and set(saved) <= {"args", "kwargs"} and saved:
+        args, kwargs = saved.get("args", ()), saved.get("kwargs", {})
+        if isinstance(args, list | tuple) and isinstance(kwargs, dict):
+            return TrainingCall(args=tuple(args), kwargs=dict(kwargs))
+    raise _BadInput(
+        f"{flag}: holds {type(saved).__name__}{sorted(saved) if isinstance(saved, dict) else ''};"
+        " allowed: a tuple/list of positional arguments, or {'args': [...], 'kwargs': {...}}"
+    )
 
 
 def _given(args: argparse.Namespace, key: str) -> bool:

@@ -271,19 +271,17 @@ def _import_factory(spec: str) -> Any:
 
 def _build(source: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if source == "torchvision":
+        import inspect
+
         import torchvision
 
-        if not pretrained and "weights_backbone" not in kwargs:
-            import inspect
-
-            builder = torchvision.models.get_model_builder(name)
-            if "weights_backbone" in inspect.signature(builder).parameters:
-                # Detection/segmentation builders download ImageNet backbone weights by default:
-                # random weights mean no network, as everywhere else (--pretrained takes both).
-                kwargs = {**kwargs, "weights_backbone": None}
-        return torchvision.models.get_model(
-            name, weights="DEFAULT" if pretrained else None, **kwargs
-        )
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            # Detection and segmentation builders default to downloading ImageNet backbone
+            # weights even with weights=None: no network unless pretrained weights were asked
+            # for (with them, torchvision takes the whole model's weights, backbone included).
+            kwargs = {"weights_backbone": None, **kwargs}
+        return builder(weights="DEFAULT" if pretrained else None, **kwargs)
     if source == "timm":
         import timm
 

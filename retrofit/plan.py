@@ -46,11 +46,13 @@ class Plan:
         """Why this plan does less than the recipe asked: techniques with no site, modules
         skipped unread. Empty when the plan is complete."""
         out = [f"{section}: no site found in {self.model}" for section in self.empty]
-        if self.skipped:
-            listed = "; ".join(f"{s.module} ({s.reason})" for s in self.skipped[:3])
-            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+        # A skipped forward known to hold no site (a detector's box bookkeeping) loses nothing.
+        unread = [s for s in self.skipped if not s.known]
+        if unread:
+            listed = "; ".join(f"{s.module} ({s.reason})" for s in unread[:3])
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
             out.append(
-                f"{len(self.skipped)} module(s) could not be read as graphs, their own code was "
+                f"{len(unread)} module(s) could not be read as graphs, their own code was "
                 f"not analysed: {listed}{more}"
             )
         return out
@@ -85,7 +87,9 @@ class Plan:
             if outlined:
                 parts.append(f"{outlined} branches outlined (skipped when dropped)")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} module(s) not traceable (see skipped)")
+            known = sum(1 for s in self.skipped if s.known)
+            which = f", {known} of them known to hold no site" if known else ""
+            parts.append(f"{len(self.skipped)} module(s) not traceable (see skipped{which})")
         return f"{self.model}: " + ", ".join(parts)
 
     def table(self) -> str:

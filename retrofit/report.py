@@ -200,7 +200,10 @@ def plan_table(plan: Any) -> str:
         out += RENDERERS.get(kind, _generic)(edits, plan.model)
     if out and (plan.skipped or plan.notes):
         out.append("")
-    out += [f"skipped {s.module}: {s.reason}" for s in plan.skipped]
+    out += [
+        f"skipped {s.module}: {s.reason}" + (f" (nothing lost: {s.known})" if s.known else "")
+        for s in plan.skipped
+    ]
     out += list(plan.notes)
     summary = getattr(plan, "summary", None)
     if callable(summary):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from retrofit.errors import VerifyError
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.sandbox import mode
+from retrofit.training_call import TrainingCall, as_training_call
 
 __all__ = [
     "check_live",
@@ -65,11 +66,22 @@ def run(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
-def eval_output(model: nn.Module, x: Any) -> list[torch.Tensor]:
-    """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored)."""
-    with mode(model, False), torch.no_grad():
-        out = run(model, x)
-    leaves, _ = tree_flatten(out)
+def eval_output(model: nn.Module, x: Any, *, watch: Sequence[str] = ()) -> list[torch.Tensor]:
+    """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored),
+    followed by the outputs of the submodules named in ``watch`` (a detector's backbone and
+    heads: see ``graph/detection.py``), in call order."""
+    seen: list[Any] = []
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda _m, _i, o: seen.append(o))
+        for name in watch
+    ]
+    try:
+        with mode(model, False), torch.no_grad():
+            out = run(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    leaves, _ = tree_flatten([out, *seen])
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
 
 
@@ -143,8 +155,9 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
             m.training = flag
 
 
-def check_live(model: nn.Module, x: Any, modules: dict[str, str]) -> None:
-    """One training-mode forward on ``x`` must call every module named in ``modules`` (name →
+def check_live(model: nn.Module, call: TrainingCall | Any, modules: dict[str, str]) -> None:
+    """One training-mode forward — ``call``, a :class:`~retrofit.training_call.TrainingCall`
+    (or an input, as ``example_input``) — must call every module named in ``modules`` (name →
     what it is, for the message): the inserted layers and the reused drop-path slots.
 
     Raises VerifyError naming each module that was never called and its site. Nothing the
@@ -172,7 +185,7 @@ def check_live(model: nn.Module, x: Any, modules: dict[str, str]) -> None:
                 # so outlined branches run too and subset mode never leaves a BatchNorm one row.
                 if isinstance(getattr(layer, "survival", None), float):
                     layer.survival = 1.0
-            run(model, x)
+            as_training_call(call).run(model)
     finally:
         for handle in handles:
             handle.remove()

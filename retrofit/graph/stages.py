@@ -172,6 +172,9 @@ class StageAnalysis:
     position: dict[fx.Node, int]
     module_output: dict[str, fx.Node]  # module qualified name → last node computed inside it
     calls: Any = None  # module name → its recorded Call (graph/capture.py), or None
+    # Stages read part by part, all from one part (a detector's backbone): that part's prefix
+    # and its own analysis (local names), where DropBlock can be placed after blocks.
+    part: tuple[str, StageAnalysis] | None = None
     _shallow: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def reduction_of(self, node: fx.Node) -> int | None:
@@ -307,8 +310,12 @@ def _reduction(
     return 2**eh
 
 
-def _main_path(nodes: list[fx.Node], flow: DataFlow) -> set[fx.Node]:
-    """Nodes no data edge jumps over: every earlier tensor is consumed at or before them."""
+def _main_path(nodes: list[fx.Node], flow: DataFlow, *, handoff: bool = False) -> set[fx.Node]:
+    """Nodes no data edge jumps over: every earlier tensor is consumed at or before them.
+
+    ``handoff``: a value one top-level child hands to another that runs later (a detector
+    backbone's ``body`` feature maps read by its ``fpn``) is not a jump either, like a returned
+    value: the encoder's c3…c5 stay on the main path."""
     position = {n: i for i, n in enumerate(nodes)}
     main: set[fx.Node] = set()
     open_until = -1
@@ -319,9 +326,19 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow) -> set[fx.Node]:
         if carries:
             # Returning a value is not jumping over what follows: an encoder that returns its
             # feature maps ``[c2, c3, c4, c5]`` keeps c3…c5 on the main path.
-            ends = (position[u] for u in node.users if u.op != "output")
+            top = _top(node)
+            ends = (
+                position[u]
+                for u in node.users
+                if u.op != "output" and not (handoff and top and _top(u) not in ("", top))
+            )
             open_until = max(open_until, *ends, i)
     return main
+
+
+def _top(node: fx.Node) -> str:
+    stack = _stack(node)
+    return stack[0].split(".")[0] if stack else ""
 
 
 def _module_outputs(nodes: Iterable[fx.Node]) -> dict[str, fx.Node]:
@@ -553,6 +570,11 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     image = (
         next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
     )
+    if image is not None and image.ndim not in (4, 5):
+        # The model takes its images otherwise (a detector: a list of 3×H×W images, resized and
+        # batched by its own transform): reductions are relative to the first image batch one
+        # of its parts computes on (the detector's backbone input).
+        image = _first_batch(traced, calls)
     if image is None or image.ndim not in (4, 5):
         reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
         raise TraceError(
@@ -575,8 +597,10 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
             f"DropBlock does not apply: no conv feature maps in {type(model).__name__}"
         )
     found = []
+    local_stages = []
     for index, r in enumerate(reductions, start=1):
         prefix, node, local, sa = by_reduction[r]
+        local_stages.append(Stage(index, local, shape_of(node), r, node.name, None, "parts"))
         try:
             site = (
                 sa.call_site(local)
@@ -591,6 +615,12 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
         shape = shape_of(node)
         assert shape is not None
         found.append(Stage(index, _join(prefix, local), shape, r, node.name, site, "parts"))
+    parts = {by_reduction[r][0]: by_reduction[r][3] for r in reductions}
+    part = None
+    if len(parts) == 1:
+        ((prefix, sa),) = parts.items()
+        sa.stages = local_stages
+        part = (prefix, sa)
     return StageAnalysis(
         model=model,
         graph_module=None,
@@ -599,7 +629,19 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
         position={},
         module_output={},
         calls=calls,
+        part=part,
     )
+
+
+def _first_batch(traced: TraceResult, calls: Any) -> torch.Tensor | None:
+    for part in traced.parts:
+        call = part.graph_module.meta.get("retrofit_call") or _recorded(calls, part.prefix)
+        if call is None:
+            continue
+        first = next((v for v in call.flatten()[0] if isinstance(v, torch.Tensor)), None)
+        if first is not None and first.ndim in (4, 5):
+            return first
+    return None
 
 
 def _part_levels(
@@ -634,9 +676,13 @@ def _part_levels(
         calls=lambda name, prefix=part.prefix: _recorded(calls, _join(prefix, name)),
     )
     earlier: set[str] = set()
-    levels = _levels(gm, _main_path(nodes, flow), flow, size, batch, rank, stem_rule=False)
+    main = _main_path(nodes, flow, handoff=True)
+    levels = _levels(gm, main, flow, size, batch, rank, stem_rule=False)
     for r, level in levels:
-        node, local = _stage_end(level, module_output, earlier)
+        try:
+            node, local = _stage_end(level, module_output, earlier)
+        except NoConvStagesError:
+            continue  # a part fed feature maps (a detector's head): its inputs end no stage
         earlier.update(_stack(node))
         into[r] = (part.prefix, node, local, sa)
 

@@ -38,6 +38,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from retrofit.graph.capture import Call, CallKey, NoCall
 from retrofit.graph.concrete import Concretizer, concrete_dunders
+from retrofit.graph.detection import PLUMBING_REASON, is_plumbing
 from retrofit.graph.existing import is_existing_regularizer, regularizer_types
 from retrofit.graph.sandbox import preserved
 
@@ -429,9 +430,15 @@ class Skipped:
 
     module: str
     reason: str
+    # Why skipping it loses nothing, when that is known (a library's bookkeeping forward with
+    # no residual or conv stage of its own); None: its own code is unread.
+    known: str | None = None
 
     def to_dict(self) -> dict[str, str]:
-        return {"module": self.module, "reason": self.reason}
+        out = {"module": self.module, "reason": self.reason}
+        if self.known:
+            out["known"] = self.known
+        return out
 
 
 @dataclass
@@ -531,7 +538,10 @@ def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -
                 or not leaf.is_leaf_module(child, _join(prefix, name))
             ]
             what = "traced its children instead" if children else "nothing below it to trace"
-            result.skipped.append(Skipped(prefix or "<root>", f"{gm}; {what}"))
+            # A library forward known to hold no site of its own (graph/detection.py) is still
+            # listed, with that knowledge: it does not make the read partial.
+            known = PLUMBING_REASON if is_plumbing(module) else None
+            result.skipped.append(Skipped(prefix or "<root>", f"{gm}; {what}", known))
             for name, child in children:
                 visit(child, _join(prefix, name))
             return

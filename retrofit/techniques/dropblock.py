@@ -49,6 +49,7 @@ clamped to its dimension; ``retrofit/layers/dropblock.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -340,6 +341,8 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         RecipeError: ``dropblock.stages`` names a stage the model does not have.
     """
     sa = analysis.stages
+    if sa.graph_module is None and spec.placement == "blocks" and sa.part is not None:
+        return _plan_in_part(analysis, spec, sa)
     if sa.graph_module is None and spec.placement == "blocks":
         raise TraceError(
             f"dropblock.placement: blocks needs {type(analysis.model).__name__}'s forward as one "
@@ -393,6 +396,53 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 )
             )
     return edits
+
+
+def _plan_in_part(analysis: Analysis, spec: DropBlockSpec, sa: StageAnalysis) -> list[Edit]:
+    """``placement: blocks`` on a model whose stages all lie in one traced part (a detector's
+    backbone, read apart from the detector's untraceable forward): planned in that part's own
+    analysis, on its residual sites, and named in the model."""
+    assert sa.part is not None
+    prefix, local_sa = sa.part
+    head = f"{prefix}." if prefix else ""
+
+    def local(name: str) -> str:
+        return name[len(head) :] if head and name.startswith(head) else name
+
+    sites = [
+        dataclasses.replace(site, owner=local(site.owner), block=local(site.block))
+        for site in analysis.residual_sites
+        if not head or site.owner == prefix or site.owner.startswith(head)
+    ]
+    part_analysis = _PartAnalysis(local_sa, sites)
+    edits = plan_dropblock(part_analysis, spec)  # type: ignore[arg-type]
+    out = []
+    for edit in edits:
+        out.append(
+            dataclasses.replace(
+                edit,
+                module=_join(prefix, edit.module),
+                target=_join(prefix, edit.target) if edit.target is not None else None,
+                block=_join(prefix, edit.block) if edit.block is not None else None,
+            )
+        )
+    return out
+
+
+@dataclasses.dataclass
+class _PartAnalysis:
+    """What plan_dropblock reads of an Analysis, for one part in its own (local) names."""
+
+    stages: StageAnalysis
+    residual_sites: list[ResidualSite]
+
+    @property
+    def model(self) -> Any:
+        return self.stages.model
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def dropblock_layer(edit: Edit) -> DropBlock:
