@@ -344,3 +344,32 @@ def test_torchrun_two_processes(tmp_path, model, metric):
     assert all(r["sd_kept"] is not None for r in records if r["kind"] == "step")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
     assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ compare
+
+
+@pytest.mark.parametrize(
+    ("model", "metric", "name"),
+    [
+        ("tests.task_models:tiny_fasterrcnn", "val_map", "mAP"),
+        ("tests.task_models:tiny_fcn", "val_miou", "mIoU"),
+    ],  # fmt: skip
+    ids=["detection", "segmentation"],
+)
+def test_compare_measures_the_tasks_metric(tmp_path, capsys, model, metric, name):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", model, "--recipes", "recipes/study/none.yaml",
+                 "recipes/sd.yaml", "--seeds", "1", "--data", "digits:side=64:train=8:val=4",
+                 "--train-kwargs", "epochs=1", "batch_size=4", "--threads", "1", "--no-progress",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "table.json").read_text())
+    for rec in table["runs"]:
+        last = [r for r in read_metrics(out / "runs" / rec["variant"] / "seed0" / "metrics.jsonl")
+                if r["kind"] == "epoch"][-1]  # fmt: skip
+        assert rec["metric"] == metric
+        assert rec["test_acc"] == pytest.approx(last[metric] / 100)
+        assert 0 <= rec["train_acc"] <= 1
+    text = (out / "table.md").read_text()
+    assert f"| test {name} % | train {name} % |" in text and f"Test {name} is measured" in text

@@ -272,6 +272,8 @@ class DataBundle:
         accuracy measured on these is comparable with the validation accuracy, so their
         difference is the generalization gap."""
         tr, va = self.train, self.val
+        if hasattr(tr, "eval_view"):  # batches of another shape (detection's target lists)
+            return tr.eval_view(max(tr.batch_size, EVAL_BATCH))
         if isinstance(tr, TensorBatches):
             return TensorBatches(tr.images, tr.labels, max(tr.batch_size, EVAL_BATCH), train=False)
         base = tr.loader.dataset

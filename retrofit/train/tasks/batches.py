@@ -27,6 +27,11 @@ class TargetListBatches(TensorBatches):
         super().__init__(images, torch.arange(len(targets)), batch_size, **kw)
         self.targets = targets
 
+    def eval_view(self, batch_size: int) -> TargetListBatches:
+        """The same images and targets as evaluation batches: each once, in order."""
+        view = TargetListBatches(self.images, self.targets, batch_size, train=False)
+        return view
+
     def place(self, device: torch.device, max_bytes: int) -> TargetListBatches:
         """The images may move to the accelerator; the targets (and indices) stay on the CPU."""
         if device.type != "cpu" and self.images.element_size() * self.images.numel() <= max_bytes:
