@@ -60,7 +60,7 @@ def test_canvases_boxes_hold_the_ink_and_masks_the_digit():
 
 
 def test_canvas_spec_errors_name_the_option():
-    assert parse_canvas_spec("digits:side=96:train=8") == CanvasSpec(96, 8, 120)
+    assert parse_canvas_spec("digits:side=96:train=8") == CanvasSpec(96, 8, 60)
     with pytest.raises(DataError, match="side='16' is not an integer >= 32"):
         parse_canvas_spec("digits:side=16")
     with pytest.raises(DataError, match="bad option 'size=9'"):
@@ -373,3 +373,29 @@ def test_compare_measures_the_tasks_metric(tmp_path, capsys, model, metric, name
         assert 0 <= rec["train_acc"] <= 1
     text = (out / "table.md").read_text()
     assert f"| test {name} % | train {name} % |" in text and f"Test {name} is measured" in text
+
+
+# ------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize(
+    "model", ["tiny_fasterrcnn", "tiny_fcn"], ids=["detection", "segmentation"]
+)
+def test_resume_is_exact(tmp_path, model):
+    from retrofit.train import fit
+    from retrofit.train.metrics import without_timing
+    from tests import task_models
+
+    cfg = TrainConfig(epochs=2, batch_size=4, log_every=1, workers=0, lr=1e-3)
+    data = "digits:side=64:train=12:val=4"
+    recipe = {"stochastic_depth": {"p_L": 0.8}}
+    runs = {}
+    for name, stops in (("whole", [None]), ("resumed", [4, None])):
+        out = tmp_path / name
+        for i, max_steps in enumerate(stops):
+            torch.manual_seed(0)  # the same initial weights (resume=True loads its checkpoint)
+            fit(getattr(task_models, model)(), recipe, data, out=out, device="cpu", progress=False,
+                config=cfg, max_steps=max_steps, resume=i > 0)  # fmt: skip
+        runs[name] = without_timing(read_metrics(out / "metrics.jsonl"))
+    assert [r["step"] for r in runs["whole"] if r["kind"] == "epoch"] == [3, 6]
+    assert runs["resumed"] == runs["whole"]

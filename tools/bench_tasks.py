@@ -15,7 +15,7 @@ times and the medians are compared, so a neighbour's load affects both alike.
 
 Evaluation: the trainer's ``eval_time`` (the whole pass: forward over the validation canvases,
 then COCO mAP through torchmetrics / faster-coco-eval, or mIoU) ÷ its ``epoch_time``, with the
-embedded data's split ratio (``--train`` / ``--val`` canvases; 480 / 120 by default, the
+embedded data's split ratio (``--train`` / ``--val`` canvases; 480 / 60 by default, the
 ``--data digits`` default).
 """
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--side", type=int, default=64)
     p.add_argument("--train", type=int, default=480, help="training canvases")
-    p.add_argument("--val", type=int, default=120, help="validation canvases")
+    p.add_argument("--val", type=int, default=60, help="validation canvases")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3, help="per round (the first is a warm-up)")
     p.add_argument("--rounds", type=int, default=2)

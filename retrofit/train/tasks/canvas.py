@@ -14,7 +14,7 @@ upscaled (bilinear) to a random size between ``side/6`` and ``side/3``. What a c
 Canvases are a fixed function of ``(split, index)``: every run, seed and rank sees the same ones
 (the data order still follows ``train.seed``). ``--data`` forms::
 
-    digits                         side 64, 480 train / 120 val canvases
+    digits                         side 64, 480 train / 60 val canvases
     digits:side=96:train=64:val=16 any of the three changed
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 DEFAULT_SIDE = 64
 DEFAULT_TRAIN = 480
-DEFAULT_VAL = 120
+DEFAULT_VAL = 60  # 1:8 of training: an evaluation pass stays a small part of an epoch
 MAX_DIGITS = 3
 INK = 0.5  # a digit's pixel is ink above half of the full intensity
 _FORM = "'digits' or 'digits:side=S:train=N:val=M' (any option may be left out; S >= 32)"
