@@ -379,7 +379,9 @@ def test_compare_measures_the_tasks_metric(tmp_path, capsys, model, metric, name
 
 
 @pytest.mark.parametrize(
-    "model", ["tiny_fasterrcnn", "tiny_fcn"], ids=["detection", "segmentation"]
+    "model",
+    [pytest.param("tiny_fasterrcnn", marks=pytest.mark.slow), "tiny_fcn"],  # 3 detector applies
+    ids=["detection", "segmentation"],
 )
 def test_resume_is_exact(tmp_path, model):
     from retrofit.train import fit
