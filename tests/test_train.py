@@ -33,9 +33,9 @@ from retrofit.train import (
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
-    read_weights,
     save_checkpoint,
 )
+from retrofit.weights import read_weights
 from retrofit.train.classifier import num_classes_of, resize_classifier
 from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
