@@ -377,6 +377,7 @@ def _run(args: argparse.Namespace) -> int:
     kwargs = parse_kwargs(args.model_kwargs)
     recipe = _load_recipe(args, recipe_path) if recipe_path else None
     out = Path(args.out) if args.out else None
+    training_call = _training_example(args.training_example)  # a bad file: before any build
 
     if args.stages:
         model, info = create_model(args.model, kwargs=kwargs, meta=True)
@@ -419,7 +420,7 @@ def _run(args: argparse.Namespace) -> int:
             recipe,
             verify=not args.no_verify,
             allow_partial=args.allow_partial,
-            training_call=_training_example(args.training_example),
+            training_call=training_call,
         )
         # The plan apply executed (no second trace); None when it had nothing to change.
         plan = retrofit.applied_plan(model) or retrofit.plan(model, recipe)

@@ -215,6 +215,22 @@ class StageAnalysis:
         # A module called more than once: the stage output is its last call.
         return _site_of(gm, calls[-1], caller, self.model.get_submodule(caller))
 
+    def output_site(self, module: str) -> CallSite:
+        """Where ``module``'s own forward computes its output (the node it returns): inserting
+        there adds the new layer to ``module`` itself, not to its caller. For a caller that
+        iterates its children (torchvision's ``IntermediateLayerGetter``, an ``nn.ModuleDict``
+        with a forward), a child added to the caller would run once more at its end."""
+        while is_passthrough(container := self.model.get_submodule(module)) and len(container):
+            module = f"{module}.{list(container._modules)[-1]}"
+        gm = self._shallow_graph(module)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        node = out.args[0]
+        if isinstance(node, tuple | list) and len(node) == 1:
+            node = node[0]  # a graph specialised on a call returns its output's leaves
+        if not isinstance(node, fx.Node) or node.op == "placeholder":
+            raise LookupError(f"{module!r} does not return one computed tensor")
+        return _site_of(gm, node, module, self.model.get_submodule(module))
+
     def functional_site(self, node: fx.Node) -> CallSite:
         """The call site of a node computed by ``owner``'s own code (not a child's output)."""
         owner = node.meta.get("owner_local", "")

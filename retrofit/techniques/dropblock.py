@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
+from torch import nn
 
 from retrofit.edit import Edit
 from retrofit.errors import ModelError, RecipeError, TraceError
@@ -295,6 +296,21 @@ def _checked(sa: StageAnalysis, site: CallSite, where: str) -> CallSite:
     return site
 
 
+def _iterates_children(owner: Any) -> bool:
+    # A container with a forward of its own (torchvision's IntermediateLayerGetter is an
+    # nn.ModuleDict whose forward loops over self.items()) would also run an added child.
+    return isinstance(owner, nn.ModuleDict | nn.ModuleList | nn.Sequential) and not (
+        is_passthrough(owner)
+    )
+
+
+def _outside_containers(sa: StageAnalysis, stage: Stage) -> CallSite:
+    site = _stage_site(stage)
+    if stage.module and _iterates_children(sa.model.get_submodule(site.owner)):
+        return sa.output_site(stage.module)
+    return site
+
+
 def _stage_site(stage: Stage) -> CallSite:
     if stage.site is None:
         raise TraceError(
@@ -368,7 +384,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 _edit(
                     spec,
                     sizes[stage.index],
-                    _checked(sa, _stage_site(stage), f"after {label}"),
+                    _checked(sa, _outside_containers(sa, stage), f"after {label}"),
                     stage.shape,
                     probe,
                     target=stage.module,
@@ -380,6 +396,8 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
         for i, (block, node, site) in enumerate(in_stage, start=1):
             if block and sa.module_output.get(block) is node:
                 call = sa.call_site(block)
+                if _iterates_children(sa.model.get_submodule(call.owner)):
+                    call = sa.output_site(block)
             else:
                 call = CallSite(site.owner, site.node, site.key, site.ordinal, site.source)
             where = f"after block {i}/{len(in_stage)} of {label}"

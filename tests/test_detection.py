@@ -1,0 +1,299 @@
+"""Detectors: apply verified and live through the training call (issue 21).
+
+A torchvision detector's training forward needs targets; before the training call every one was
+refused ("targets should not be none when in training mode"). Tiny inputs (64 px), random
+weights, ResNet-18 / MobileNet backbones where the zoo's ResNet-50 adds only time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models.detection import (
+    KeypointRCNN,
+    MaskRCNN,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    retinanet_resnet50_fpn,
+)
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+import retrofit
+from retrofit.errors import VerifyError
+from retrofit.graph import detection
+from retrofit.layers import DropBlock, StochasticDepthGate
+from retrofit.training_call import TrainingCall, default_loss
+from retrofit.verify import compare, eval_output
+
+ROOT = Path(__file__).resolve().parents[1]
+SD = {"stochastic_depth": {"p_L": 0.5}}
+SMALL = {"min_size": 64, "max_size": 64}
+
+
+def _resnet18_fpn() -> nn.Module:
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+
+
+def _faster() -> nn.Module:
+    return fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, **SMALL)
+
+
+def _mask() -> nn.Module:
+    return MaskRCNN(_resnet18_fpn(), num_classes=3, **SMALL)
+
+
+def _keypoint() -> nn.Module:
+    return KeypointRCNN(_resnet18_fpn(), num_classes=2, num_keypoints=5, **SMALL)
+
+
+def _retina() -> nn.Module:
+    return retinanet_resnet50_fpn(weights=None, weights_backbone=None, **SMALL)
+
+
+def _gates(model: nn.Module, kind: type = StochasticDepthGate) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, kind)]
+
+
+def _train_step_calls(model: nn.Module, names: list[str]) -> tuple[dict[str, int], dict]:
+    """One real training step (forward with targets, backward) and each module's call count."""
+    counts = dict.fromkeys(names, 0)
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda *_, n=n: counts.__setitem__(n, counts[n] + 1)
+        )
+        for n in names
+    ]
+    images = detection.probe_images(model, seed=1)[0]
+    targets = detection.minimal_targets(model, images)
+    model.train()
+    try:
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts, losses
+
+
+@pytest.mark.parametrize(
+    "build,sites,loss",
+    [
+        (_faster, 10, "loss_classifier"),  # MobileNetV3's 10 InvertedResidual shortcuts
+        (_mask, 8, "loss_mask"),  # ResNet-18's 2+2+2+2 BasicBlocks
+        # The keypoint head (8 convs at 512 channels on 14×14 RoIs): ~1 min on 2 CPU cores.
+        pytest.param(_keypoint, 8, "loss_keypoint", marks=pytest.mark.slow),
+    ],
+    ids=["faster_rcnn", "mask_rcnn", "keypoint_rcnn"],
+)
+def test_detector_applied_verified_and_live_with_builtin_targets(build, sites, loss):
+    """No example input, no training call, verify=True: the built-in targets (with masks /
+    keypoints where the heads need them) make the liveness forward run; every gate is then
+    called by a real training step, whose losses include the head's own."""
+    torch.manual_seed(0)
+    model = build()
+    retrofit.apply(model, SD)
+    gates = _gates(model)
+    assert len(gates) == sites
+    counts, losses = _train_step_calls(model, gates)
+    assert all(n >= 1 for n in counts.values()), counts
+    assert loss in losses and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_detector_strip_loads_into_the_original_class_strict():
+    torch.manual_seed(0)
+    model = _faster()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    retrofit.apply(model, SD)
+    state = retrofit.strip(model).state_dict()
+    fresh = _faster()
+    fresh.load_state_dict(state, strict=True)
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+def test_dropblock_after_every_block_of_retinanet_groups_3_and_4():
+    """Ghiasi et al. 2018 put DropBlock on RetinaNet's ResNet-50 groups 3 and 4: the shipped
+    recipe (placement: blocks) lands after each of layer3's 6 and layer4's 3 Bottlenecks, inside
+    the backbone, and every one runs once in a training step; strip gives the original
+    weights."""
+    torch.manual_seed(0)
+    model = _retina()
+    stages = retrofit.stages(model)
+    assert [(s.module, s.reduction) for s in stages] == [
+        (f"backbone.body.layer{i}", 2 ** (i + 1)) for i in range(1, 5)
+    ]
+    retrofit.apply(model, ROOT / "recipes" / "dropblock.yaml")
+    edits = retrofit.applied_plan(model).by_kind("dropblock")
+    assert [e.target for e in edits] == [f"backbone.body.layer3.{i}" for i in range(6)] + [
+        f"backbone.body.layer4.{i}" for i in range(3)
+    ]
+    # Inside each block, on its output: the body (an IntermediateLayerGetter) loops over its
+    # children, so a DropBlock added there would run once more after layer4.
+    blocks = _gates(model, DropBlock)
+    assert blocks == [f"{e.target}.retrofit_dropblock0" for e in edits]
+    retrofit.schedule.update(model, 1.0)
+    counts, _ = _train_step_calls(model, blocks)
+    assert all(n == 1 for n in counts.values()), counts
+    retrofit.strip(model)
+    _retina().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_detector_equivalence_compares_detections_and_features():
+    """Random weights detect nothing at the default thresholds; while verifying, every
+    score_thresh is 0 (10 detections per image) and the backbone's and heads' outputs are
+    compared too — so a change deep in the backbone is caught, and the thresholds come back."""
+    torch.manual_seed(0)
+    model = _faster().eval()
+    x = detection.probe_images(model)
+    plain = eval_output(model, x)
+    with detection.verifying(model):
+        reference = eval_output(model, x, watch=detection.watched(model))
+    assert model.roi_heads.score_thresh == 0.05 and model.roi_heads.detections_per_img == 100
+    assert reference[0].shape == (10, 4)  # the first image's boxes
+    assert len(reference) > len(plain) + 5  # FPN maps, proposals, head outputs
+    with torch.no_grad():
+        model.backbone.body["16"][0].weight.mul_(1.01)  # the last conv of the backbone
+    with detection.verifying(model), pytest.raises(VerifyError, match="eval output changed"):
+        compare(reference, eval_output(model, x, watch=detection.watched(model)))
+
+
+class _NeedsLabels(nn.Module):
+    """A user model whose training forward takes labels and returns the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        logits = self.head(x.mean((2, 3)))
+        if self.training:
+            if y is None:
+                raise ValueError("labels are required in training")
+            return nn.functional.cross_entropy(logits, y)
+        return logits
+
+
+def test_user_training_call_makes_a_labels_model_applicable():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    # In eval (as after loading it for fine-tuning): its graph is read on the eval call; the
+    # training call is what the liveness forward runs.
+    model = _NeedsLabels().eval()
+    with pytest.raises(retrofit.RefusedError, match="labels are required in training"):
+        retrofit.apply(model, SD, example_input=x)
+    assert not _gates(model)  # handed back as it came
+    retrofit.apply(model, SD, example_input=x, training_call=TrainingCall((x, y)))
+    assert len(_gates(model)) == 3
+    retrofit.apply(model, SD, example_input=x, training_call=(x, y))  # a tuple: the arguments
+    assert len(_gates(model)) == 3
+
+
+def test_user_training_call_for_a_detector_with_its_own_targets():
+    torch.manual_seed(0)
+    model = _faster()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 50.0]]), "labels": torch.tensor([3])},
+        {"boxes": torch.tensor([[10.0, 8.0, 30.0, 60.0]]), "labels": torch.tensor([7])},
+    ]
+    call = TrainingCall((images, targets))
+    retrofit.apply(model, SD, example_input=(images,), training_call=call)
+    assert len(_gates(model)) == 10
+    model.train()
+    assert call.loss_of(call.run(model)).ndim == 0
+
+
+def test_default_loss_reduces_what_models_return():
+    assert default_loss({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}).item() == 3.0
+    assert default_loss(torch.ones(2, 3)).item() == 1.0
+    with pytest.raises(TypeError, match="loss=fn"):
+        default_loss({"ids": torch.tensor([1, 2])})
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "retrofit.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+def test_cli_applies_a_detector_verified_and_takes_a_training_example(tmp_path):
+    """`retrofit-cli --model <detector> --recipe sd --training-example FILE --out DIR`: exit 0
+    with no download and no --no-verify / --allow-partial, FILE's (images, targets) as the
+    liveness forward; the stripped weights load into the original class; a FILE that is not an
+    example: exit 2 naming it, before any model is built. (The built-in targets, without
+    FILE, are the API test's above: the CLI calls the same apply.)"""
+    kwargs = ["--model-kwargs", "min_size=64", "max_size=64"]
+    model = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    done = _cli("--model", model, *kwargs, "--recipe", "sd", "--out", "a", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "10 stochastic_depth" in done.stdout
+    state = load_file(tmp_path / "a" / "model.safetensors")
+    torchvision.models.get_model(model, weights=None, weights_backbone=None).load_state_dict(
+        state, strict=True
+    )
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    torch.save({"args": [images, targets]}, tmp_path / "example.pt")
+    flags = ["--recipe", "sd", "--training-example", "example.pt", "--out", "b"]
+    done = _cli("--model", model, *kwargs, *flags, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "10 stochastic_depth" in done.stdout
+    state = load_file(tmp_path / "b" / "model.safetensors")
+    torchvision.models.get_model(model, weights=None, weights_backbone=None).load_state_dict(
+        state, strict=True
+    )
+    torch.save({"images": images}, tmp_path / "bad.pt")
+    done = _cli("--model", model, "--recipe", "sd", "--training-example", "bad.pt", "--out", "c",
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    assert "--training-example 'bad.pt'" in done.stderr and not (tmp_path / "c").exists()
+
+
+# --- the sweep (tools/task_zoo.py; the full run writes docs/coverage.md) ------------------------
+
+sys.path.insert(0, str(ROOT / "tools"))
+import task_zoo  # noqa: E402
+
+# The cheapest of each family: anchor-free (FCOS), single-shot (SSDlite), and the segmenters'
+# two heads on MobileNetV3; the R-CNNs and RetinaNet are the tests above.
+FAST = [
+    ("detection", "fcos_resnet50_fpn"),
+    ("detection", "ssdlite320_mobilenet_v3_large"),
+    ("segmentation", "lraspp_mobilenet_v3_large"),
+    ("segmentation", "deeplabv3_mobilenet_v3_large"),
+]
+
+
+@pytest.mark.parametrize("task,name", FAST, ids=[n for _, n in FAST])
+def test_task_zoo_fast_subset_applied_verified_and_live(task, name):
+    row = task_zoo.sweep_one(task, name, "sd")
+    assert row["status"] == "ok", row
+    assert row["layers"] > 0 and row["unread"] == 0, row
+
+
+def test_task_zoo_covers_every_torchvision_detector_and_segmenter():
+    """The sweep's list is torchvision's, and docs/coverage.md has a row per model."""
+    listed = task_zoo.names()
+    assert {t for t, _ in listed} == {"detection", "segmentation"}
+    assert ("detection", "maskrcnn_resnet50_fpn_v2") in listed and len(listed) >= 18
+    docs = (ROOT / "docs" / "coverage.md").read_text()
+    section = docs[docs.index(task_zoo.START) : docs.index(task_zoo.END)]
+    for _, name in listed:
+        assert f"`{name}`" in section, name
+    assert "refused" not in section or "targets should not be" not in section

@@ -1,0 +1,141 @@
+"""Every torchvision detection and segmentation model: applied, verified and live, or refused.
+
+For each name in ``torchvision.models.list_models(module=torchvision.models.detection)`` and
+``.segmentation`` (random weights: ``weights=None, weights_backbone=None``; detectors at
+``min_size=max_size=64``, SSD at its fixed 300/320 input; segmenters on a 2×3×64×64 batch),
+``retrofit.apply`` with ``verify=True`` and no example input or training call (detectors get
+the built-in targets), once per recipe (``recipes/sd.yaml``, ``recipes/dropblock.yaml``). A row
+is ``ok`` (applied: eval output unchanged, every inserted layer called in a training forward —
+both checked by apply itself), ``no site`` (the recipe found nothing to do: SSD300's VGG has no
+residual block), or ``refused`` with apply's reason, which must never be a missing-target
+error. Then the table goes between the ``task_zoo`` markers of ``docs/coverage.md``::
+
+    python tools/task_zoo.py                      # the sweep (~5 min on 2 CPU cores) + docs
+    python tools/task_zoo.py --filter retinanet   # some models, no docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import retrofit  # noqa: E402
+from retrofit.layers import DropBlock, StochasticDepthGate  # noqa: E402
+
+RECIPES = {"sd": ROOT / "recipes" / "sd.yaml", "dropblock": ROOT / "recipes" / "dropblock.yaml"}
+START, END = "<!-- task_zoo:start -->", "<!-- task_zoo:end -->"
+MISSING_TARGET = re.compile(r"targets? should not be none|targets should not be None", re.I)
+
+
+def names() -> list[tuple[str, str]]:
+    from torchvision.models import detection, segmentation
+
+    return [("detection", n) for n in torchvision.models.list_models(module=detection)] + [
+        ("segmentation", n) for n in torchvision.models.list_models(module=segmentation)
+    ]
+
+
+def build(task: str, name: str) -> tuple[torch.nn.Module, Any]:
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None}
+    if task == "detection" and not name.startswith("ssd"):
+        kwargs.update(min_size=64, max_size=64)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **kwargs)
+    example = torch.randn(2, 3, 64, 64) if task == "segmentation" else None
+    return model, example
+
+
+def sweep_one(task: str, name: str, recipe: str) -> dict[str, Any]:
+    """One model × one recipe: status, the inserted layers, seconds, apply's reason."""
+    model, example = build(task, name)
+    t = time.perf_counter()
+    row: dict[str, Any] = {"task": task, "model": name, "recipe": recipe}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            retrofit.apply(model, RECIPES[recipe], example_input=example)
+    except retrofit.RefusedError as e:
+        row.update(status="refused", reason=str(e).splitlines()[0][:160])
+    else:
+        layers = [
+            n for n, m in model.named_modules() if isinstance(m, StochasticDepthGate | DropBlock)
+        ]
+        plan = retrofit.applied_plan(model)
+        row.update(status="ok" if layers else "no site", layers=len(layers))
+        row["known"] = sum(1 for s in plan.skipped if s.known) if plan else 0
+        row["unread"] = sum(1 for s in plan.skipped if not s.known) if plan else 0
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        START,
+        "## Detection and segmentation (torchvision, `tools/task_zoo.py`)",
+        "",
+        "Random weights, detectors at 64 px (SSD at its own size), segmenters on 2×3×64×64; "
+        "`retrofit.apply(model, recipe)` with verification (eval output unchanged — for "
+        "detectors on the backbone/head outputs and the detections at score_thresh 0 — and "
+        "every inserted layer called in a training forward, detectors with built-in targets). "
+        "`known`: forwards not traced that are the detection API's bookkeeping (no site of "
+        "their own); `unread`: forwards not traced otherwise.",
+        "",
+        "| task | model | recipe | status | layers | known | unread | s | reason |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | `{r['model']}` | {r['recipe']} | {r['status']} | "
+            f"{r.get('layers', '')} | {r.get('known', '')} | {r.get('unread', '')} | "
+            f"{r['seconds']} | {r.get('reason', '')} |"
+        )
+    ok = sum(r["status"] != "refused" for r in rows)
+    lines += ["", f"{ok} of {len(rows)} applied (verified and live) or with no site.", END]
+    return "\n".join(lines)
+
+
+def write_docs(rows: list[dict[str, Any]]) -> None:
+    path = ROOT / "docs" / "coverage.md"
+    text = path.read_text()
+    block = table(rows)
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filter", help="regex over model names; no docs written")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for task, name in names():
+        if args.filter and not re.search(args.filter, name):
+            continue
+        for recipe in RECIPES:
+            row = sweep_one(task, name, recipe)
+            print(row, flush=True)
+            if MISSING_TARGET.search(row.get("reason", "")):
+                print(f"{name}: refused for a missing target", file=sys.stderr)
+            rows.append(row)
+    if not args.filter:
+        write_docs(rows)
+    return 1 if any(MISSING_TARGET.search(r.get("reason", "")) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
