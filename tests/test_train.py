@@ -35,10 +35,10 @@ from retrofit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from retrofit.weights import read_weights
 from retrofit.train.classifier import num_classes_of, resize_classifier
 from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
+from retrofit.weights import read_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
