@@ -224,7 +224,7 @@ def step_line(rec: Mapping[str, Any], *, epochs: int, total_steps: int) -> str:
     return (
         f"  step {rec['step']}/{total_steps} ({pct:.0f}%, epoch {min(int(rec['epoch']) + 1, epochs)}"
         f"/{epochs}): loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
-        f"{rec['images_per_s']:.0f} img/s"
+        f"{_rate(rec['images_per_s'])} img/s"
     )
 
 
@@ -236,7 +236,7 @@ def epoch_line(rec: Mapping[str, Any], *, epochs: int) -> str:
         parts.append("EMA " + _metric_parts(rec, "ema_val_")[0])
     parts.append(f"lr {rec['lr']:.2e}")
     if rec.get("images_per_s"):
-        parts.append(f"{rec['images_per_s']:.0f} img/s")
+        parts.append(f"{_rate(rec['images_per_s'])} img/s")
     if rec.get("sd_kept") is not None:
         planned = rec.get("sd_planned")
         parts.append(
@@ -324,6 +324,11 @@ def _metric_parts(rec: Mapping[str, Any], prefix: str) -> list[str]:
         for key, label in _METRICS
         if isinstance(rec.get(prefix + key), (int, float))
     ]
+
+
+def _rate(images_per_s: float) -> str:
+    """Whole images per second, or two significant digits below 10 (a detector on a CPU)."""
+    return f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"
 
 
 def _count(n: Any, noun: str) -> str:
