@@ -282,6 +282,7 @@ def test_cli_detection_fine_tune_on_the_embedded_data(tmp_path):
     _check_run_dir(out, "fasterrcnn_resnet50_fpn", "val_map")
 
 
+@pytest.mark.slow  # a subprocess: torch import, LRASPP built, applied and verified, two epochs
 def test_cli_segmentation_fine_tune_on_the_embedded_data(tmp_path):
     out = tmp_path / "seg"
     proc = _cli("--model", "lraspp_mobilenet_v3_large", "--recipe", "recipes/sd.yaml", "--train",
