@@ -36,7 +36,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -354,14 +353,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise _BadInput(f"--weights {args.weights!r}: no such file")
     if args.max_steps is not None and args.max_steps < 0:
         raise _BadInput(f"--max-steps {args.max_steps}: allowed: an integer >= 0")
-    if args.out and not args.resume and not args.print_config:
-        from retrofit.train.rundir import check_out_dir
+    if args.out and not args.print_config:
+        from retrofit.train.rundir import check_out_dir, writes_run_dir
 
-        check_out_dir(Path(args.out), resume=False)
-    elif args.out and args.resume:
-        from retrofit.train.rundir import check_out_dir
-
-        check_out_dir(Path(args.out), resume=True)
+        # Under torchrun rank 0 alone writes --out; the other ranks only read a resumed run's
+        # checkpoint there, and a new run's directory may already hold rank 0's first files.
+        if args.resume or writes_run_dir():
+            check_out_dir(Path(args.out), resume=args.resume)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -753,19 +751,23 @@ def _console(args: argparse.Namespace, info: Any) -> Any:
     # --json prints one document at the end, so nothing else may reach stdout.
     mode = "json" if args.log_json else "silent" if args.json else "quiet" if args.quiet else "text"
     hint = f"--resume --out {args.out}" if args.out else "--out DIR next time (nothing was saved)"
+    if args.out and _launch() is not None:  # under torchrun: the whole command, launcher first
+        hint = _resume_command(args)
     return Console(mode, progress=not args.no_progress, resume_hint=hint, header=_model_line(info))
 
 
 def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Path | None) -> int:
     from retrofit.train import LintFindingsError, fit
-    from retrofit.train.checkpoint import WriteError
+    from retrofit.train.checkpoint import ResumeError, WriteError
     from retrofit.train.console import result_record
-    from retrofit.train.rundir import lock_run_dir
+    from retrofit.train.rundir import lock_run_dir, writes_run_dir
 
     console = _console(args, info)
     try:
-        # Locked from here (fit locks it too): a second run into --out refuses, nothing mixes.
-        with lock_run_dir(out, fresh=not args.resume) if out is not None else nullcontext():
+        # Locked from here (fit locks it too) by the one process that writes it (rank 0 under
+        # torchrun): a second run into --out refuses, nothing mixes.
+        locked = out if out is not None and writes_run_dir() else None
+        with lock_run_dir(locked, fresh=not args.resume):
             result = fit(
                 model,
                 recipe,
@@ -782,6 +784,9 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
             )
     except LintFindingsError as e:
         raise _LintFailed(str(e)) from None
+    except ResumeError as e:
+        # The checkpoint's run had another number of processes: say how to continue it.
+        raise _BadInput(f"{e}; resume it with: {_resume_command(args, e.launch)}") from None
     except WriteError as e:
         hint = f"once it can be written, continue with: {_resume_command(args)}"
         raise _BadInput(f"{e}; {hint}") from None
@@ -798,14 +803,33 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
             if result.checkpoint
             else "nothing was saved (no --out)"
         )
-        print(f"{PROG}: interrupted by {result.stop_reason}; {saved}", file=sys.stderr)
+        if writes_run_dir():  # once per run, not once per torchrun process
+            print(f"{PROG}: interrupted by {result.stop_reason}; {saved}", file=sys.stderr)
         return cli_errors.exit_code_for_signal(result.stop_reason)
     return EXIT_OK
 
 
-def _resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues this run: the same arguments, with ``--resume``."""
+def _launch() -> tuple[list[str], list[str]] | None:
+    from retrofit.train.distributed import launch_command
+
+    return launch_command()
+
+
+def _resume_command(
+    args: argparse.Namespace, launch: tuple[list[str], list[str]] | None | bool = True
+) -> str:
+    """The command line that continues this run: the same arguments, with ``--resume``, under
+    the launcher it was started with (``torchrun --nproc_per_node 2 … -m retrofit.cli …``).
+
+    ``launch``: ``(launcher, entry)`` of the run to continue; True (default): this process's own
+    (:func:`retrofit.train.distributed.launch_command`); None: no launcher (``retrofit-cli``).
+    """
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--resume"]
+    if launch is True:
+        launch = _launch()
+    if launch:
+        launcher, entry = launch
+        return shlex.join([*launcher, *entry, *argv, "--resume"])
     return shlex.join([PROG, *argv, "--resume"])
 
 

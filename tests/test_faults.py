@@ -34,9 +34,9 @@ from retrofit.train.checkpoint import (
     atomic_write,
     is_temp_name,
     load_checkpoint,
-    read_weights,
 )
 from retrofit.train.rundir import RunDirError, lock_run_dir
+from retrofit.weights import read_weights
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "tests.user_models:tiny_resnet"

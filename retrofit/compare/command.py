@@ -364,11 +364,15 @@ def _table_header(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     )  # fmt: skip
     epochs = sorted({r["epochs"] for r in records})
     seeds = sorted({r["seed"] for r in records}) or meta["seeds"]
+    # The threads the runs trained on (a --report-only invocation trains nothing: its own
+    # thread count says nothing about the table).
+    ran_on = sorted({int(r["threads"]) for r in records if r.get("threads")})
+    threads = "/".join(map(str, ran_on)) if ran_on else str(meta["threads"])
     lines = [
         f"**{meta['title']}.** Model `{s['model']}`{f' ({kw})' if kw else ''} from {start}; data: "
         f"{data}; {', '.join(map(str, epochs)) or '?'} epochs; seeds {seeds[0]}–{seeds[-1]} "
         f"(train.seed, and the initialisation of what is not loaded); {meta['device']}, "
-        f"{meta['threads']} thread(s). Test {name} is measured on the held-out split after the "
+        f"{threads} thread(s). Test {name} is measured on the held-out split after the "
         f"last epoch in eval mode; train {name} on the training split, in eval mode, without "
         "augmentation; the gap is their difference.",
         "",

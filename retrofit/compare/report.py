@@ -212,10 +212,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     labels = [r["variant"] for r in rows]
     xs = list(range(len(rows)))
-    for ax, key, name, scale in (
-        (axes[0], "test_acc", f"test {metric} (%)", 100.0),
-        (axes[1], "gap", f"train − test {metric} (points)", 100.0),
+    for ax, key, name, scale, bounds in (
+        (axes[0], "test_acc", f"test {metric} (%)", 100.0, (0.0, 100.0)),
+        (axes[1], "gap", f"train − test {metric} (points)", 100.0, (-100.0, 100.0)),
     ):
+        span: list[float] = []  # every value drawn, for the axis limits
         for i, r in enumerate(rows):
             vals = [v * scale for v in r[key]["values"]]
             if vals:
@@ -224,14 +225,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                 k = len(vals)
                 offs = [(j - (k - 1) / 2) * 0.06 for j in range(k)]
                 ax.scatter([i + o for o in offs], vals, s=9, color="0.55", zorder=2)
+                span += vals
             m, h = r[key]["mean"], r[key]["ci95"]
             if m is not None and not math.isnan(m):
                 err = 0 if h is None or math.isnan(h) else h * scale
+                # A t interval over few seeds can run past what the metric can be (with 2 seeds
+                # t = 12.7): the bar stops at the bound, which is all the data can say.
+                lo, hi = max(bounds[0], m * scale - err), min(bounds[1], m * scale + err)
                 color = "#c44e52" if r["baseline"] else "#4c72b0"
-                ax.errorbar(i, m * scale, yerr=err, fmt="o", color=color, capsize=5, zorder=3)
+                ax.errorbar(i, m * scale, yerr=[[m * scale - lo], [hi - m * scale]], fmt="o",
+                            color=color, capsize=5, zorder=3)  # fmt: skip
+                span += [lo, hi]
         base = next((r for r in rows if r["baseline"]), None)
         if base is not None and base[key]["mean"] is not None and not math.isnan(base[key]["mean"]):
             ax.axhline(base[key]["mean"] * scale, color="#c44e52", lw=0.8, ls="--", zorder=1)
+        if span:
+            pad = max(0.05 * (max(span) - min(span)), 0.5)
+            ax.set_ylim(max(bounds[0], min(span) - pad), min(bounds[1], max(span) + pad))
         ax.set_title(name)
     axes[2].bar(
         xs,

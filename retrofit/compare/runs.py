@@ -226,13 +226,15 @@ def accuracy(model: Any, batches: Any, device: Any) -> float | None:
     """Top-1 accuracy (a fraction) of ``model`` in eval mode over ``batches``; None if empty."""
     import torch
 
+    from retrofit.train.outputs import logits_of
+
     was_training = model.training
     model.eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in batches.iter_epoch():
             x, y = x.to(device), y.to(device)
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((logits_of(model(x)).argmax(1) == y).sum())
             total += int(y.numel())
     model.train(was_training)
     return correct / total if total else None

@@ -151,9 +151,9 @@ def verifying(model: nn.Module) -> Iterator[None]:
     """Every ``score_thresh`` in the model set to 0 and ``detections_per_img`` to at most 10
     for the duration (restored after), so an eval forward on random weights returns its best
     boxes instead of none: the detections, scores, masks and keypoints compared are real
-    numbers."""
+    numbers. Any other model is left alone."""
     saved = []
-    for module in model.modules():
+    for module in model.modules() if is_detector(model) else ():
         for attr, value in (("score_thresh", 0.0), ("detections_per_img", _VERIFY_DETECTIONS)):
             old = module.__dict__.get(attr)
             if isinstance(old, int | float) and not isinstance(old, bool):

@@ -7,13 +7,19 @@
     trainer.train()            # model.resnet is retrofitted, trained, stripped
 
 Needs ``transformers`` and ``accelerate`` (the ``Trainer`` requires it): ``pip install
-'retrofit[hf]'``. What it does, in the Trainer's events (see ``retrofit.integrations``):
+'retrofit[hf]'``. What it does, in the Trainer's events (one
+:class:`retrofit.lifecycle.Lifecycle`; see ``retrofit.integrations``):
 
-* ``on_train_begin``: ``retrofit.apply`` on ``module`` of the model (default: the whole model).
-  The optimizer exists by then; the gates add no parameters, so it is unaffected.
+* ``on_train_begin``: ``retrofit.apply`` and ``retrofit.lint`` on ``module`` of the model
+  (default: the whole model); the main process prints ``retrofit plan: …`` and
+  ``retrofit lint: …`` once (as the Trainer prints its logs). The optimizer exists by then; the
+  gates add no parameters, so it is unaffected.
 * ``on_step_begin``: ``retrofit.schedule.update(model, global_step / max_steps)``.
-* ``on_log``: ``retrofit/sd_survival``, ``retrofit/sd_kept``, ``retrofit/keep_prob`` are added
-  to the logs and to ``state.log_history``; the kept-fraction window restarts at each log.
+* ``on_log``, for training logs only (those with a ``loss``): ``retrofit/sd_survival``,
+  ``retrofit/sd_kept``, ``retrofit/sd_planned``, ``retrofit/keep_prob`` (with ``per_block=True``
+  every layer's too) are added to the logs and to ``state.log_history``; the kept fraction covers
+  the steps since the previous training log. Evaluation logs and the end-of-training summary get
+  none of them: they are training statistics, and there was no training in their window.
   The Trainer hands one ``logs`` dict to its callbacks in order, and reporting integrations
   (TensorBoard, W&B, …) are registered before user callbacks: :meth:`attach` puts this callback
   first, so they receive the values too (passed as ``callbacks=[…]`` they reach the console and
@@ -26,13 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from retrofit.api import apply
-from retrofit.integrations import logged, progress, reset_gate_stats, target_module
-from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import is_retrofitted, strip
-from retrofit.schedule import update
+from retrofit.integrations import progress, target_module
+from retrofit.lifecycle import Lifecycle, Report
+from retrofit.recipe import Recipe
 
 try:
     from transformers import TrainerCallback
@@ -52,8 +54,16 @@ class RetrofitTrainerCallback(TrainerCallback):
         recipe: a recipe path, dict or :class:`~retrofit.Recipe`.
         module: attribute path of the network to retrofit inside the Trainer's model (e.g.
             ``"resnet"`` of ``ResNetForImageClassification``); None: the whole model.
-        example_input: probe input for the eval-equivalence check (see ``retrofit.apply``).
+        example_input: probe input for the eval-equivalence check and the lint (see
+            ``retrofit.apply``).
+        training_call: what a training-mode forward of the network is called with, for the
+            liveness check (``retrofit.apply``'s ``training_call``: a detector's targets …).
         verify: check that the eval output is unchanged.
+        per_block: also log every inserted layer's survival / kept fraction / keep_prob.
+
+    Attributes:
+        last_report: the latest :class:`~retrofit.lifecycle.Report` (its ``blocks`` are the
+            per-layer rates), for a logger of your own.
     """
 
     def __init__(
@@ -62,14 +72,21 @@ class RetrofitTrainerCallback(TrainerCallback):
         *,
         module: str | None = None,
         example_input: Any = None,
+        training_call: Any = None,
         verify: bool = True,
+        per_block: bool = False,
     ) -> None:
-        self.recipe = load_recipe(recipe)
+        self.lifecycle = Lifecycle(
+            recipe, example_input=example_input, verify=verify, training_call=training_call
+        )
+        self.recipe = self.lifecycle.recipe
         self.module = module
-        self.example_input = example_input
-        self.verify = verify
-        self.progress = 0.0
-        self._target: nn.Module | None = None
+        self.per_block = per_block
+        self.last_report: Report | None = None
+
+    @property
+    def progress(self) -> float:
+        return self.lifecycle.progress
 
     def attach(self, trainer: Any) -> RetrofitTrainerCallback:
         """Register with ``trainer`` ahead of its other callbacks (see the module docstring)."""
@@ -79,30 +96,30 @@ class RetrofitTrainerCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
         if model is None:
             raise ValueError("RetrofitTrainerCallback: the Trainer passed no model")
-        target = target_module(model, self.module)
-        apply(target, self.recipe, example_input=self.example_input, verify=self.verify)
-        self._target = target
-        self.progress = progress(state.global_step, state.max_steps)
-        update(target, self.progress)
+        t = progress(state.global_step, state.max_steps)
+        start = self.lifecycle.start(target_module(model, self.module), t=t)
+        if state.is_world_process_zero:
+            for line in start.lines():
+                print(f"retrofit {line}", flush=True)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any):
-        if self._target is None:
-            return
-        self.progress = progress(state.global_step, state.max_steps)
-        update(self._target, self.progress)
+        if self.lifecycle.model is not None:
+            self.lifecycle.update(progress(state.global_step, state.max_steps))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
-        if self._target is None:
+        # Only the Trainer's training logs carry "loss"; eval logs have eval_*, the final
+        # summary train_*: neither gets a training statistic.
+        if logs is None or "loss" not in logs:
             return
-        values = logged(self._target)
-        if logs is not None:
-            logs.update(values)
+        report = self.lifecycle.report()
+        if report is None:
+            return
+        self.last_report = report
+        values = report.scalars(per_block=self.per_block)
+        logs.update(values)
         # The Trainer appended a copy of the logs before calling us: add ours to it too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
-        reset_gate_stats(self._target)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
-        if self._target is not None and is_retrofitted(self._target):
-            strip(self._target)
-        self._target = None
+        self.lifecycle.strip()

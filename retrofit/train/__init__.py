@@ -16,6 +16,7 @@ Modules, one job each:
 - ``console``      what a run prints: plan and lint up front, a line per epoch, a summary
 - ``plots``        curves, per-block kept fractions and the survival schedule as PNGs
 - ``interrupt``    SIGINT/SIGTERM → save and stop after the current step
+- ``outputs``      a forward's result (tensor, HF ModelOutput, dict, tuple) → the logits
 - ``loop``         ``fit`` itself
 """
 

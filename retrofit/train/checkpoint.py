@@ -42,6 +42,24 @@ REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "num_c
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
+class ResumeError(ModelError):
+    """A checkpoint whose run cannot be continued by this one (another number of processes and
+    another global batch). ``launch`` is ``(launcher, entry)`` of the run that wrote it (None:
+    a single process without a launcher); ``batch_size``, when not None, is the per-process
+    batch that would continue it with this run's number of processes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        launch: tuple[list[str], list[str]] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.launch = launch
+        self.batch_size = batch_size
+
+
 class WriteError(OSError):
     """The operating system refused a write (disk full, quota, read-only, permission).
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +115,77 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
+def launch_command(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    parent_cmdline: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]] | None:
+    """How torchrun started this process: ``(launcher, entry)``, or None outside torchrun.
+
+    ``launcher`` is the command up to the training program (``["torchrun", "--nproc_per_node",
+    "2", "--standalone"]``), ``entry`` the program (``["-m", "retrofit.cli"]`` or a script), so
+    ``launcher + entry + arguments`` runs the same job again: the command a resume hint prints.
+    torchrun's agent is this process's parent and its command line is the one the user typed
+    (``/proc/PPID/cmdline``); where that cannot be read or does not end with this process's own
+    arguments, it is rebuilt from the variables torchrun sets (node and process counts; the
+    rendezvous endpoint of a multi-node run is not among them and is left for the user to add).
+
+    Args:
+        argv: this process's arguments after the program (default ``sys.argv[1:]``).
+        environ: the environment (default ``os.environ``).
+        parent_cmdline: the parent's argv (default: read from ``/proc``), for tests.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or "LOCAL_WORLD_SIZE" not in env:
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parent = list(parent_cmdline) if parent_cmdline is not None else _parent_cmdline()
+    from_parent = _split_launcher(parent, argv) if parent else None
+    if from_parent is not None:
+        return from_parent
+    nodes = env.get("GROUP_WORLD_SIZE", "1")
+    launcher = ["torchrun", "--nnodes", nodes, "--nproc_per_node", env["LOCAL_WORLD_SIZE"]]
+    if nodes == "1":
+        launcher.append("--standalone")
+    else:
+        launcher += ["--rdzv_backend", "c10d", "--rdzv_id", env["TORCHELASTIC_RUN_ID"]]
+    return launcher, ["-m", "retrofit.cli"]
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:  # not Linux, or no /proc
+        return []
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0") if a]
+
+
+def _split_launcher(parent: list[str], argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """``(launcher, entry)`` from torchrun's own argv, which ends with ``entry + argv``."""
+    start = None
+    for i, a in enumerate(parent):
+        if os.path.basename(a) in ("torchrun", "torchrun.exe"):
+            start, name = i + 1, ["torchrun"]  # an installed script: python /venv/bin/torchrun
+            break
+        if a == "-m" and i + 1 < len(parent) and parent[i + 1] in _LAUNCHER_MODULES:
+            start, name = i + 2, [*parent[: i + 2]]  # python -m torch.distributed.run
+            break
+    n = len(argv)
+    if start is None or len(parent) < start + n + 1 or parent[len(parent) - n :] != argv:
+        return None
+    rest = parent[start : len(parent) - n]
+    module = len(rest) >= 2 and rest[-2] in ("-m", "--module")
+    entry = rest[-2:] if module else rest[-1:]
+    if module:
+        entry = ["-m", entry[1]]
+    return [*name, *rest[: len(rest) - len(entry)]], entry
 
 
 def teardown(env: DistEnv) -> None:

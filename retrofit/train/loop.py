@@ -46,12 +46,12 @@ from retrofit import schedule
 from retrofit.errors import ModelError
 from retrofit.finetune_config import TrainConfig
 from retrofit.layers import cutout, is_gate
-from retrofit.rewrite import strip
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
     VERSION,
+    ResumeError,
     capture_rng,
     export_weights,
     load_checkpoint,
@@ -63,6 +63,7 @@ from retrofit.train.data import DataBundle, DataError
 from retrofit.train.data import steps_per_epoch as count_steps
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
+from retrofit.train.outputs import logits_of
 from retrofit.train.plots import plot_curves, plot_survival, regularizer_layers
 from retrofit.train.precision import Precision, resolve_precision
 from retrofit.train.prepare import (
@@ -235,7 +236,7 @@ def evaluate(
     for x, y in batches.iter_epoch():
         x, y = _to_device(x, y, env.device, precision)
         with precision.autocast():
-            logits = model(x)
+            logits = logits_of(model(x))
         logits = logits.float()
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1:3] += correct_counts(logits, y, (1, 5)).to(sums.dtype)
@@ -256,25 +257,6 @@ def _to_device(
     if precision.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
-
-
-def _rate_summary(rates: dict[str, Any]) -> dict[str, Any]:
-    """Mean kept fraction of the stochastic-depth gates, mean DropBlock keep_prob, and per layer
-    only the values that move during training (the rest is in plan.json)."""
-    kept = [
-        float(r["kept_fraction"]) for r in rates.values() if r.get("kind") == "stochastic_depth"
-    ]
-    keep_prob = [float(r["keep_prob"]) for r in rates.values() if r.get("kind") == "dropblock"]
-    moving = ("kept_fraction", "keep_prob", "survival")  # survival moves under a warm-up
-    return {
-        "sd_kept": sum(kept) / len(kept) if kept else None,
-        "keep_prob": sum(keep_prob) / len(keep_prob) if keep_prob else None,
-        "rates": {
-            name: {k: r[k] for k in moving if k in r}
-            for name, r in rates.items()
-            if any(k in r for k in moving)
-        },
-    }
 
 
 def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
@@ -298,12 +280,6 @@ def _private_generators(model: nn.Module) -> dict[str, torch.Generator]:
             if isinstance(g, torch.Generator):
                 out[f"{name}.{attr}"] = g
     return out
-
-
-def _reset_gate_counters(model: nn.Module) -> None:
-    for m in model.modules():
-        if is_gate(m):
-            m.reset_stats()
 
 
 @dataclass
@@ -423,13 +399,16 @@ def _setup(
     optimizer, scheduler, scaler, ema = _optimization(model, cfg, precision, steps_per_epoch)
 
     state = RunState(meters=_new_meters(env.device))
+    if resume:
+        _check_same_checkpoint(ckpt, ckpt_path, env)
     if ckpt is not None:
-        _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg)
-        state.step, state.epoch, state.batch_in_epoch = (
-            int(ckpt["step"]),
-            int(ckpt["epoch"]),
-            int(ckpt["batch_in_epoch"]),
-        )
+        _check_resume_world(ckpt, ckpt_path, cfg, env, steps_per_epoch)
+        _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg, env)
+        state.step, state.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        # Micro-batches of this epoch consumed per process: the same optimizer steps, counted
+        # in this run's micro-batches (grad_accum may differ when the world size changed).
+        saved_accum = int(ckpt.get("config", {}).get("grad_accum", cfg.grad_accum) or 1)
+        state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
     # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
     if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
         log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
@@ -671,7 +650,7 @@ def _run_epoch(run: _Run, state: RunState, stop: StopRequest) -> None:
 
 def _step(run: _Run, state: RunState, batches: Iterator) -> None:
     """One optimizer step and what follows it: counters, lr schedule, EMA, running loss sums."""
-    schedule.update(run.model, state.step / run.total_steps)
+    run.prep.lifecycle.update(state.step / run.total_steps)  # retrofit.lifecycle: step 2
     loss_sum = _train_step(run, batches, state.step)
     state.step += 1
     state.step_in_epoch += 1
@@ -720,7 +699,7 @@ def _finish(run: _Run, state: RunState) -> RunResult:
                   config=run.cfg, metrics=state.last_eval, history=run.metrics.records,
                   findings=run.prep.findings, plan=run.prep.plan)  # fmt: skip
     if state.stop_reason is not None and state.stop_reason != "max_steps":
-        log.warning(
+        (log.warning if run.env.is_main else log.debug)(
             "stopped by %s at step %d; resume with resume=True (--resume)",
             state.stop_reason,
             state.step,
@@ -748,7 +727,7 @@ def _hand_back(run: _Run) -> None:
             continue
         if run.sync_bn:
             D.revert_sync_bn(m, run.sync_bn)
-        strip(m)  # a no-op on a model that was never retrofitted
+        run.prep.lifecycle.strip(m)  # retrofit.lifecycle, step 4 (a no-op if never retrofitted)
         if run.precision.channels_last:
             m.to(memory_format=torch.contiguous_format)
 
@@ -846,11 +825,14 @@ def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
         "lr": max(g["lr"] for g in run.optimizer.param_groups),
         "images_per_s": state.window_steps * run.images_per_step / max(seconds, 1e-9),
     }
-    rates = schedule.current_rates(run.model)
-    if rates:
-        # kept_fraction is per log window: the gates count from the previous log step.
-        rec.update(_rate_summary(rates))
-        _reset_gate_counters(run.model)
+    # retrofit.lifecycle, step 3: kept_fraction is per log window (since the previous log step).
+    report = run.prep.lifecycle.report()
+    if report is not None and report.layers:
+        rec.update(
+            sd_kept=report.means.get("sd_kept"),
+            keep_prob=report.means.get("keep_prob"),
+            rates=report.blocks,
+        )
     return run.metrics.write(rec)
 
 
@@ -953,11 +935,87 @@ def _checkpoint(run: _Run, state: RunState, batch_in_epoch: int) -> None:
             "epoch": state.epoch,
             "batch_in_epoch": batch_in_epoch,
             "world_size": env.world_size,
+            "steps_per_epoch": run.steps_per_epoch,
+            "launch": _launch_record(),
             "num_classes": run.bundle.num_classes,
             "config": run.cfg.to_dict(),
         }
         save_checkpoint(state_dict, path)
     D.barrier(env)
+
+
+def _check_same_checkpoint(ckpt: dict[str, Any] | None, path: Path | None, env: D.DistEnv) -> None:
+    """Every process resumes from the same step (``--out`` on storage all nodes read), or none."""
+    if not env.distributed:
+        return
+    steps = D.gather_objects(None if ckpt is None else int(ckpt["step"]), env)
+    if len(set(steps)) > 1:
+        seen = ", ".join(
+            f"rank {r}: {'no checkpoint' if s is None else f'step {s}'}"
+            for r, s in enumerate(steps)
+        )
+        raise ModelError(
+            f"checkpoint {str(path)!r} differs between the processes ({seen}); put --out on "
+            "storage that every node reads, so that all of them resume from one checkpoint"
+        )
+
+
+def _launch_record() -> dict[str, list[str]] | None:
+    launch = D.launch_command()
+    return None if launch is None else {"launcher": launch[0], "entry": launch[1]}
+
+
+def _check_resume_world(
+    ckpt: dict[str, Any], path: Path | None, cfg: TrainConfig, env: D.DistEnv, steps_per_epoch: int
+) -> None:
+    """A checkpoint of another number of processes continues only with the same global batch.
+
+    The sampler deals one permutation per epoch (``seed + epoch``) round-robin over the ranks,
+    so an optimizer step of ``world × batch_size × grad_accum`` images trains the same images
+    whatever the split: with the same product the step count, the lr schedule and the data
+    position carry over (RNG streams and per-process BatchNorm batches do not: not bit-exact).
+    Any other product would put the schedule's position and the data's out of step; refused,
+    saying how to continue.
+    """
+    saved_world = int(ckpt.get("world_size") or len(ckpt.get("per_rank") or []) or 1)
+    if saved_world == env.world_size:
+        return
+    saved = ckpt.get("config") or {}
+    saved_batch = int(saved.get("batch_size", cfg.batch_size))
+    saved_accum = int(saved.get("grad_accum", 1) or 1)
+    saved_global = saved_world * saved_batch * saved_accum
+    now_global = env.world_size * cfg.batch_size * cfg.grad_accum
+    saved_steps = ckpt.get("steps_per_epoch")
+    if now_global == saved_global and saved_steps in (None, steps_per_epoch):
+        log.warning(
+            "checkpoint from %d process(es), resuming with %d at the same %d images per step: "
+            "the same images in each step and the same schedule, not bit-exact",
+            saved_world,
+            env.world_size,
+            now_global,
+        )
+        return
+    per_process = env.world_size * cfg.grad_accum
+    batch_size = saved_global // per_process if saved_global % per_process == 0 else None
+    record = ckpt.get("launch")
+    if record:
+        launch = (list(record["launcher"]), list(record["entry"]))
+    elif saved_world > 1:
+        launch = (["torchrun", "--nproc_per_node", str(saved_world)], ["-m", "retrofit.cli"])
+    else:
+        launch = None
+    how = f"resume it with {saved_world} process(es)"
+    if batch_size is not None:
+        how += f", or with {env.world_size} and batch_size {batch_size} (the same global batch)"
+    raise ResumeError(
+        f"checkpoint {str(path)!r} is of a run with {saved_world} process(es) × batch_size "
+        f"{saved_batch}{f' × grad_accum {saved_accum}' if saved_accum > 1 else ''} = "
+        f"{saved_global} images per step; this run has {env.world_size} × {cfg.batch_size}"
+        f"{f' × grad_accum {cfg.grad_accum}' if cfg.grad_accum > 1 else ''} = {now_global}, "
+        f"so its lr schedule and data position would not continue where that run stopped; {how}",
+        launch=launch,
+        batch_size=batch_size,
+    )
 
 
 def _load_training_state(
@@ -969,6 +1027,7 @@ def _load_training_state(
     ema: Any,
     bundle: DataBundle,
     cfg: TrainConfig,
+    env: D.DistEnv,
 ) -> None:
     if ckpt.get("num_classes") != bundle.num_classes:
         raise ModelError(
@@ -987,10 +1046,12 @@ def _load_training_state(
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema") is not None:
         ema.load_state_dict(ckpt["ema"])
+    # A world-size change that kept the global batch (checked before) changes batch_size alone.
+    same_world = int(ckpt.get("world_size") or env.world_size) == env.world_size
     changed = {
         k: (v, getattr(cfg, k, None))
         for k, v in ckpt.get("config", {}).items()
-        if getattr(cfg, k, None) != v
+        if getattr(cfg, k, None) != v and (same_world or k not in ("batch_size", "grad_accum"))
     }
     if changed:
         log.warning(
@@ -1004,13 +1065,17 @@ def _restore_rank_state(
 ) -> None:
     per_rank = ckpt.get("per_rank") or []
     if len(per_rank) != env.world_size:
-        # Another world size: data shards and RNG streams cannot continue; reseed deterministically.
-        log.warning(
-            "checkpoint from %d process(es), resuming with %d: not bit-exact",
-            len(per_rank),
-            env.world_size,
-        )
+        # Another world size (same global batch, checked in _setup): the RNG streams cannot
+        # continue, so reseed deterministically; the running loss sums are shared out so that
+        # the epoch's mean (sum over ranks / (n × world)) stays the mean of the steps done.
         seed_all(_mix(int(ckpt["step"]), env.rank, "resume") % 2**31)
+        if per_rank:
+            for k, v in per_rank[0]["meters"].items():
+                if isinstance(v, torch.Tensor):
+                    total = sum(r["meters"][k] for r in per_rank) / len(per_rank)
+                    meters[k] = total.to(env.device)
+                else:
+                    meters[k] = v
         return
     mine = per_rank[env.rank]
     restore_rng(mine["rng"], env.device)

@@ -121,21 +121,45 @@ def plot_curves(
     sd, db = _sd_rows(steps, layers), _dropblock_rows(steps)
     plt = _pyplot()
     rows = sd + db
+    # A run shorter than a few log windows has no step records (or one): the lr is then read
+    # from the epoch records, and a panel with nothing to show is left out, not drawn empty.
+    lr_points = _lr_points(steps, epochs)
+    # A heatmap needs two log windows to be a picture over training; with fewer, the plan vs
+    # run panel (the fraction kept over the run) says all there is, across the full width.
+    heat_rows = rows if len(steps) >= 2 else []
     height = 3.3 + (min(0.85 + 0.22 * len(rows), 4.2) if rows else 0.0)
     fig = plt.figure(figsize=(WIDTH_IN, height), dpi=DPI)
+    top = 3 if lr_points else 2
     grid = fig.add_gridspec(
-        2 if rows else 1, 3, height_ratios=[3.3, height - 3.3] if rows else None
+        2 if rows else 1, 3 * top, height_ratios=[3.3, height - 3.3] if rows else None
     )
-    _loss_panel(fig.add_subplot(grid[0, 0]), steps, epochs)
-    _accuracy_panel(fig.add_subplot(grid[0, 1]), epochs)
-    _lr_panel(fig.add_subplot(grid[0, 2]), steps)
-    if rows:
-        heat = fig.add_subplot(grid[1, :2])
-        _heatmap(fig, heat, [r["step"] for r in steps], rows)
+    width = 3  # grid columns per top panel
+    _loss_panel(fig.add_subplot(grid[0, :width]), steps, epochs)
+    _accuracy_panel(fig.add_subplot(grid[0, width : 2 * width]), epochs)
+    if lr_points:
+        _lr_panel(fig.add_subplot(grid[0, 2 * width :]), lr_points)
+    if heat_rows:
+        heat = fig.add_subplot(grid[1, : 2 * top])
+        _heatmap(fig, heat, [r["step"] for r in steps], heat_rows)
         if sd:
-            _planned_panel(fig.add_subplot(grid[1, 2], sharey=heat), rows)
+            _planned_panel(fig.add_subplot(grid[1, 2 * top :], sharey=heat), rows)
+    elif sd:
+        ax = fig.add_subplot(grid[1, :])
+        _planned_panel(ax, rows)
+        _block_ticks(ax, rows)
+        ax.tick_params(axis="y", labelleft=True)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
     fig.tight_layout()
     return _save(plt, fig, path)
+
+
+def _lr_points(steps: Sequence[Mapping], epochs: Sequence[Mapping]) -> list[tuple[int, float]]:
+    pts = [(r["step"], r["lr"]) for r in steps if r.get("lr") is not None]
+    if len(pts) < 2:
+        pts = sorted(
+            {r["step"]: r["lr"] for r in [*steps, *epochs] if r.get("lr") is not None}.items()
+        )
+    return pts
 
 
 def _loss_panel(ax: Any, steps: Sequence[Mapping], epochs: Sequence[Mapping]) -> None:
@@ -192,8 +216,8 @@ def _detection(epochs: Sequence[Mapping]) -> bool:
     return any(r.get("val_map") is not None for r in epochs)
 
 
-def _lr_panel(ax: Any, steps: Sequence[Mapping]) -> None:
-    ax.plot([r["step"] for r in steps], [r["lr"] for r in steps])
+def _lr_panel(ax: Any, points: Sequence[tuple[int, float]]) -> None:
+    ax.plot(*zip(*points, strict=True), "o-" if len(points) < 8 else "-", ms=3)
     ax.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax.grid(alpha=0.3)

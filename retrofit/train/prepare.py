@@ -20,11 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.api import apply as retrofit_apply
 from retrofit.finetune_config import TrainConfig
-from retrofit.lint import lint
+from retrofit.lifecycle import Lifecycle
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import applied_plan
 from retrofit.techniques import model_edits
 
 log = logging.getLogger("retrofit.train")
@@ -101,6 +99,7 @@ class Prepared:
     lint_skipped: str | None
     plan_summary: str | None = None
     lint_verdict: str | None = None
+    lifecycle: Lifecycle | None = None  # updates, reports and strips the run's regularizers
 
 
 def prepare_model(
@@ -126,33 +125,19 @@ def prepare_model(
         LintFindingsError: ``strict_lint`` and the lint reported findings.
     """
     example = example_input(input_size, device)
-    plan_dict = plan_summary = None
-    if apply and has_model_edits(recipe):
-        was_training = model.training
-        retrofit_apply(model, recipe, example_input=example, allow_partial=allow_partial)
-        model.train(was_training)
-        # The plan apply executed (planning again would trace the model a second time).
-        the_plan = applied_plan(model)
-        plan_dict = the_plan.to_dict() if the_plan is not None else None
-        plan_summary = the_plan.summary() if the_plan is not None else None
-
-    findings: list[dict[str, Any]] = []
-    skipped = verdict = None
-    was_training = model.training
-    try:
-        result = lint(model, example_input=example)
-        findings = [f.to_dict() for f in result]
-        verdict = _verdict(result)
-    except Exception as e:
-        # A lint crash must not cost a training run, unless the caller asked to be strict.
-        if strict_lint:
-            raise
-        skipped = f"lint failed: {type(e).__name__}: {e}"
-        log.warning("%s", skipped)
-    finally:
-        model.train(was_training)
-    if skipped is not None:
-        verdict = f"not run ({skipped})"
+    # The one lifecycle the integrations share (retrofit.lifecycle): apply, then lint the model
+    # that will actually be trained.
+    lifecycle = Lifecycle(
+        recipe, example_input=example, allow_partial=allow_partial, strict_lint=strict_lint
+    )
+    start = lifecycle.start(model, apply=apply)
+    the_plan = start.plan if apply and lifecycle.edits_model() else None
+    plan_dict = the_plan.to_dict() if the_plan is not None else None
+    plan_summary = start.plan_summary if the_plan is not None else None
+    findings, skipped = start.findings, start.lint_skipped
+    verdict = start.lint_verdict
+    if findings and skipped is None:
+        verdict = (verdict or "") + "; details in lint.json, or run retrofit-cli lint"
     if strict_lint and findings:
         raise LintFindingsError(findings)
 
@@ -164,6 +149,7 @@ def prepare_model(
         lint_skipped=skipped,
         plan_summary=plan_summary,
         lint_verdict=verdict,
+        lifecycle=lifecycle,
     )
 
 
@@ -182,10 +168,3 @@ def _write_preamble(
     if plan is not None:
         atomic_write_bytes(out / "plan.json", json.dumps(plan, indent=2, default=str))
     atomic_write_bytes(out / "lint.json", json.dumps(lint, indent=2, default=str))
-
-
-def _verdict(findings: Any) -> str:
-    from retrofit.lint import summary_line
-
-    line = summary_line(findings)
-    return line + ("; details in lint.json, or run retrofit-cli lint" if findings else "")

@@ -13,8 +13,9 @@ Three guarantees, each cheap, together "nothing mixed, nothing left over":
   :func:`retrofit.train.fit`, which takes it too).
 - On taking the lock, the temp files that killed atomic writes left behind
   (``.checkpoint.pt.tmp-PID``, see :mod:`retrofit.train.checkpoint`) are removed: under the lock no
-  other process writes there, so every such file is stale. A directory the lock created is
-  removed again when the run fails before writing anything.
+  other process writes there, so every such file is stale. A run that fails before its first
+  checkpoint, in a directory that was empty when it took the lock, removes what it wrote (there
+  is nothing to resume), and the directory itself if the lock created it.
 
 Platforms without ``fcntl`` (Windows) get the checks and the cleanup but no lock.
 """
@@ -23,17 +24,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from retrofit.train.checkpoint import is_temp_name
+from retrofit.train.checkpoint import CHECKPOINT_NAME, is_temp_name
 
 try:  # pragma: no cover - always present on POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunDirError", "check_out_dir", "lock_run_dir", "remove_stale_temps"]
+__all__ = [
+    "RunDirError",
+    "check_out_dir",
+    "lock_run_dir",
+    "remove_stale_temps",
+    "writes_run_dir",
+]
 
 # realpath -> [fd, depth] for the locks this process holds (re-entrancy).
 _HELD: dict[str, list[int]] = {}
@@ -41,6 +49,17 @@ _HELD: dict[str, list[int]] = {}
 
 class RunDirError(ValueError):
     """The output directory cannot be used: the message names it and what would be accepted."""
+
+
+def writes_run_dir() -> bool:
+    """Whether this process is the one that checks, locks and writes ``--out``.
+
+    Under torchrun every process runs the same command, and rank 0 alone writes the run
+    directory (:func:`retrofit.train.fit`); the others only read a checkpoint from it when
+    resuming. Read from torchrun's ``RANK`` (what the process group will report), so the CLI
+    can decide before importing torch. A process outside torchrun is rank 0.
+    """
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _first_existing(path: Path) -> Path:
@@ -134,6 +153,7 @@ def lock_run_dir(out: str | Path | None, *, fresh: bool = False) -> Iterator[Pat
         raise RunDirError(f"--out {str(out)!r} cannot be created: {e.strerror or e}") from None
     fd = _lock(out)
     _HELD[key] = [fd, 1]
+    was_empty = False
     try:
         remove_stale_temps(out)
         if fresh and _entries(out):
@@ -141,8 +161,13 @@ def lock_run_dir(out: str | Path | None, *, fresh: bool = False) -> Iterator[Pat
                 f"--out {str(out)!r}: another run wrote {_entries(out)[:3]} there while this one "
                 "was starting; choose a new directory"
             )
+        was_empty = not _entries(out)
         yield out
     except BaseException:
+        if was_empty and not (out / CHECKPOINT_NAME).exists():
+            # Empty when locked, so every file is this run's; without a checkpoint nothing can
+            # resume from them: a run that failed leaves no half-written directory behind.
+            _remove_contents(out)
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only succeeds while empty: a failed start leaves nothing behind
@@ -153,6 +178,15 @@ def lock_run_dir(out: str | Path | None, *, fresh: bool = False) -> Iterator[Pat
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _remove_contents(out: Path) -> None:
+    for p in out.iterdir():
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def _lock(out: Path) -> int:

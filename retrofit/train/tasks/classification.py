@@ -1,7 +1,7 @@
 """Classification: what the trainer did before it knew other tasks, behind the task interface.
 
 A batch is ``(images (N,C,H,W), labels (N,))``; the loss is the recipe's label-smoothed
-cross-entropy; the evaluation pass is :func:`retrofit.train.loop.evaluate` (top-1, top-5, loss).
+cross-entropy on :func:`retrofit.train.outputs.logits_of` of the forward; the evaluation pass is :func:`retrofit.train.loop.evaluate` (top-1, top-5, loss).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ class ClassificationTask:
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def loss(self, model: nn.Module, x: Any, y: Any, criterion: nn.Module) -> torch.Tensor:
-        return criterion(model(x), y)
+        from retrofit.train.outputs import logits_of
+
+        # logits_of: the one place a forward's result (HF ModelOutput, dict, tuple) is read.
+        return criterion(logits_of(model(x)), y)
 
     def evaluate(self, model: nn.Module, batches: Any, env: Any, precision: Any, *, bar: Any = None,
                  num_classes: int | None = None) -> dict[str, float]:  # fmt: skip
