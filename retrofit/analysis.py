@@ -33,6 +33,7 @@ from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, traini
 from retrofit.graph.outline import NotOutlinable, branch_region
 from retrofit.graph.probe import probe_input_size
 from retrofit.graph.residual import ResidualSite, find_residual_sites
+from retrofit.graph.shapes import ShapePropError
 from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
 from retrofit.training_call import default_example_input
@@ -66,6 +67,15 @@ class Analysis:
         self.counts: Counter[str] = Counter()
         self._owner_traces: dict[str, Traced | None] = {}
         self.recording_error: str | None = None
+        self._recorded_output: list[Any] = []
+
+    def recorded_output(self) -> Any:
+        """What the recording forward returned (eval mode, on ``example_input``), if one ran
+        (else None): ``apply`` reads its verification reference here instead of running the
+        original once more."""
+        if "calls" not in self.__dict__ or not self._recorded_output:
+            return None
+        return self._recorded_output[0]
 
     # ------------------------------------------------------------------ inputs and calls
 
@@ -82,7 +92,7 @@ class Analysis:
     def calls(self) -> dict[str, list[Call]]:
         self.counts["recording forward"] += 1
         try:
-            return record_calls(self.model, self.example_input)
+            return record_calls(self.model, self.example_input, output=self._recorded_output)
         except Exception as exc:  # the model does not run on the probe: no specialisation
             self.recording_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             return {}
@@ -155,9 +165,17 @@ class Analysis:
 
     @cached_property
     def stages(self) -> StageAnalysis:
-        # Shapes at the model's own input size (its config), as ``retrofit.stages`` reports
-        # them; a root specialised on a recorded call uses that call's shapes.
-        return analyse_stages(self.model, self.traced, calls=self._call)
+        # Shapes at the model's own input size (its config), the resolution it trains at, so a
+        # block_size is clamped to the maps it will see, not to a small probe's. A model that
+        # does not run at that size (a 32-px CIFAR net whose classifier flattens the last map)
+        # is read at the example input, as ``retrofit.stages(model, example_input)`` reads
+        # it. A root specialised on a recorded call uses that call's shapes.
+        try:
+            return analyse_stages(self.model, self.traced, calls=self._call)
+        except ShapePropError:
+            if self._example_input is None:
+                raise
+            return analyse_stages(self.model, self.traced, self._example_input, calls=self._call)
 
     @cached_property
     def dropout_bn(self) -> DropoutBNAnalysis:

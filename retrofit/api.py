@@ -27,7 +27,15 @@ from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite import is_retrofitted, rewrite, strip
 from retrofit.training_call import TrainingCall, training_call_for
-from retrofit.verify import check_live, compare, eval_output, paper_gates_neutral
+from retrofit.verify import (
+    TrainingStepError,
+    check_live,
+    compare,
+    eval_output,
+    output_tensors,
+    paper_gates_neutral,
+    training_step_error,
+)
 
 __all__ = ["RetrofitWarning", "apply"]
 
@@ -55,8 +63,10 @@ def apply(
 
     The model keeps its class, methods and ``state_dict`` keys. With ``verify=True`` (default)
     two things are checked on a probe input (``example_input``, else a random batch sized from
-    the model's config, else 224²): the eval-mode output is unchanged, and one training-mode
-    forward calls every inserted regularizer (liveness). Applying again replaces the earlier
+    the model's config, else 224²): the eval-mode output is unchanged, and a training step
+    (forward and backward) with every stochastic-depth branch kept calls every inserted
+    regularizer, and works again with every branch dropped (liveness; a model that cannot train
+    as written gets the forwards only). Applying again replaces the earlier
     edits: one gate per site.
 
     The training forward is ``training_call`` — a :class:`~retrofit.training_call.TrainingCall`
@@ -96,15 +106,29 @@ def apply(
             _check_real(x)
             call = training_call_for(model, x, training_call)
             watch = detection.watched(model) if detection.is_detector(model) else ()
-            with detection.verifying(model):
-                reference = eval_output(model, x, watch=watch)
+            # The planning's recording forward, if one ran, already ran the original on x.
+            recorded = None if watch else analysis.recorded_output()
+            reference = None if recorded is None else output_tensors(recorded)
+            if reference is None:
+                with detection.verifying(model):
+                    reference = eval_output(model, x, watch=watch)
         phase = "rewriting"
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
             with paper_gates_neutral(model), detection.verifying(model):
                 compare(reference, eval_output(model, x, watch=watch))
-            check_live(model, call, record.live())
+            try:
+                check_live(model, call, record.live())
+            except TrainingStepError:
+                # Blame the rewrite only if the model as written trains: put it back, try it.
+                snapshot.restore()
+                if training_step_error(model, call) is None:
+                    raise
+                phase = "rewriting"
+                record = rewrite(model, the_plan, seeds=analysis.seed)
+                phase = "verifying"
+                check_live(model, call, record.live(), backward=False)
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise

@@ -54,6 +54,7 @@ from retrofit.graph.dataflow import locate, node_key
 from retrofit.graph.existing import drop_rate_attribute
 from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
 from retrofit.graph.trace import Traced, is_passthrough, trace_graph
+from retrofit.layers.slots import unwatch_slot, watch_slot
 from retrofit.layers.stochastic_depth import Outline
 from retrofit.plan import Edit, Plan
 from retrofit.techniques import TECHNIQUES
@@ -258,7 +259,11 @@ def _edit_graph(
             _wrap_arg(graph, add, edit, name)
             continue
         spec = Outline(region.batched, region.inplace, region.copy_dropped)
-        extracted = extract_branch(region)
+        copies: dict[fx.Node, fx.Node] = {}
+        extracted = extract_branch(region, copies)
+        for inner in outlined:
+            # An earlier site inside this branch: its gate now runs in this branch's code.
+            inner.call = copies.get(inner.call, inner.call)
         with graph.inserting_before(add):
             branch = graph.create_node("call_function", _constant(None), (), {})
             settings = graph.create_node("call_function", _constant(spec), (), {})
@@ -431,6 +436,9 @@ def rewrite(
     for edit in plan.edits:
         if edit.action == "set_rate":
             _set_rate(model, edit, 1.0 - float(edit.survival or 1.0))
+            # The slot draws its own masks: count what it keeps, for the statistics.
+            slot = model.get_submodule(edit.target or "")
+            watch_slot(slot, drop_rate_attribute(slot)[0], edit.depth, edit.survival or 1.0)
             record.reused.append(edit.target or "")
             record.edits[edit.target or ""] = edit
         elif edit.action == "replace_module":
@@ -492,6 +500,7 @@ def strip(model: nn.Module) -> nn.Module:
         state: _State | None = module.__dict__.pop(_STATE, None)
         if state is None:
             continue
+        unwatch_slot(module)
         if state.forward:
             module.__dict__.pop("forward", None)
         for attr in state.added:

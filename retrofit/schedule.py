@@ -44,13 +44,18 @@ from torch import nn
 
 from retrofit.layers.protocol import Progressive, Reporting
 from retrofit.layers.ramps import linear_ramp, progress, warmed_up
+from retrofit.layers.slots import reset_slot, slot_rates
+from retrofit.layers.stochastic_depth import StochasticDepthGate
 
 __all__ = [
     "SCHEDULES",
+    "block_rates",
     "block_survivals",
     "current_rates",
     "linear_ramp",
+    "reset_stats",
     "stage_of",
+    "statistics",
     "summary",
     "survival",
     "update",
@@ -119,29 +124,94 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Current rate of every retrofit regularizer, by module name, for logging.
 
     Each value has a ``kind`` (``"stochastic_depth"``, ``"dropblock"``, ``"uout"``,
-    ``"cutout"``) and that layer's hyper-parameters; gates add their measured
-    ``kept_fraction`` (reading it may synchronise an accelerator once), whether the branch is
-    ``outlined`` (skipped when dropped), their ``seed`` and ``draws`` counter, and ``recent``:
-    the kept fraction of each training call since the last ``reset_stats()`` (at most
-    ``StochasticDepthGate.HISTORY``).
+    ``"cutout"``) and that layer's hyper-parameters. Stochastic depth is reported per site, for
+    the gates retrofit inserted and for the model's own drop-path slots it reused
+    (``retrofit.layers.slots``, those carry ``reused``: the slot's class name): ``depth`` (the
+    block l), ``survival`` (now) and ``target_survival`` (planned p_l), the training samples
+    counted since the last reset (``calls``, ``kept``) and ``kept_fraction = kept / calls``
+    (None before any training call: nothing measured; reading it may synchronise an accelerator
+    once). Gates add whether the branch is ``outlined`` (skipped when dropped), their ``seed``
+    and ``draws`` counter, and ``recent``: the kept fraction of each eager training call since
+    the last reset (at most ``StochasticDepthGate.HISTORY``).
     """
-    return {
-        name: {"kind": module.kind, **module.rates()}
-        for name, module in model.named_modules()
-        if isinstance(module, Reporting)
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Reporting):
+            out[name] = {"kind": module.kind, **module.rates()}
+        else:
+            slot = slot_rates(module)
+            if slot is not None:
+                out[name] = {"kind": "stochastic_depth", **slot}
+    return out
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Start a new measuring window: zero the kept/calls counters of every gate and every
+    reused drop-path slot (draw counters stay: they key the seeded draws)."""
+    for module in model.modules():
+        if isinstance(module, StochasticDepthGate):
+            module.reset_stats()
+        else:
+            reset_slot(module)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def block_rates(rates: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Stochastic depth per block l (the sites sharing a ``depth``), from :func:`current_rates`:
+    ``sites`` (how many gates and reused slots), mean ``survival`` (now) and ``target_survival``
+    (planned p_l), summed ``calls`` and ``kept``, and ``kept_fraction = kept / calls`` (None when
+    the block made no training call). Ordered by depth."""
+    by_depth: dict[int, list[dict[str, Any]]] = {}
+    for i, r in enumerate(r for r in rates.values() if r.get("kind") == "stochastic_depth"):
+        by_depth.setdefault(int(r.get("depth") or i + 1), []).append(r)
+    out: dict[int, dict[str, Any]] = {}
+    for depth in sorted(by_depth):
+        sites = by_depth[depth]
+        calls = sum(int(r.get("calls") or 0) for r in sites)
+        kept = sum(int(r.get("kept") or 0) for r in sites)
+        out[depth] = {
+            "sites": len(sites),
+            "survival": _mean([float(r["survival"]) for r in sites]),
+            "target_survival": _mean(
+                [float(r.get("target_survival", r["survival"])) for r in sites]
+            ),
+            "calls": calls,
+            "kept": kept,
+            "kept_fraction": kept / calls if calls else None,
+        }
+    return out
 
 
 def summary(rates: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Scalars for a framework's logger from :func:`current_rates`: the mean current survival
-    and mean kept fraction of the stochastic-depth gates (``sd_survival``, ``sd_kept``) and the
-    mean current DropBlock keep_prob (``keep_prob``); keys without layers are left out."""
-    out: dict[str, float] = {}
-    gates = [r for r in rates.values() if r.get("kind") == "stochastic_depth"]
-    blocks = [r for r in rates.values() if r.get("kind") == "dropblock"]
-    if gates:
-        out["sd_survival"] = sum(float(r["survival"]) for r in gates) / len(gates)
-        out["sd_kept"] = sum(float(r["kept_fraction"]) for r in gates) / len(gates)
-    if blocks:
-        out["keep_prob"] = sum(float(r["keep_prob"]) for r in blocks) / len(blocks)
-    return out
+    """The scalars every consumer reports (the trainer's console line and metrics.jsonl, the
+    framework loggers of ``retrofit.integrations``), from :func:`current_rates`, over every
+    stochastic-depth site — inserted gates and reused slots, survival 1.0 included:
+
+    * ``sd_survival``: mean current survival; ``sd_planned``: mean planned p_l;
+    * ``sd_kept``: mean kept fraction over the sites that made training calls since the last
+      reset (left out when none did: an eval-only window has no training statistic);
+    * ``keep_prob``: mean current DropBlock keep_prob.
+
+    Keys without layers are left out."""
+    values: dict[str, list[float]] = {"sd_survival": [], "sd_planned": [], "sd_kept": []}
+    values["keep_prob"] = []
+    for r in rates.values():
+        if r.get("kind") == "stochastic_depth":
+            values["sd_survival"].append(float(r["survival"]))
+            values["sd_planned"].append(float(r.get("target_survival", r["survival"])))
+            if r.get("kept_fraction") is not None:
+                values["sd_kept"].append(float(r["kept_fraction"]))
+        elif r.get("kind") == "dropblock":
+            values["keep_prob"].append(float(r["keep_prob"]))
+    return {key: sum(v) / len(v) for key, v in values.items() if v}
+
+
+def statistics(model: nn.Module) -> dict[str, Any]:
+    """Everything a report needs in one read: :func:`summary`'s scalars, ``blocks``
+    (:func:`block_rates`) and ``layers`` (:func:`current_rates`). The one source of the
+    numbers users see; it does not reset the counters (:func:`reset_stats` does)."""
+    rates = current_rates(model)
+    return {**summary(rates), "blocks": block_rates(rates), "layers": rates}

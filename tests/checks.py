@@ -19,6 +19,7 @@ forward hooks), so they judge any capture the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from retrofit.layers import StochasticDepthGate
 __all__ = [
     "Snapshot",
     "assert_instrumented",
+    "assert_trains",
     "assert_unchanged",
     "call_counts",
     "dead_modules",
@@ -241,3 +243,35 @@ def assert_instrumented(
     dead = dead_modules(model, x_probe, touched)
     assert not dead, f"never called in training (silent no-op): {dead}"
     return touched
+
+
+def assert_trains(model: nn.Module, x: Any) -> None:
+    """A training step (forward, then backward from the sum of the float outputs) works with
+    every stochastic-depth gate keeping its branch, and again with every gate dropping it
+    (survival ~0). Parameters, ``.grad``, buffers, rates and training flags are as before."""
+    gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+    saved = [(m, m.survival) for m in gates]
+    flags = [(m, m.training) for m in model.modules()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for survival, path in ((1.0, "kept"), (1e-9, "dropped")):
+            for m in gates:
+                m.survival = survival
+            model.train()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a DropBlock whose schedule was never set
+                out = _run(model, x)
+            leaves, _ = tree_flatten(out.to_tuple() if hasattr(out, "to_tuple") else out)
+            loss = sum(t.float().sum() for t in leaves if isinstance(t, torch.Tensor))
+            try:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            except RuntimeError as e:
+                raise AssertionError(f"backward fails with every branch {path}: {e}") from e
+            assert any(g is not None for g in grads), f"no gradient with every branch {path}"
+    finally:
+        for m, p in saved:
+            m.survival = p
+        for m, flag in flags:
+            m.training = flag
+        model.load_state_dict(state)

@@ -17,12 +17,25 @@ import torch
 import retrofit
 from tests.checks import (
     assert_instrumented,
+    assert_trains,
     assert_unchanged,
     differences,
     retrofit_errors,
     snapshot,
 )
-from tests.wild_models import CASES, FeatureListEncoder, OwnDropPathMixer, WildCase, image
+from tests.wild_models import (
+    CASES,
+    AuxOutputNet,
+    CifarFlattenNet,
+    DropoutBeforeNdimBN,
+    FeatureListEncoder,
+    HiddenInplaceNet,
+    OwnDropPathMixer,
+    WildCase,
+    WrappedInplaceActNet,
+    image,
+    sequential_resnet,
+)
 
 MODES = ("row", "batch")
 
@@ -55,6 +68,7 @@ def test_apply_instruments_or_refuses_cleanly(case: WildCase, mode: str):
         return
     assert _site_owners(model) == Counter(case.owners), case.failure
     assert_instrumented(model, snap, x_probe, x_fresh)
+    assert_trains(model, x_probe)
     retrofit.strip(model)
     assert_unchanged(model, snap, x_fresh)
 
@@ -131,3 +145,120 @@ def test_einops_transformer_with_class_attention(mode: str):
     assert_instrumented(model, snap, x_probe, x_fresh)
     retrofit.strip(model)
     assert_unchanged(model, snap, x_fresh)
+
+
+# --- issue 22 ---------------------------------------------------------------------------------
+
+
+def _dropblocks(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__name__ == "DropBlock"]
+
+
+@pytest.mark.parametrize("placement", ["stages", "blocks"])
+def test_dropblock_after_blocks_returning_tuples(placement: str):
+    """Class 3: ``y, aux = block(x)``: the DropBlock goes on ``y`` inside the block's own code,
+    never on the call's tuple (an internal AttributeError in the layer before)."""
+    torch.manual_seed(0)
+    model = AuxOutputNet()
+    x_probe, x_fresh = image(0), image(1)
+    snap = snapshot(model, x_fresh)
+    recipe = {"dropblock": {"stages": [2], "placement": placement}}
+    retrofit.apply(model, recipe, example_input=x_probe)
+    edits = [(e.module, e.node) for e in retrofit.applied_plan(model).edits]
+    blocks = ["layer2.0", "layer2.1"] if placement == "blocks" else ["layer2.1"]
+    assert edits == [(b, "relu_1") for b in blocks]
+    assert_instrumented(model, snap, x_probe, x_fresh, expected=len(blocks))
+    assert_trains(model, x_probe)
+    retrofit.strip(model)
+    assert_unchanged(model, snap, x_fresh)
+
+
+def test_dropblock_plans_at_the_example_input():
+    """Class 4: a net that only runs at 32×32 is planned at its example input (a ShapePropError
+    at the default 224² before)."""
+    torch.manual_seed(0)
+    model = CifarFlattenNet()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    snap = snapshot(model, fresh)
+    retrofit.apply(model, {"dropblock": {"stages": [2, 3]}}, example_input=x)
+    plan = retrofit.applied_plan(model)
+    assert [(e.module, e.node, e.params["block_size"]) for e in plan.edits] == [
+        ("", "layer2", 7),
+        ("", "layer3", 7),
+    ]
+    assert_instrumented(model, snap, x, fresh, expected=2)
+    assert_trains(model, x)
+
+
+def test_dropblock_on_a_sequential_resnet_is_a_refusal():
+    """Class 6: no module with code of its own calls the stages: retrofit refuses (exit 3), it is
+    not the user's bad input, and the model comes back as it was."""
+    model = sequential_resnet()
+    snap = snapshot(model, image(1))
+    with pytest.raises(retrofit.RefusedError) as info:
+        retrofit.apply(model, {"dropblock": {"stages": [2]}}, example_input=image(0))
+    assert not isinstance(info.value, retrofit.ModelError)
+    assert "is a Sequential, whose forward only chains its children" in str(info.value)
+    assert_unchanged(model, snap, image(1))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [DropoutBeforeNdimBN, *(c.build for c in CASES)],
+    ids=["ndim_batchnorm", *(c.name for c in CASES)],
+)
+def test_lint_leaves_the_state_dict_bit_identical(build):
+    """Class 5: lint changes nothing (``num_batches_tracked`` went 0 → 1 before, when a
+    BatchNorm subclass was traced in training mode)."""
+    torch.manual_seed(0)
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    findings = retrofit.lint(model, example_input=image(0))
+    after = model.state_dict()
+    assert list(after) == list(before)
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []
+    if build is DropoutBeforeNdimBN:
+        assert [(f.dropout, f.norm) for f in findings] == [("drop", "bn2")]
+
+
+def test_a_rewrite_that_cannot_train_is_refused_before_it_is_handed_back():
+    """Class 1 at the liveness check: nothing says that ``InplaceScale`` writes its input, so
+    batch mode outlines the sites and a dropped branch hands the shortcut to it. Only a training
+    step with every branch dropped shows it (a forward under no_grad at survival 1 did not);
+    the model comes back as it was. Row mode computes every branch: it trains, and the check
+    leaves no gradient behind."""
+    torch.manual_seed(0)
+    model = HiddenInplaceNet()
+    snap = snapshot(model, image(1))
+    with pytest.raises(
+        retrofit.VerifyError,
+        match="cannot train: a training step with every stochastic-depth branch dropped failed",
+    ):
+        retrofit.apply(model, {"stochastic_depth": {"mode": "batch"}}, example_input=image(0))
+    assert_unchanged(model, snap, image(1))
+    retrofit.apply(model, {"stochastic_depth": {"mode": "row"}}, example_input=image(0))
+    assert all(p.grad is None for p in model.parameters())
+    assert_trains(model, image(0))
+
+
+def test_liveness_takes_both_paths_of_every_batch_mode_gate(monkeypatch):
+    """The liveness step forces every batch-mode gate kept, then dropped, with gradients on."""
+    from retrofit.layers import StochasticDepthGate
+
+    seen = []
+    original = StochasticDepthGate._outlined
+
+    def spy(self, shortcut, inputs, branch, spec):
+        out = original(self, shortcut, inputs, branch, spec)
+        seen.append((self.depth, self.__dict__.get("_forced_keep"), torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(StochasticDepthGate, "_outlined", spy)
+    torch.manual_seed(0)
+    model = WrappedInplaceActNet()
+    retrofit.apply(model, {"stochastic_depth": {"mode": "batch"}}, example_input=image(0))
+    checked = [s for s in seen if s[1] is not None]
+    assert checked == [(d, keep, True) for keep in (True, False) for d in (1, 2, 3)]
+    assert all(not g.__dict__.get("_forced_keep") for g in model.modules())

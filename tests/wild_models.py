@@ -719,6 +719,331 @@ class OwnDropPathMixer(nn.Module):
 # --- the cases --------------------------------------------------------------------------------
 
 
+# --- issue 22, class 1: an in-place activation inside a wrapper module -------------------------
+
+
+class Activation(nn.Module):
+    """A library's activation wrapper (``get_act("relu")``): the in-place op is its child's."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+class WrappedActBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.act1 = Activation()
+        self.act2 = Activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.conv2(self.act1(self.conv1(x))) + x)
+
+
+class WrappedInplaceActNet(nn.Module):
+    """Residual blocks ending in ``act(f(x) + x)`` where ``act`` wraps ``nn.ReLU(inplace=True)``:
+    a dropped branch must not hand the shortcut itself to the in-place ReLU, which would
+    overwrite the block input that the previous ReLU's backward needs. Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.act = Activation()
+        self.blocks = nn.Sequential(*[WrappedActBlock(width) for _ in range(3)])
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.act(self.stem(x))).mean((2, 3)))
+
+
+class InplaceScale(nn.Module):
+    """A learned per-channel scale applied in place: it holds a parameter, so nothing about the
+    module says that it writes its input (no ``inplace`` attribute, no in-place child)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.scale)
+
+
+class InplaceScaleBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.scale = InplaceScale(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.scale(self.conv2(F.relu(self.conv1(x))) + x))
+
+
+class HiddenInplaceNet(nn.Module):
+    """``relu(scale(f(x) + x))`` with ``scale`` writing in place: a dropped branch hands the
+    shortcut (the previous ReLU's output, saved for its backward) to ``scale``. No static rule
+    sees it; only a training step with the branches dropped does. Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.Sequential(*[InplaceScaleBlock(width) for _ in range(2)])
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+# --- issue 22, classes 3-6: DropBlock planning, lint ------------------------------------------
+
+
+class AuxOutputBlock(nn.Module):
+    """A residual block returning ``(y, aux)``, ``aux`` computed before ``y`` (a deep-supervision
+    or feature-pyramid side output): the block's call is a tuple, its map is made inside."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, 3, stride)
+        self.conv2 = conv_bn(cout, cout)
+        self.down = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        identity = x if self.down is None else self.down(x)
+        h = F.relu(self.conv1(x))
+        aux = h.mean((2, 3))
+        return F.relu(self.conv2(h) + identity), aux
+
+
+class AuxOutputNet(nn.Module):
+    """Three stages of two tuple-returning blocks: ``x, aux = block(x)`` in the root's loop."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.layer1 = nn.ModuleList([AuxOutputBlock(8, 8), AuxOutputBlock(8, 8)])
+        self.layer2 = nn.ModuleList([AuxOutputBlock(8, 16, 2), AuxOutputBlock(16, 16)])
+        self.layer3 = nn.ModuleList([AuxOutputBlock(16, 32, 2), AuxOutputBlock(32, 32)])
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        side = []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            for block in layer:
+                x, aux = block(x)
+                side.append(aux.mean())
+        return self.fc(x.mean((2, 3))) + torch.stack(side).sum()
+
+
+class CifarFlattenNet(nn.Module):
+    """A 32-px CIFAR ResNet whose classifier flattens the last map: it only runs at 32×32, so
+    planning must probe at the example input, not at the default 224²."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.layer1 = Bottleneck(8, 8)
+        self.layer2 = Bottleneck(8, 16, 2)
+        self.layer3 = Bottleneck(16, 32, 2)
+        self.fc = nn.Linear(32 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.stem(x)))))
+        return self.fc(x.flatten(1))
+
+
+def sequential_resnet() -> nn.Sequential:
+    """A ResNet built as nested ``nn.Sequential``s: no module with code of its own calls a stage."""
+    return nn.Sequential(
+        conv_bn(3, 8),
+        nn.ReLU(),
+        nn.Sequential(Bottleneck(8, 8), Bottleneck(8, 8)),
+        nn.Sequential(Bottleneck(8, 16, 2), Bottleneck(16, 16)),
+        nn.Sequential(Bottleneck(16, 32, 2), Bottleneck(32, 32)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+class NdimBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm that also takes (N, C, L) sequences: a subclass with code, so it is traced
+    into, and in training mode its forward bumps ``num_batches_tracked``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return super().forward(x.unsqueeze(-1)).squeeze(-1)
+        return super().forward(x)
+
+
+class DropoutBeforeNdimBN(nn.Module):
+    """conv → NdimBatchNorm → Dropout → conv → BatchNorm: one finding for lint."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = NdimBatchNorm(4)
+        self.drop = nn.Dropout(0.2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.drop(self.bn1(self.conv1(x)))))
+
+
+# --- issue 22, class 2: nested residual branches in one owner ----------------------------------
+
+
+class UpBlock(nn.Module):
+    """A decoder step: ``h = x + res(x)`` then ``up(h) + skip``. The second add's branch
+    ``up(h)`` holds the first site whole, so outlining it moves the first gate into it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.res = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.up = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        h = x + self.res(x)
+        return self.up(h) + skip
+
+
+class NestedBranchNet(nn.Module):
+    """An encoder map decoded with the stem's map as the skip. Sites: two, both in ``dec``."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.enc = conv_bn(width, width)
+        self.dec = UpBlock(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        return self.fc(self.dec(F.relu(self.enc(x)), x).mean((2, 3)))
+
+
+# --- issue 22, class 7: torch calls on traced values -------------------------------------------
+
+
+class CausalAttention(nn.Module):
+    """Masked attention filling with ``-torch.finfo(q.dtype).max`` (HF's idiom)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(mask, -torch.finfo(q.dtype).max)
+        return self.proj(scores.softmax(-1) @ v)
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FinfoViT(nn.Module):
+    """Sites: two per block (attention, MLP)."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(CausalBlock(dim), CausalBlock(dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+class OddPadBlock(nn.Module):
+    """Pads odd maps with a size computed by ``torch.as_tensor`` on the map's shape."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        odd = torch.as_tensor([h, w]) % 2
+        y = F.pad(x, (1, 1 + int(odd[1]), 1, 1 + int(odd[0])))
+        return F.relu(x + self.bn(self.conv(y))[..., :h, :w])
+
+
+class AsTensorPadNet(nn.Module):
+    """Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10, width: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, width, 3, 2)
+        self.blocks = nn.Sequential(OddPadBlock(width), OddPadBlock(width))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+# --- issue 22, class 8: residuals missed -------------------------------------------------------
+
+
+class ReducingBlock(nn.Module):
+    """A transformer block that ends in a projection to the next stage's width. Every way out of
+    its two residual adds goes through ``reduce`` (what an attention-internal add looks like),
+    but the author marked both branches with their own ``drop_path1``/``drop_path2`` slots."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Linear(dim, dim)
+        self.drop_path1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop_path2 = nn.Identity()
+        self.reduce = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.reduce(x)
+
+
+class MarkedReducingViT(nn.Module):
+    """Sites: two per block, both marked by the author's drop-path slots."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(ReducingBlock(8, 12), ReducingBlock(12, 16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -837,5 +1162,43 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1},
         failure="an HF-style *DropPath module (drop_prob) already on the residual branch",
         extra={"slots": ["blocks.0.drop_path", "blocks.1.drop_path", "blocks.2.drop_path"]},
+    ),
+    WildCase(
+        "wrapped_inplace_act",
+        WrappedInplaceActNet,
+        {f"blocks.{i}": 1 for i in range(3)},
+        failure="issue 22 class 1: act(f(x) + x) with act a wrapper of nn.ReLU(inplace=True)",
+    ),
+    WildCase(
+        "hidden_inplace",
+        HiddenInplaceNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        expect="either",
+        failure="issue 22 class 1: a module with parameters writing the residual sum in place",
+    ),
+    WildCase(
+        "nested_branches",
+        NestedBranchNet,
+        {"dec": 2},
+        failure="issue 22 class 2: up(x + res(x)) + skip, one site inside the other's branch",
+    ),
+    WildCase(
+        "finfo_of_traced_dtype",
+        FinfoViT,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="issue 22 class 7: -torch.finfo(q.dtype).max in attention (zero sites before)",
+    ),
+    WildCase(
+        "as_tensor_of_traced_shape",
+        AsTensorPadNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="issue 22 class 7: torch.as_tensor([h, w]) on a traced shape (zero sites before)",
+    ),
+    WildCase(
+        "drop_path_marked_before_projection",
+        MarkedReducingViT,
+        {"blocks.0": 2, "blocks.1": 2},
+        failure="issue 22 class 8: residuals marked by the author's drop_path1/2, in a block "
+        "ending in a projection (filtered as layer-internal adds before)",
     ),
 ]

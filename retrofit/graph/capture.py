@@ -33,9 +33,10 @@ from retrofit.graph.sandbox import mode, preserved
 __all__ = ["Call", "CallKey", "GUARDS", "NoCall", "record_calls"]
 
 # How much of a tensor argument a specialised graph depends on, least to most: nothing (the
-# code only passed it on), its rank (``B, L, C = x.shape``), or its shape, dtype and device
-# (``if H % 7``, ``math.ceil(W / 2)``, ``if x.dtype != w.dtype``).
-GUARDS = ("none", "rank", "shape")
+# code only passed it on), its rank (``B, L, C = x.shape``), its rank, dtype and device
+# (``torch.finfo(q.dtype).max``, ``if x.is_cuda``), or its shape, dtype and device
+# (``if H % 7``, ``math.ceil(W / 2)``).
+GUARDS = ("none", "rank", "dtype", "shape")
 
 
 class NoCall(LookupError):
@@ -94,6 +95,8 @@ class CallKey:
     def describe_tensor(t: Tensor, guard: str) -> Any:
         if guard == "shape":
             return (tuple(t.shape), t.dtype, t.device.type)
+        if guard == "dtype":
+            return (t.ndim, t.dtype, t.device.type)
         if guard == "rank":
             return t.ndim
         return None
@@ -144,9 +147,13 @@ def _iter_named(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from model.named_modules()
 
 
-def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dict[str, list[Call]]:
+def record_calls(
+    model: nn.Module, example_input: Any, *, limit: int = 4, output: list[Any] | None = None
+) -> dict[str, list[Call]]:
     """Run ``model`` once on ``example_input`` and return every module's calls (at most ``limit``
-    per module, in call order), keyed by qualified name ("" for the root).
+    per module, in call order), keyed by qualified name ("" for the root). ``output``, if
+    given, receives what the forward returned (the model's eval output on the probe: the
+    reference verification compares against, without a forward of its own).
 
     Eval mode and ``no_grad``: nothing is learned or drawn; the model's attributes (and any
     cache its forward fills) are restored afterwards. Modules that did not run (a training-only
@@ -159,11 +166,13 @@ def record_calls(model: nn.Module, example_input: Any, *, limit: int = 4) -> dic
         # preserved: whatever the forward writes (caches) goes; mode: eval, flags restored
         with preserved(model), mode(model, False), torch.no_grad(), torch.random.fork_rng([]):
             if isinstance(example_input, tuple):
-                model(*example_input)
+                out = model(*example_input)
             elif isinstance(example_input, dict):
-                model(**example_input)
+                out = model(**example_input)
             else:
-                model(example_input)
+                out = model(example_input)
+            if output is not None:
+                output.append(out)
     finally:
         for handle in handles:
             handle.remove()

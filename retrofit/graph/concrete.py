@@ -15,6 +15,8 @@ computed from decides what the graph depends on (:data:`retrofit.graph.capture.G
   structure, nothing to check;
 * a tensor's rank (``B, L, C = x.shape`` unpacks ``len(x.shape)`` values): the call's tensors
   must have the same ranks;
+* a tensor's dtype or device (``torch.finfo(q.dtype).max``): the same ranks, dtypes and
+  devices;
 * anything else computed from shapes, dtypes or devices only: the call's tensors must have the
   same shapes, dtypes and devices;
 * anything computed from tensor *data* (``if x.max() > 0``, ``if torch.rand(1) < p``): refused.
@@ -37,6 +39,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import _is_fx_tracing_context, _maybe_revert_all_patches
+from torch.utils._pytree import tree_flatten
 
 from retrofit.graph.capture import GUARDS
 from retrofit.graph.dataflow import is_metadata
@@ -53,6 +56,13 @@ def _rank_read(node: fx.Node) -> bool:
     if node.op == "call_function":  # getattr(x, "ndim")
         return len(node.args) > 1 and node.args[1] == "ndim"
     return node.op == "call_method" and node.target == "dim"
+
+
+def _dtype_read(node: fx.Node) -> bool:
+    return node.op == "call_function" and len(node.args) > 1 and node.args[1] in _DTYPE_ATTRS
+
+
+_DTYPE_ATTRS = ("dtype", "device", "is_cuda", "layout")
 
 
 class Concretizer:
@@ -123,7 +133,7 @@ class Concretizer:
                 stack.pop()
                 continue
             if is_metadata(n):
-                memo[n] = "rank" if _rank_read(n) else "shape"
+                memo[n] = "rank" if _rank_read(n) else "dtype" if _dtype_read(n) else "shape"
                 stack.pop()
                 continue
             inputs = n.all_input_nodes
@@ -137,7 +147,7 @@ class Concretizer:
                 memo[n] = (
                     "data"
                     if "data" in deps
-                    else max(deps, key=lambda d: ("const", "rank", "shape").index(d))
+                    else max(deps, key=lambda d: ("const", *GUARDS[1:]).index(d))
                 )
             else:
                 memo[n] = "data"
@@ -210,14 +220,64 @@ _DUNDERS = {
 }
 
 
+def _proxies(value: Any) -> list[fx.Proxy]:
+    leaves, _ = tree_flatten(value)
+    return [v for v in leaves if isinstance(v, fx.Proxy)]
+
+
+def _info(original: Any) -> Any:
+    """``torch.finfo``/``torch.iinfo`` of a traced dtype: they are types, not functions fx can
+    record, so Python needs the dtype itself (the concrete tensor's, guarded as ``dtype``)."""
+
+    def info(type: Any = None) -> Any:  # noqa: A002 - torch's own parameter name
+        if isinstance(type, fx.Proxy):
+            concretizer = getattr(type.tracer, "concretizer", None)
+            if concretizer is None:
+                raise TypeError(f"torch.{original.__name__}() of a traced dtype needs its value")
+            type = concretizer.require(type, "dtype")
+        return original() if type is None else original(type)
+
+    return info
+
+
+def _recorded(original: Any) -> Any:
+    """``torch.as_tensor([h, w])`` on traced values: recorded as one node (fx only records a
+    torch function whose tensor arguments are proxies, not proxies inside a list)."""
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        proxies = _proxies((args, kwargs))
+        if not proxies:
+            return original(*args, **kwargs)
+        return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
+
+    fn.__name__ = original.__name__
+    return fn
+
+
+_TORCH_PATCHES = {
+    "finfo": _info,
+    "iinfo": _info,
+    "as_tensor": _recorded,
+    "tensor": _recorded,
+}
+
+
 @contextmanager
 def concrete_dunders() -> Iterator[None]:
+    """While a specialised trace runs: Python's questions to a Proxy (``len``, ``int``,
+    ``float``, ``index``) and the torch calls that take traced values inside Python objects
+    (:data:`_TORCH_PATCHES`) are answered from the concrete values."""
     saved = {name: fx.Proxy.__dict__.get(name) for name in _DUNDERS}
     for name, fn in _DUNDERS.items():
         setattr(fx.Proxy, name, fn)
+    originals = {name: getattr(torch, name) for name in _TORCH_PATCHES}
+    for name, wrap in _TORCH_PATCHES.items():
+        setattr(torch, name, wrap(originals[name]))
     try:
         yield
     finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
         for name, fn in saved.items():
             if fn is None:
                 delattr(fx.Proxy, name)

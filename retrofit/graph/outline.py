@@ -110,7 +110,8 @@ def _inplace_param(target: Any) -> inspect.Signature | None:
 
 def mutated_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
     """The argument ``node`` writes to in place (``x.relu_()``, ``x += y`` spelled ``iadd``,
-    ``F.relu(x, inplace=True)``, an ``nn.ReLU(inplace=True)`` call), else None."""
+    ``F.relu(x, inplace=True)``, an ``nn.ReLU(inplace=True)`` call or a parameter-free wrapper
+    module holding one), else None."""
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if first is None:
         return None
@@ -119,7 +120,7 @@ def mutated_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
         return first if name.endswith("_") and not name.startswith("_") else None
     if node.op == "call_module":
         module = modules.get(str(node.target))
-        return first if getattr(module, "inplace", False) is True else None
+        return first if module is not None and _module_inplace(module) else None
     if node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
             return first
@@ -133,6 +134,19 @@ def mutated_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
                 return None
             return first if bound.arguments.get("inplace") is True else None
     return None
+
+
+def _module_inplace(module: Any) -> bool:
+    """Whether calling ``module`` may write its input in place: its own ``inplace=True``, or a
+    wrapper without parameters (an activation wrapper, a Sequential of activations) holding a
+    module with ``inplace=True``. A module with parameters computes new tensors before any
+    in-place op of its children (conv → BN → ``ReLU(inplace=True)``), so its children's in-place
+    ops do not reach its input."""
+    if getattr(module, "inplace", False) is True:
+        return True
+    if not hasattr(module, "modules") or next(module.parameters(), None) is not None:
+        return False
+    return any(getattr(m, "inplace", False) is True for m in module.modules())
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -271,10 +285,15 @@ def branch_region(
     )
 
 
-def extract_branch(region: BranchRegion) -> fx.Graph:
-    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order)."""
+def extract_branch(region: BranchRegion, env: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
+    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order).
+
+    ``env``, if given, receives each region node's copy: a branch that holds an already
+    outlined site (a decoder's ``up(h) + skip`` where ``h = x + res(x)``) carries that site's
+    gate call, whose branch the rewrite must then attach to the copy, not the erased original.
+    """
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env = {} if env is None else env
     for node in region.inputs:
         env[node] = graph.placeholder(node.name)
     for node in region.attrs:

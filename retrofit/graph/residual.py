@@ -354,9 +354,11 @@ def _internal(site: ResidualSite, flow: DataFlow, prefix: str) -> bool:
     is internal to a layer: SwiftFormer's ``final(proj(g·k) + q)``, MViTv2's residual pooling
     ``proj(attn + q)``, BoTNet's relative-position logits. The model's own forward is exempt
     (its head follows the last block), and so are sites whose block is a child (a loop over
-    blocks).
+    blocks). So are adds whose branch already holds the model's own drop-path module: its
+    author marked the branch residual (a block that ends in a projection to the next width:
+    ``x = x + drop_path1(attn(x)); ...; return reduce(x)``).
     """
-    if site.block != site.owner or site.owner == prefix:
+    if site.block != site.owner or site.owner == prefix or site.existing is not None:
         return False
     add = next(n for n in flow.graph_module.graph.nodes if n.name == site.node)
     return _leaves_through_maps(add, add.meta.get("owner_local", ""), flow)

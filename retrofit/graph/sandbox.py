@@ -7,8 +7,11 @@ getitem_6``), fx adds ``_tensor_constant0`` attributes to the root it traces, ot
 memoises shapes or masks. ``retrofit.plan`` promises not to mutate what it is given, so every
 trace and every recording forward runs inside :func:`preserved`, which restores each module's
 attributes — the values, and the contents of the dicts, lists and sets they hold — as they
-were. Tensor *data* is not copied: code that writes into a parameter or buffer in place during
-an eval-mode forward is outside what this guards.
+were. Small buffers (at most :data:`SMALL_BUFFER` elements: counters such as BatchNorm's
+``num_batches_tracked``) are also restored by value: fx does not proxy buffers, so a BatchNorm
+subclass traced in training mode really runs ``self.num_batches_tracked.add_(1)``, and a lint
+must change nothing. Other tensor data is not copied: code that writes into a large parameter or
+buffer in place while being read is outside what this guards.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["Snapshot", "mode", "preserved"]
+__all__ = ["SMALL_BUFFER", "Snapshot", "mode", "preserved"]
+
+SMALL_BUFFER = 64
 
 _CONTAINERS = (dict, list, set)
 
@@ -73,12 +79,25 @@ class Snapshot:
 
 @contextmanager
 def preserved(root: nn.Module) -> Iterator[None]:
-    """Restore every module under ``root`` (attributes and container contents) on exit."""
+    """Restore every module under ``root`` (attributes and container contents, and the values of
+    small buffers) on exit."""
     snapshot = Snapshot(root)
+    small = [
+        (b, b._version, b.detach().clone())
+        for b in root.buffers()
+        if b is not None
+        and not isinstance(b, nn.parameter.UninitializedTensorMixin)  # a lazy module's
+        and b.device.type != "meta"
+        and b.numel() <= SMALL_BUFFER
+    ]
     try:
         yield
     finally:
         snapshot.restore()
+        for buffer, version, value in small:
+            if buffer._version != version:
+                with torch.no_grad():
+                    buffer.copy_(value)
 
 
 @contextmanager

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -213,7 +214,13 @@ class StageAnalysis:
         if not calls:
             raise LookupError(f"{caller or '<root>'} does not call {module!r} in its own forward")
         # A module called more than once: the stage output is its last call.
-        return _site_of(gm, calls[-1], caller, self.model.get_submodule(caller))
+        call = calls[-1]
+        if any(u.op == "call_function" and u.target is operator.getitem for u in call.users):
+            # The module returns a tuple or dict (``y, aux = block(x)``): its call is not the
+            # map, which is made inside the module's own code (the node ``out``). A DropBlock
+            # after the call would receive the tuple.
+            return self.functional_site(out)
+        return _site_of(gm, call, caller, self.model.get_submodule(caller))
 
     def output_site(self, module: str) -> CallSite:
         """Where ``module``'s own forward computes its output (the node it returns): inserting
@@ -336,10 +343,14 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow, *, handoff: bool = False) -
     main: set[fx.Node] = set()
     open_until = -1
     for i, node in enumerate(nodes):
-        carries = shape_of(node) is not None and flow.depends_on_input(node)
+        shape = shape_of(node)
+        carries = shape is not None and flow.depends_on_input(node)
         if carries and open_until <= i:
             main.add(node)
-        if carries:
+        # Only a feature map jumping ahead (a U-Net skip) takes what it jumps over off the main
+        # path: a pooled side output (``aux = h.mean((2, 3))`` summed at the end, deep
+        # supervision) is not an edge the encoder's maps flow along.
+        if carries and len(shape) >= 3:
             # Returning a value is not jumping over what follows: an encoder that returns its
             # feature maps ``[c2, c3, c4, c5]`` keeps c3…c5 on the main path.
             top = _top(node)

@@ -53,6 +53,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from retrofit.layers.ramps import linear_ramp
+from retrofit.layers.tensor_state import TensorState, scalar
 
 __all__ = ["DropBlock", "drop_block", "dropblock_gamma", "expected_drop_fraction"]
 
@@ -103,6 +104,11 @@ def _band(valid: int, block_size: int, dtype: torch.dtype, device: torch.device)
     return torch.ones(size, dtype=dtype, device=device).tril_().triu_(1 - block_size)
 
 
+# A compiled graph builds the bands once, as constants of the graph: no cache to consult (dynamo
+# would trace through the lru_cache wrapper and warn about it).
+_uncached_band = _band.__wrapped__
+
+
 def _cover(seeds: Tensor, block_size: int) -> Tensor:
     """Number of blocks covering each activation: B_h · seeds · B_wᵀ for every map.
 
@@ -114,8 +120,9 @@ def _cover(seeds: Tensor, block_size: int) -> Tensor:
     used, and that is exact in any precision autocast or TF32 may pick: a sum of non-negative
     0/1 products rounds to 0 only when every term is 0.
     """
-    rows = _band(seeds.shape[-2], block_size, seeds.dtype, seeds.device)
-    cols = _band(seeds.shape[-1], block_size, seeds.dtype, seeds.device)
+    band = _uncached_band if torch.compiler.is_compiling() else _band
+    rows = band(seeds.shape[-2], block_size, seeds.dtype, seeds.device)
+    cols = band(seeds.shape[-1], block_size, seeds.dtype, seeds.device)
     # seeds @ colsᵀ first: a batched-by-2D product folds into one plain matmul.
     return rows @ (seeds @ cols.T)
 
@@ -124,9 +131,10 @@ def _cover3d(seeds: Tensor, sides: tuple[int, ...]) -> Tensor:
     """:func:`_cover` on (..., T − bt + 1, H − bh + 1, W − bw + 1) seeds: one band matrix per
     axis, the frames' band applied last (an einsum over the T axis)."""
     bt, bh, bw = sides
-    frames = _band(seeds.shape[-3], bt, seeds.dtype, seeds.device)
-    rows = _band(seeds.shape[-2], bh, seeds.dtype, seeds.device)
-    cols = _band(seeds.shape[-1], bw, seeds.dtype, seeds.device)
+    band = _uncached_band if torch.compiler.is_compiling() else _band
+    frames = band(seeds.shape[-3], bt, seeds.dtype, seeds.device)
+    rows = band(seeds.shape[-2], bh, seeds.dtype, seeds.device)
+    cols = band(seeds.shape[-1], bw, seeds.dtype, seeds.device)
     planes = rows @ (seeds @ cols.T)
     return torch.einsum("tv,...vhw->...thw", frames, planes)
 
@@ -190,7 +198,7 @@ def _apply_blocks(x: Tensor, seeds: Tensor, sides: tuple[int, ...], scale: bool 
 
 def drop_block(
     x: Tensor,
-    keep_prob: float,
+    keep_prob: float | Tensor,
     block_size: int,
     per_channel: bool = False,
     training: bool = True,
@@ -202,7 +210,10 @@ def drop_block(
 
     Args:
         x: feature map, any float dtype (bf16/fp16 under AMP are kept) and memory format.
-        keep_prob: target fraction of kept activations, in (0, 1]; 1 is the identity.
+        keep_prob: target fraction of kept activations, in (0, 1]; 1 is the identity. A 0-dim
+            tensor is read inside the computation (no host sync, nothing a compiler guards on):
+            it is not range-checked, γ is not checked to be <= 1, and keep_prob 1 is not a
+            shortcut (it draws no seeds and scales by 1: the same values as x).
         block_size: side of the dropped squares (cubes on 5-D maps), >= 1; clamped to min(H, W)
             on 4-D maps, to each dimension on 5-D maps.
         per_channel: draw an independent mask per channel instead of one (N, 1, …) mask shared
@@ -219,13 +230,14 @@ def drop_block(
     if isinstance(x, torch.fx.Proxy):  # imported by name: see stochastic_depth
         args = (x, keep_prob, block_size, per_channel, training, generator, gamma_scale, scale)
         return x.tracer.create_proxy("call_function", _drop_block, args, {})
-    _check(keep_prob, block_size, gamma_scale)
+    as_tensor = isinstance(keep_prob, Tensor)
+    _check(0.5 if as_tensor else keep_prob, block_size, gamma_scale)
     if x.ndim not in (4, 5):
         raise ValueError(
             "drop_block expects a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) input, but got shape "
             f"{tuple(x.shape)}"
         )
-    if not training or keep_prob == 1.0:
+    if not training or (not as_tensor and keep_prob == 1.0):
         return x
     n, c, *dims = x.shape
     sides = _sides(block_size, tuple(dims))
@@ -237,16 +249,20 @@ def drop_block(
         depth=dims[0] if len(dims) == 3 else None,
         gamma_scale=gamma_scale,
     )
-    if gamma > 1.0:
+    if not as_tensor and gamma > 1.0:
         raise ValueError(
             f"seed rate gamma = {gamma:.3g} > 1 for keep_prob {keep_prob}, block_size {block_size}, "
             f"gamma_scale {gamma_scale} on a {'×'.join(map(str, dims))} map; lower gamma_scale"
         )
     mask_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     valid = tuple(d - b + 1 for d, b in zip(dims, sides, strict=True))
-    seeds = torch.empty(
-        (n, c if per_channel else 1, *valid), dtype=mask_dtype, device=x.device
-    ).bernoulli_(gamma, generator=generator)
+    shape = (n, c if per_channel else 1, *valid)
+    if as_tensor:
+        u = torch.rand(shape, dtype=mask_dtype, device=x.device, generator=generator)
+        seeds = (u < gamma).to(mask_dtype)
+    else:
+        seeds = torch.empty(shape, dtype=mask_dtype, device=x.device)
+        seeds.bernoulli_(gamma, generator=generator)
     return _apply_blocks(x, seeds, sides, scale)
 
 
@@ -257,12 +273,14 @@ _drop_block = drop_block
 class DropBlock(nn.Module):
     """DropBlock layer over :func:`drop_block`, with the paper's linear keep_prob schedule.
 
-    Attributes (plain, may be changed between steps):
+    Attributes (may be changed between steps):
         target_keep_prob: keep_prob reached at the end of the ramp (the recipe's ``keep_prob``).
         keep_prob: the current value. It starts at 1.0 (training progress 0, no dropping) and
             follows ``set_progress``; a training loop calls ``retrofit.schedule.update(model, t)``
             once per step. A layer never driven by the schedule never drops anything, and warns
-            once about it.
+            once about it. Under ``torch.compile`` the layer reads a 0-dim tensor copy of it
+            (:mod:`retrofit.layers.tensor_state`), so the ramp never recompiles; the layer holds
+            no buffers, so the model keeps its ``state_dict`` keys.
         block_size, per_channel, gamma_scale, scale: as in :func:`drop_block`.
         ramp: fraction of training over which keep_prob goes from 1 to its target, in (0, 1].
 
@@ -282,8 +300,9 @@ class DropBlock(nn.Module):
         _check(keep_prob, block_size, gamma_scale)
         if not 0.0 < ramp <= 1.0:
             raise ValueError(f"ramp has to be in (0, 1], but got {ramp}")
+        self._t = TensorState(keep_prob=scalar(1.0, torch.float32))
+        self._keep_prob = 1.0
         self.target_keep_prob = keep_prob
-        self.keep_prob = 1.0
         self.block_size = block_size
         self.per_channel = per_channel
         self.ramp = ramp
@@ -291,12 +310,42 @@ class DropBlock(nn.Module):
         self.scale = scale
         self._scheduled = False
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DropBlock:
+        super()._apply(fn, recurse)
+        self._t.apply(fn)
+        return self
+
+    @property
+    def keep_prob(self) -> float:
+        """The current keep_prob (a float; compiled graphs read its tensor copy)."""
+        return self._keep_prob
+
+    @keep_prob.setter
+    def keep_prob(self, value: float) -> None:
+        value = float(value)
+        if value != self._keep_prob:
+            self._t.keep_prob.fill_(value)
+            self._keep_prob = value
+
     def set_progress(self, t: float) -> None:
         """keep_prob = 1 − min(t / ramp, 1) · (1 − target_keep_prob) for training progress t."""
         self.keep_prob = linear_ramp(t, 1.0, self.target_keep_prob, self.ramp)
         self._scheduled = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            if not self.training:
+                return x
+            return drop_block(
+                x,
+                self._t.keep_prob,
+                self.block_size,
+                self.per_channel,
+                True,
+                None,
+                self.gamma_scale,
+                self.scale,
+            )
         if (
             self.training
             and not self._scheduled

@@ -41,6 +41,8 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +51,23 @@ import torch.fx
 from torch import Tensor, nn
 
 from retrofit.layers.ramps import warmed_up
+from retrofit.layers.tensor_state import TensorState, scalar
 
-__all__ = ["Outline", "StochasticDepthGate", "is_gate", "stochastic_depth", "subset_rows"]
+__all__ = [
+    "COMPILED_FORMS",
+    "Outline",
+    "StochasticDepthGate",
+    "compiled_form",
+    "forced",
+    "is_gate",
+    "stochastic_depth",
+    "subset_rows",
+]
 
 MODES = ("row", "batch", "subset")
 SCALINGS = ("inverted", "paper")
+# How an outlined batch/subset gate runs inside torch.compile (see StochasticDepthGate).
+COMPILED_FORMS = ("skip", "mask")
 
 
 def _check(survival: float, mode: str, scaling: str) -> None:
@@ -178,6 +192,32 @@ def _unit(key: int) -> float:
     return (key >> 10) * 2.0**-53
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds) on int64 tensors in [0, 2³²).
+
+    The multiplier is below 2³¹, so no product leaves int64: the same bits on every device and
+    backend (eager, inductor's C++ and Triton), which a hash with wrapping products would not
+    promise. Used inside compiled graphs, where the host's blake2b (:func:`draw_key`) cannot run.
+    """
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    return (h >> 16) ^ h
+
+
+def _counter_uniform(base: int, draw: Tensor, rows: int | None = None) -> Tensor:
+    """Uniforms in [0, 1) (float32, 24 bits) for draw number ``draw`` (an int64 tensor) of the
+    site keyed ``base``: one value, or one per row with ``rows``. Counter-based like
+    :func:`draw_key` (a function of the counter, no generator state), computed in the graph."""
+    h = _mix32((draw + base) & _M32)
+    if rows is not None:
+        index = torch.arange(rows, device=draw.device, dtype=torch.int64)
+        h = _mix32(h ^ (index * 0x9E3779B1 & _M32))
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
 @dataclass(frozen=True)
 class Outline:
     """How the outlined residual add must behave; decided by the rewrite from the owner's graph.
@@ -201,7 +241,7 @@ class StochasticDepthGate(nn.Module):
     """Stochastic depth on one residual site (see :func:`stochastic_depth`).
 
     ``survival``, ``mode``, ``scaling`` and ``depth`` (l, 1-based, for printing and plans) are
-    plain attributes that may be changed between steps. ``target_survival`` is the planned p_l;
+    attributes that may be changed between steps. ``target_survival`` is the planned p_l;
     with ``warmup`` > 0 (a fraction of training, Composer's ``drop_warmup``) ``survival`` starts
     at 1 and :meth:`set_progress` ramps it linearly to ``target_survival`` over the first
     ``warmup`` of training (``retrofit.schedule.update(model, t)`` calls it); a warm-up gate never
@@ -215,18 +255,41 @@ class StochasticDepthGate(nn.Module):
     docstring. ``seed``/``stream`` make batch and subset draws counter-based; ``draws`` counts
     training calls (the counter; checkpoints save it with the statistics below).
 
-    Statistics for logging, updated by every training forward outside graph capture:
-    ``calls`` is the number of samples that went through the gate, ``kept`` how many of them
-    kept their branch, ``kept_fraction = kept / max(calls, 1)``; ``reset_stats()`` zeroes them.
-    ``history`` holds the kept fraction of each of the last ``HISTORY`` calls (1.0/0.0 in batch
-    mode: the recorded sequence of kept and dropped steps).
-    Counting adds no work to the step: the gate keeps a reference to each step's small mask,
+    Statistics for logging, updated by every training forward (survival 1.0 included: a block
+    that is never dropped kept all of its samples): ``calls`` is the number of samples that went
+    through the gate, ``kept`` how many of them kept their branch,
+    ``kept_fraction = kept / max(calls, 1)``; ``reset_stats()`` zeroes them. ``history`` holds
+    the kept fraction of each of the last ``HISTORY`` eager calls in batch and subset mode
+    (1.0/0.0 in batch mode: the recorded sequence of kept and dropped steps).
+    Counting adds no work to an eager step: the gate keeps a reference to each step's small mask,
     counts them on their device in one batch every ``FOLD_EVERY`` steps and reads the count back
     (the only device sync) when ``kept`` is read. Counting with a reduction each step made the
     gate ~1.5x slower than timm's drop_path on an H100, where a gate's whole forward+backward is
     launch-bound at ~0.1 ms; deferred, the hot path is the draw, the multiply and a list append.
     Batch and subset decisions are made on the host, so they are counted without any mask.
-    Counting is skipped while torch.fx / torch.compile trace the gate.
+
+    **Under torch.compile** the gate reads only tensors (:mod:`retrofit.layers.tensor_state`):
+    the survival a warm-up moves is a 0-dim tensor the schedule fills in place, so updates never
+    recompile, and the counters are tensors the compiled graph adds to (``calls``, ``kept`` and
+    ``draws`` sum the eager and the compiled counts). Row mode compiles to one graph with the
+    draw, the count and the multiply fused. Outlined batch/subset gates have two forms, chosen by
+    ``compiled`` (:func:`compiled_form` sets it for a whole model):
+
+    * ``"skip"`` (default): the eager semantics exactly — the decision is made on the host, a
+      dropped branch is not computed and its parameters get no gradient — at the price of graph
+      breaks around every outlined gate (resnet18: 20 graphs). ``torch.cond`` cannot replace
+      them in torch 2.14: it rejects branches that mutate an input, and a BatchNorm in training
+      mutates its running statistics ("Higher order ops do not support input mutation").
+    * ``"mask"``: no graph break at all. The decision is drawn inside the graph (seeded gates:
+      a counter-based integer hash of (seed, site, draw), not the eager blake2b sequence), the
+      branch runs on every row and is multiplied by the 0/scale decision. The kept fraction, the
+      scale and the expectation are those of eager mode; the compute saving is lost, a dropped
+      branch's parameters get zero (not no) gradients and its BatchNorm statistics move.
+
+    ``forced`` (None, True or False) replaces every decision by keep (True: the branch runs,
+    unscaled, as at survival 1) or drop (False): a liveness check that must run the kept or the
+    dropped path sets it (:func:`forced` does so for a whole model); forced calls are not
+    counted.
     """
 
     FOLD_EVERY = 64
@@ -246,24 +309,80 @@ class StochasticDepthGate(nn.Module):
         _check(survival, mode, scaling)
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup has to be in [0, 1], but got {warmup}")
+        # Progress 0 before the first update: a warm-up starts from "never drop".
+        p = 1.0 if warmup > 0.0 else float(survival)
+        self._t = TensorState(
+            survival=scalar(p, torch.float32),
+            calls=scalar(0, torch.int64),
+            kept=scalar(0, torch.int64),
+            draws=scalar(0, torch.int64),
+        )
+        self._p = p
         self.target_survival = survival
         self.warmup = warmup
-        # Progress 0 before the first update: a warm-up starts from "never drop".
-        self.survival = 1.0 if warmup > 0.0 else survival
         self._scheduled = warmup == 0.0
         self.mode = mode
         self.scaling = scaling
         self.depth = depth
+        self._stream = stream
         self.seed = seed
-        self.stream = stream
-        self.draws = 0
-        self.calls = 0
+        self.compiled = "skip"
+        self.forced: bool | None = None
+        self._draws = 0
+        self._calls = 0
         self.history: deque[float] = deque(maxlen=self.HISTORY)
         # Plain attributes, deliberately not buffers: counted on the host, masks not yet
         # counted (one row each per sample), and a device-side count not yet read back.
         self._kept = 0
         self._masks: list[Tensor] = []
         self._count_on_device: Tensor | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StochasticDepthGate:
+        super()._apply(fn, recurse)
+        self._t.apply(fn)
+        return self
+
+    # ------------------------------------------------------------------ rates
+
+    @property
+    def survival(self) -> float:
+        """The current p_l (a float; compiled graphs read its tensor copy)."""
+        return self._p
+
+    @survival.setter
+    def survival(self, value: float) -> None:
+        value = float(value)
+        if value != self._p:
+            self._t.survival.fill_(value)
+            self._p = value
+
+    # ------------------------------------------------------------------ seeding
+
+    @property
+    def seed(self) -> int | None:
+        """Seed of the counter-based batch/subset draws (None: torch's global generator)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        self._seed = value
+        self._rekey()
+
+    @property
+    def stream(self) -> str:
+        """This site's name in the counter-based draws (unique per site, same in every process)."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, value: str) -> None:
+        self._stream = value
+        self._rekey()
+
+    def _rekey(self) -> None:
+        # The site's 32-bit key for in-graph draws, computed here on the host: a compiled graph
+        # cannot run blake2b, and reads this int as a constant (it changes only with the seed).
+        seed = self.__dict__.get("_seed")
+        self._base = None if seed is None else draw_key(seed, f"{self._stream}/compiled", 0) & _M32
 
     # ------------------------------------------------------------------ schedule
 
@@ -312,18 +431,38 @@ class StochasticDepthGate(nn.Module):
             self._count_on_device = count if acc is None else acc + count
 
     @property
+    def calls(self) -> int:
+        return self._calls + int(self._t.calls)
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._t.calls.zero_()
+        self._calls = int(value)
+
+    @property
     def kept(self) -> int:
         self._fold()
         if self._count_on_device is not None:
             self._kept += int(self._count_on_device.item())
             self._count_on_device = None
-        return self._kept
+        return self._kept + int(self._t.kept)
 
     @kept.setter
     def kept(self, value: int) -> None:
         self._masks = []
         self._count_on_device = None
+        self._t.kept.zero_()
         self._kept = int(value)
+
+    @property
+    def draws(self) -> int:
+        """Training calls made (eager and compiled); seeded draws are keyed by it."""
+        return self._draws + int(self._t.draws)
+
+    @draws.setter
+    def draws(self, value: int) -> None:
+        self._t.draws.zero_()
+        self._draws = int(value)
 
     @property
     def kept_fraction(self) -> float:
@@ -340,11 +479,14 @@ class StochasticDepthGate(nn.Module):
     def _next_key(self) -> int | None:
         """Advance the draw counter; the counter-based key of this draw, or None (global RNG)."""
         draw = self.draws
-        self.draws = draw + 1
+        self._draws += 1
         return None if self.seed is None else draw_key(self.seed, self.stream, draw)
 
     def _keep_batch(self, key: int | None) -> bool:
         """One Bernoulli(p_l) decision for the whole batch, made on the host: no device sync."""
+        forced = self.__dict__.get("_forced_keep")  # set only by retrofit.verify.forced_gates
+        if forced is not None:
+            return forced
         u = float(torch.rand(())) if key is None else _unit(key)
         return u < self.survival
 
@@ -360,6 +502,15 @@ class StochasticDepthGate(nn.Module):
     def forward(
         self, x: Tensor, *inputs: Any, branch: Any = None, outline: Outline | None = None
     ) -> Tensor:
+        if torch.compiler.is_compiling():
+            if branch is not None and (self.compiled == "mask" or self.mode == "row"):
+                return self._outlined_compiled(x, inputs, branch, outline or Outline())
+            if branch is None:
+                if inputs:
+                    raise TypeError(
+                        "StochasticDepthGate: inputs for a branch were given, no branch"
+                    )
+                return x * self._compiled_scale(x) if self.training else self._compiled_eval(x)
         # Under no_grad it is a check (retrofit.verify's liveness forward), not training.
         unscheduled = not self._scheduled and self.training and torch.is_grad_enabled()
         if unscheduled and not _graph_capture(x):
@@ -368,13 +519,20 @@ class StochasticDepthGate(nn.Module):
             return self._outlined(x, inputs, branch, outline or Outline())
         if inputs:
             raise TypeError("StochasticDepthGate: inputs for a branch were given, but no branch")
-        if not self.training or self.survival == 1.0 or _graph_capture(x):
+        if not self.training or _graph_capture(x):
             # Through the wrapped functional, so a tracer records one node.
             return stochastic_depth(x, self.survival, self.mode, self.training, self.scaling)
+        if self.forced is not None:
+            return x if self.forced else x * 0.0
         _check(self.survival, self.mode, self.scaling)
         key = self._next_key()
         n_rows = x.shape[0]
-        self.calls += n_rows
+        self._calls += n_rows
+        if self.survival == 1.0:
+            self._kept += n_rows
+            if self.mode != "row":
+                self.history.append(1.0)
+            return x
         if self.mode == "batch":
             # Decided on the host, as in the outlined form: no mask to count, no device sync.
             keep = self._keep_batch(key)
@@ -398,11 +556,80 @@ class StochasticDepthGate(nn.Module):
             mask.div_(keep_p)  # in place: the pending reference sees 1/p or 0, still countable
         return x * mask
 
-    # The outlined form is split for torch.compile. The decision and the bookkeeping (a host-side
-    # draw, counters, Python branching on the outcome) are excluded from compilation entirely:
-    # dynamo would otherwise guard on the draw counter and the outcome and recompile every step.
-    # ``_outlined`` itself is skipped without its callees, so the one call it makes that is not
-    # excluded — the branch function, a frame of its own — is compiled (once per site).
+    # ------------------------------------------------------------------ compiled forms
+
+    def _compiled_eval(self, x: Tensor) -> Tensor:
+        return x if self.scaling == "inverted" else x * self._t.survival.to(x.dtype)
+
+    def _compiled_scale(self, x: Tensor) -> Tensor:
+        """The training factor for x in a compiled graph: 0 or the scale, shaped (N, 1, …, 1)
+        (one value (1, …, 1) in batch mode), drawn and counted in the graph from tensors only."""
+        t, n = self._t, x.shape[0]
+        shape = (n,) + (1,) * (x.ndim - 1)
+        if self.forced is not None:
+            return x.new_full((1,) * x.ndim, 1.0 if self.forced else 0.0)
+        p = t.survival
+        base = self._base
+        if self.mode == "subset":
+            u = (
+                torch.rand(n, device=x.device)
+                if base is None
+                else _counter_uniform(base, t.draws + self._draws, rows=n)
+            )
+            k = torch.round(p * n).clamp(1, n)
+            keep = (u.argsort().argsort() < k).to(torch.float32).reshape(shape)
+            kept = k
+            scale = keep * (n / k) if self.scaling == "inverted" else keep
+        else:
+            if self.mode == "batch":
+                shape = (1,) * x.ndim
+                u = (
+                    torch.rand(shape, device=x.device)
+                    if base is None
+                    else _counter_uniform(base, t.draws + self._draws).reshape(shape)
+                )
+            else:
+                u = torch.rand(shape, device=x.device)
+            keep = (u < p).to(torch.float32)
+            kept = keep.sum() * (n if self.mode == "batch" else 1)
+            scale = keep / p if self.scaling == "inverted" else keep
+        t.calls.add_(n)
+        t.kept.add_(kept.to(torch.int64))
+        t.draws.add_(1)
+        return scale.to(x.dtype)
+
+    def _outlined_compiled(
+        self, shortcut: Tensor, inputs: tuple[Any, ...], branch: Any, spec: Outline
+    ) -> Tensor:
+        """The outlined site inside a compiled graph: ``shortcut + scale·branch(*inputs)`` with
+        the branch always computed (``compiled = "mask"``, and row mode)."""
+        out = branch(*inputs)
+        self._check_shapes(shortcut, out)
+        out = out * self._compiled_scale(out) if self.training else self._compiled_eval(out)
+        if spec.inplace == "shortcut":
+            return shortcut.add_(out)
+        result = shortcut + out
+        if spec.inplace == "branch" and result.dtype != out.dtype:
+            result = result.to(out.dtype)  # ``f += shortcut`` keeps f's dtype
+        return result
+
+    def _check_shapes(self, shortcut: Tensor, out: Tensor) -> None:
+        if (
+            out.shape != shortcut.shape
+            and torch.broadcast_shapes(out.shape, shortcut.shape) != shortcut.shape
+        ):
+            # Dropping would return a result of another shape than keeping.
+            raise RuntimeError(
+                f"stochastic depth (depth={self.depth}): the branch output {tuple(out.shape)} "
+                f"broadcasts the shortcut {tuple(shortcut.shape)}; this site cannot be outlined"
+            )
+
+    # The eager outlined form is split for torch.compile's "skip" form. The decision and the
+    # bookkeeping (a host-side draw, counters, Python branching on the outcome) are excluded from
+    # compilation entirely: dynamo would otherwise guard on the draw counter and the outcome and
+    # recompile every step. ``_outlined`` itself is skipped without its callees, so the one call
+    # it makes that is not excluded — the branch function, a frame of its own — is compiled
+    # (once per site).
 
     @torch.compiler.disable
     def _decide(
@@ -414,6 +641,8 @@ class StochasticDepthGate(nn.Module):
         p = self.survival
         if not self.training:
             return "run", 1.0 if self.scaling == "inverted" else p, None, inputs
+        if self.forced is not None:
+            return ("run" if self.forced else "drop"), 1.0, None, inputs
         _check(p, self.mode, self.scaling)
         if self.mode == "row" and p != 1.0:
             # The mode was changed after the rewrite: every row needs the branch; the mask form
@@ -421,7 +650,7 @@ class StochasticDepthGate(nn.Module):
             return "mask", 1.0, None, inputs
         key = self._next_key()
         n = shortcut.shape[0]
-        self.calls += n
+        self._calls += n
         if p == 1.0:
             self._kept += n
             self.history.append(1.0)
@@ -454,16 +683,8 @@ class StochasticDepthGate(nn.Module):
     ) -> Tensor:
         """The residual add ``shortcut + alpha·out`` (rows ``index`` only, in subset mode), with
         the original add's aliasing and dtype. One kernel: ``add``'s ``alpha`` does the scaling."""
-        if (
-            index is None
-            and out.shape != shortcut.shape
-            and torch.broadcast_shapes(out.shape, shortcut.shape) != shortcut.shape
-        ):
-            # Dropping would return a result of another shape than keeping.
-            raise RuntimeError(
-                f"stochastic depth (depth={self.depth}): the branch output {tuple(out.shape)} "
-                f"broadcasts the shortcut {tuple(shortcut.shape)}; this site cannot be outlined"
-            )
+        if index is None:
+            self._check_shapes(shortcut, out)
         if spec.inplace == "shortcut":
             if index is None:
                 return shortcut.add_(out, alpha=alpha)
@@ -504,8 +725,10 @@ class StochasticDepthGate(nn.Module):
 
     def rates(self) -> dict[str, Any]:
         """Settings and counters for logging (``retrofit.layers.protocol.Reporting``);
-        ``kept_fraction`` may synchronise an accelerator once, and ``recent`` is the kept
-        fraction of each training call since the last ``reset_stats()`` (1.0/0.0 in batch mode)."""
+        ``kept_fraction`` (None before any training call: nothing was measured) may synchronise
+        an accelerator once, and ``recent`` is the kept fraction of each eager training call
+        since the last ``reset_stats()`` (1.0/0.0 in batch mode)."""
+        calls, kept = self.calls, self.kept
         return {
             "depth": self.depth,
             "survival": self.survival,
@@ -513,11 +736,13 @@ class StochasticDepthGate(nn.Module):
             "warmup": self.warmup,
             "mode": self.mode,
             "scaling": self.scaling,
-            "calls": self.calls,
-            "kept_fraction": self.kept_fraction,
+            "calls": calls,
+            "kept": kept,
+            "kept_fraction": kept / calls if calls else None,
             "outlined": self.outlined,
             "seed": self.seed,
             "draws": self.draws,
+            "compiled": self.compiled,
             "recent": list(self.history),
         }
 
@@ -536,3 +761,33 @@ class StochasticDepthGate(nn.Module):
 def is_gate(module: nn.Module) -> bool:
     """True for a stochastic-depth gate inserted by retrofit."""
     return isinstance(module, StochasticDepthGate)
+
+
+def compiled_form(model: nn.Module, form: str) -> nn.Module:
+    """Set how every gate of ``model`` runs inside ``torch.compile``: ``"skip"`` (eager
+    semantics, graph breaks around outlined gates) or ``"mask"`` (no graph break; the branch is
+    computed and masked). See :class:`StochasticDepthGate`. Returns ``model``."""
+    if form not in COMPILED_FORMS:
+        raise ValueError(
+            f"compiled form has to be one of {', '.join(COMPILED_FORMS)}, but got {form!r}"
+        )
+    for m in model.modules():
+        if is_gate(m):
+            m.compiled = form
+    return model
+
+
+@contextmanager
+def forced(model: nn.Module, keep: bool) -> Iterator[None]:
+    """Within the block every gate of ``model`` keeps (``keep=True``: the branch runs, unscaled)
+    or drops (False) instead of drawing, and counts nothing; the previous ``forced`` values
+    come back afterwards. For checks that must run one path (liveness forward + backward)."""
+    gates = [m for m in model.modules() if is_gate(m)]
+    saved = [g.forced for g in gates]
+    for g in gates:
+        g.forced = bool(keep)
+    try:
+        yield
+    finally:
+        for g, value in zip(gates, saved, strict=True):
+            g.forced = value

@@ -59,7 +59,7 @@ import torch.fx as fx
 from torch import nn
 
 from retrofit.edit import Edit
-from retrofit.errors import ModelError, RecipeError, TraceError
+from retrofit.errors import RecipeError, RewriteError, TraceError
 from retrofit.graph.residual import ResidualSite
 from retrofit.graph.shapes import shape_of
 from retrofit.graph.stages import CallSite, Stage, StageAnalysis
@@ -192,11 +192,12 @@ class DropBlockSpec(Spec):
 _FIELD = "dropblock.stages"
 
 
-class SequentialOwnerError(ModelError):
+class SequentialOwnerError(RewriteError, ValueError):
     """DropBlock would have to be added to a pass-through container (``nn.Sequential``).
 
     Only a model that is itself such a container gets here: every other call site belongs to the
-    nearest module with a ``forward`` of its own (``trace.is_passthrough``).
+    nearest module with a ``forward`` of its own (``trace.is_passthrough``). The model is fine;
+    retrofit cannot edit it there: a refusal (``RefusedError``, CLI exit 3), not bad input.
     """
 
 

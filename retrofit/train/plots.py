@@ -37,7 +37,9 @@ def regularizer_layers(rates: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
     out: dict[str, dict[str, Any]] = {}
     for name, r in rates.items():
         if r.get("kind") == "stochastic_depth":
-            out[name] = {"kind": r["kind"], "depth": r.get("depth"), "survival": r.get("survival")}
+            # The planned p_l: under a warm-up the current survival starts at 1.
+            planned = r.get("target_survival", r.get("survival"))
+            out[name] = {"kind": r["kind"], "depth": r.get("depth"), "survival": planned}
         elif r.get("kind") == "dropblock":
             out[name] = {"kind": r["kind"], "target": r.get("target_keep_prob")}
     return out
