@@ -158,6 +158,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         help="ImageFolder tree, local CIFAR directory, or 'synthetic[:N]'; "
         "default: the embedded digits data",
     )
+    t.add_argument(
+        "--task",
+        choices=("classification", "detection", "segmentation"),
+        help="what to fine-tune for (default: inferred from the model: torchvision's detection "
+        "and segmentation models, else classification); --data then reads COCO JSON "
+        "(detection) or VOC image + mask folders (segmentation), default the embedded digits "
+        "on canvases",
+    )
     t.add_argument("--pretrained", action="store_true", help="start from the zoo's weights")
     t.add_argument("--weights", metavar="FILE", help="start from a local checkpoint")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -283,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- main command -----------------------------------------------------------------------------
 
-_TRAIN_ONLY = ("data", "resume", "strict_lint", "device", "max_steps")
+_TRAIN_ONLY = ("data", "resume", "strict_lint", "device", "max_steps", "task")
 # Flags that override the recipe's train: section (same names as TrainConfig's fields).
 _TRAIN_OVERRIDES = (
     "epochs",
@@ -384,6 +392,8 @@ def _run(args: argparse.Namespace) -> int:
         from retrofit.train.prepare import train_config_of
 
         seed_all(train_config_of(recipe).seed)
+    if args.train:
+        kwargs = _task_kwargs(args, kwargs)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
     if not real:
         from retrofit.graph.detection import is_detector
@@ -428,6 +438,25 @@ def _run(args: argparse.Namespace) -> int:
         # The plan was shown; what it lacks refuses the model unless the user accepts it.
         raise PartialError("; ".join(partial) + " (--allow-partial to accept it)")
     return EXIT_OK
+
+
+def _task_kwargs(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Builder kwargs a task implies: a torchvision detector trained on the embedded canvases is
+    built to take them at their own size (its default resizes every image to 800 px, 12× the
+    canvas: a CPU run would take hours); ``--model-kwargs min_size=… max_size=…`` overrides."""
+    from retrofit.train.tasks import task_of_name
+    from retrofit.train.tasks.canvas import is_canvas_spec, parse_canvas_spec
+
+    task = args.task or task_of_name(args.model)
+    if (
+        task == "detection"
+        and task_of_name(args.model) == "detection"
+        and is_canvas_spec(args.data)
+    ):
+        side = parse_canvas_spec(args.data).side
+        if "min_size" not in kwargs and "max_size" not in kwargs:
+            kwargs = {**kwargs, "min_size": side, "max_size": side}
+    return kwargs
 
 
 def _training_example(path: str | None) -> Any:
@@ -751,6 +780,7 @@ def _train(args: argparse.Namespace, model: Any, info: Any, recipe: Any, out: Pa
                 model_name=info.spec,
                 report=console,
                 allow_partial=args.allow_partial,
+                task=args.task,
             )
     except LintFindingsError as e:
         raise _LintFailed(str(e)) from None

@@ -123,10 +123,11 @@ def _check_out(out: Path) -> None:
 def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
     """Everything that can be checked before hours of training: model names and kwargs, that
     each recipe plans on the model (a stage index out of range, an untraceable model), the data."""
+    from retrofit.graph.detection import is_detector
     from retrofit.models import create_model
     from retrofit.recipe import Recipe
-    from retrofit.train.data import build_data
     from retrofit.train.prepare import has_model_edits, train_config_of
+    from retrofit.train.tasks import get_task, resolve_task
 
     _warn_unequal_training(variants)
     planned: set[str] = set()
@@ -135,6 +136,8 @@ def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
         kwargs = {**settings.model_kwargs, **v.model_kwargs}
         try:
             model, _ = create_model(settings.model, kwargs=kwargs, meta=True)
+            if is_detector(model):  # read on a real forward (NMS has no meta kernel)
+                model, _ = create_model(settings.model, kwargs=kwargs)
         except ModelError as e:
             raise CompareError(f"{v.path}: {e}" if v.model_kwargs else str(e)) from None
         recipe = Recipe.from_dict(v.recipe_for(0))
@@ -154,7 +157,9 @@ def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
                 raise CompareError(f"{v.path}: {e}") from None
             planned.add(key)
         if not data_checked:
-            build_data(settings.data, model, train_config_of(recipe))
+            # The task's data: the digits, or COCO / VOC for detectors and segmenters.
+            task = get_task(resolve_task(None, model)[0])
+            task.build_data(settings.data, model, train_config_of(recipe))
             data_checked = True
         sd = v.recipe.get("stochastic_depth") or {}
         if seeds > 1 and sd.get("seed") is not None:
@@ -347,8 +352,11 @@ def _write_report(
 
 
 def _table_header(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    from retrofit.compare.runs import metric_name
+
     s = meta["settings"]
     r0 = records[0] if records else {}
+    name = metric_name(records)  # accuracy, or the task's metric: mAP (COCO), mIoU
     kw = " ".join(f"{k}={v}" for k, v in s["model_kwargs"].items())
     data = r0.get("data", s["data"] or "digits")
     start = f"weights `{s['weights']}`" if s["weights"] else (
@@ -364,8 +372,8 @@ def _table_header(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"**{meta['title']}.** Model `{s['model']}`{f' ({kw})' if kw else ''} from {start}; data: "
         f"{data}; {', '.join(map(str, epochs)) or '?'} epochs; seeds {seeds[0]}–{seeds[-1]} "
         f"(train.seed, and the initialisation of what is not loaded); {meta['device']}, "
-        f"{threads} thread(s). Test accuracy is measured on the held-out split after the "
-        "last epoch in eval mode; train accuracy on the training split, in eval mode, without "
+        f"{threads} thread(s). Test {name} is measured on the held-out split after the "
+        f"last epoch in eval mode; train {name} on the training split, in eval mode, without "
         "augmentation; the gap is their difference.",
         "",
     ]

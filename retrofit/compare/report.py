@@ -67,6 +67,7 @@ def summarise(
             "edits": rs[0]["edits"] if rs else None,
             "edit_kinds": rs[0].get("edit_kinds", {}) if rs else {},
             "baseline": v == baseline,
+            "metric": rs[0].get("metric", "val_top1") if rs else "val_top1",
         }
         if v != baseline:
             w = stats.welch(test, ref)
@@ -127,8 +128,11 @@ def _p_is(p: float) -> str:
 
 def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
     """The table in Markdown, with a sentence naming the significant differences."""
+    from retrofit.compare.runs import metric_name
+
+    name = "acc" if metric_name(rows) == "accuracy" else metric_name(rows)
     lines = [
-        f"| variant | seeds | edits | test acc % | train acc % | gap (points) | "
+        f"| variant | seeds | edits | test {name} % | train {name} % | gap (points) | "
         f"Δ test vs `{baseline}` (points) | p (Welch) | verdict | s / epoch | CPU s / run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -202,12 +206,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from retrofit.compare.runs import metric_name
+
+    metric = metric_name(rows)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     labels = [r["variant"] for r in rows]
     xs = list(range(len(rows)))
     for ax, key, name, scale, bounds in (
-        (axes[0], "test_acc", "test accuracy (%)", 100.0, (0.0, 100.0)),
-        (axes[1], "gap", "train − test accuracy (points)", 100.0, (-100.0, 100.0)),
+        (axes[0], "test_acc", f"test {metric} (%)", 100.0, (0.0, 100.0)),
+        (axes[1], "gap", f"train − test {metric} (points)", 100.0, (-100.0, 100.0)),
     ):
         span: list[float] = []  # every value drawn, for the axis limits
         for i, r in enumerate(rows):

@@ -125,7 +125,6 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
     from retrofit.models import create_model
     from retrofit.recipe import Recipe
     from retrofit.train import loop
-    from retrofit.train.data import build_data
     from retrofit.train.prepare import train_config_of
     from retrofit.weights import load_weights
 
@@ -138,7 +137,12 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
     if s.weights:
         load_weights(model, s.weights)
     device = torch.device(s.device) if s.device else None
-    bundle = build_data(s.data, model, cfg, device=device or device_type(None))
+    # The task (classification, detection, segmentation) decides the data and the compared
+    # metric: top-1, COCO mAP or mIoU (retrofit.train.tasks).
+    from retrofit.train.tasks import get_task, resolve_task
+
+    task = get_task(resolve_task(None, model)[0])
+    bundle = task.build_data(s.data, model, cfg, device=device or device_type(None))
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     result = loop.fit(
@@ -154,16 +158,17 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
             f"{spec.label} stopped at step {result.step}/{result.total_steps} "
             f"({result.stop_reason}); run the same command again to resume it"
         )
-    train_acc = accuracy(result.model, bundle.train_eval(), _device_of(result.model))
+    train_acc = train_metric(task, result.model, bundle)
     attempts = [*prior.get("attempts", []), attempt]
     epochs = [h for h in result.history if h.get("kind") == "epoch"]
     edits = (result.plan or {}).get("edits", [])
     kinds: dict[str, int] = {}
     for e in edits:
         kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
-    test_acc = float(result.metrics["val_top1"]) / 100.0
+    test_acc = float(result.metrics[task.metric]) / 100.0
     rec = {
         "variant": spec.variant.name,
+        "metric": task.metric,
         "seed": spec.seed,
         "fingerprint": fingerprint,
         "test_acc": test_acc,
@@ -192,6 +197,29 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
     write_json(spec.dir / RESULT_NAME, rec)
     (spec.dir / "checkpoint.pt").unlink(missing_ok=True)
     return rec
+
+
+METRIC_NAMES = {"val_top1": "accuracy", "val_map": "mAP", "val_miou": "mIoU"}
+
+
+def metric_name(records: list[dict[str, Any]]) -> str:
+    """What ``test_acc`` / ``train_acc`` measure in these records (older records: accuracy)."""
+    keys = {r.get("metric", "val_top1") for r in records}
+    return METRIC_NAMES.get(keys.pop(), "metric") if len(keys) == 1 else "metric"
+
+
+def train_metric(task: Any, model: Any, bundle: Any) -> float | None:
+    """The task's metric (a fraction) on the training split in eval mode, without augmentation."""
+    if task.name == "classification":
+        return accuracy(model, bundle.train_eval(), _device_of(model))
+    from retrofit.finetune_config import TrainConfig
+    from retrofit.train import distributed as D
+    from retrofit.train.precision import resolve_precision
+
+    env = D.DistEnv(device=_device_of(model))
+    precision = resolve_precision(TrainConfig(amp="off", channels_last=False), env.device)
+    ev = task.evaluate(model, bundle.train_eval(), env, precision, num_classes=bundle.num_classes)
+    return ev[task.metric.removeprefix("val_")] / 100.0
 
 
 def accuracy(model: Any, batches: Any, device: Any) -> float | None:

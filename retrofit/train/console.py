@@ -187,6 +187,8 @@ def _isatty(stream: Any) -> bool:
 def start_lines(info: Mapping[str, Any]) -> list[str]:
     """The lines printed before the first step."""
     lines = []
+    if info.get("task_note"):
+        lines.append(str(info["task_note"]))
     if info.get("plan"):
         lines.append(f"plan: {info['plan']}")
     if info.get("lint"):
@@ -195,7 +197,8 @@ def start_lines(info: Mapping[str, Any]) -> list[str]:
     data = str(info.get("data"))
     if "train" not in data:  # the loaders' descriptions of the small sets carry their counts
         data += f" ({info.get('train_samples')} train / {info.get('val_samples')} val images)"
-    lines.append(f"data: {data}; {info.get('num_classes')} classes, input {size}")
+    background = " (background included)" if info.get("task") in _DENSE else ""
+    lines.append(f"data: {data}; {info.get('num_classes')} classes{background}, input {size}")
     warmup = info.get("warmup_epochs")
     sched = f"{info.get('sched')}" + (
         f", warmup {warmup:g} {_plural(warmup, 'epoch')}" if warmup else ""
@@ -221,22 +224,19 @@ def step_line(rec: Mapping[str, Any], *, epochs: int, total_steps: int) -> str:
     return (
         f"  step {rec['step']}/{total_steps} ({pct:.0f}%, epoch {min(int(rec['epoch']) + 1, epochs)}"
         f"/{epochs}): loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
-        f"{rec['images_per_s']:.0f} img/s"
+        f"{_rate(rec['images_per_s'])} img/s"
     )
 
 
 def epoch_line(rec: Mapping[str, Any], *, epochs: int) -> str:
     """One line per epoch: losses, accuracy, lr, throughput, kept fractions, time, checkpoint."""
-    parts = [
-        f"loss {rec['train_loss']:.4f} (val {rec['val_loss']:.4f})",
-        f"top-1 {rec['val_top1']:.2f}%",
-        f"top-5 {rec['val_top5']:.2f}%",
-    ]
-    if rec.get("ema_val_top1") is not None:
-        parts.append(f"EMA top-1 {rec['ema_val_top1']:.2f}%")
+    val = f" (val {rec['val_loss']:.4f})" if rec.get("val_loss") is not None else ""
+    parts = [f"loss {rec['train_loss']:.4f}{val}", *_metric_parts(rec, "val_")]
+    if any(rec.get(f"ema_val_{k}") is not None for k, _ in _METRICS):
+        parts.append("EMA " + _metric_parts(rec, "ema_val_")[0])
     parts.append(f"lr {rec['lr']:.2e}")
     if rec.get("images_per_s"):
-        parts.append(f"{rec['images_per_s']:.0f} img/s")
+        parts.append(f"{_rate(rec['images_per_s'])} img/s")
     if rec.get("sd_kept") is not None:
         planned = rec.get("sd_planned")
         parts.append(
@@ -287,6 +287,8 @@ def finish_lines(result: Mapping[str, Any], resume_hint: str = "resume=True") ->
             f": val top-1 {m['val_top1']:.2f}%, top-5 {m['val_top5']:.2f}%, "
             f"val loss {m['val_loss']:.4f}"
         )
+    elif _metric_parts(m, "val_"):
+        head += ": val " + ", ".join(_metric_parts(m, "val_"))
     lines = [head]
     reason = result.get("stop_reason")
     if reason == "max_steps":
@@ -302,6 +304,31 @@ def finish_lines(result: Mapping[str, Any], resume_hint: str = "resume=True") ->
             f"num_classes={result['num_classes']}, strict)"
         )
     return lines
+
+
+_DENSE = ("detection", "segmentation")  # their num_classes counts the background
+# Each task's evaluation fields (without the val_/ema_val_ prefix) and how a line names them.
+_METRICS = (
+    ("top1", "top-1"),
+    ("top5", "top-5"),
+    ("map", "mAP"),
+    ("map_50", "AP50"),
+    ("miou", "mIoU"),
+    ("pixel_acc", "pixel acc"),
+)
+
+
+def _metric_parts(rec: Mapping[str, Any], prefix: str) -> list[str]:
+    return [
+        f"{label} {rec[prefix + key]:.2f}%"
+        for key, label in _METRICS
+        if isinstance(rec.get(prefix + key), (int, float))
+    ]
+
+
+def _rate(images_per_s: float) -> str:
+    """Whole images per second, or two significant digits below 10 (a detector on a CPU)."""
+    return f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"
 
 
 def _count(n: Any, noun: str) -> str:

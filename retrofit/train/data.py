@@ -178,6 +178,7 @@ class LoaderBatches:
         world_size: int = 1,
         workers: int = 0,
         pin_memory: bool = False,
+        collate_fn: Any = None,
     ) -> None:
         n = len(dataset)  # type: ignore[arg-type]
         self.batch_size, self.train = batch_size, train
@@ -198,6 +199,7 @@ class LoaderBatches:
             num_workers=workers,
             pin_memory=pin_memory,
             persistent_workers=workers > 0,
+            collate_fn=collate_fn,
             # A private generator: otherwise each new iterator draws its worker base seed from the
             # global RNG, and where that draw happens differs between a resumed and a whole run.
             generator=torch.Generator().manual_seed(seed),
@@ -236,6 +238,9 @@ class DataBundle:
         class_names: class labels in index order.
         mean, std: the normalisation applied (the model's, from its data config).
         source: a one-line description for logs and ``model.json``.
+        task: what the data is for (``classification``, ``detection``, ``segmentation``:
+            :mod:`retrofit.train.tasks`); detection and segmentation count the background in
+            ``num_classes``.
     """
 
     train: TensorBatches | LoaderBatches
@@ -247,6 +252,7 @@ class DataBundle:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for the run directory."""
@@ -266,6 +272,8 @@ class DataBundle:
         accuracy measured on these is comparable with the validation accuracy, so their
         difference is the generalization gap."""
         tr, va = self.train, self.val
+        if hasattr(tr, "eval_view"):  # batches of another shape (detection's target lists)
+            return tr.eval_view(max(tr.batch_size, EVAL_BATCH))
         if isinstance(tr, TensorBatches):
             return TensorBatches(tr.images, tr.labels, max(tr.batch_size, EVAL_BATCH), train=False)
         base = tr.loader.dataset
@@ -274,8 +282,9 @@ class DataBundle:
         if hasattr(view, "transform"):
             view.transform = getattr(va.loader.dataset, "transform", None)
         return LoaderBatches(
-            view, tr.batch_size, train=False, workers=tr.loader.num_workers, pin_memory=False
-        )
+            view, tr.batch_size, train=False, workers=tr.loader.num_workers, pin_memory=False,
+            collate_fn=tr.loader.collate_fn,
+        )  # fmt: skip
 
 
 def model_data_config(model: nn.Module, cfg: TrainConfig | None = None) -> dict[str, Any]:

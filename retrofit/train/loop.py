@@ -26,6 +26,7 @@ and cost throughput.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -57,9 +58,8 @@ from retrofit.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from retrofit.train.classifier import resize_classifier
 from retrofit.train.console import Console, result_record
-from retrofit.train.data import DataBundle, build_data
+from retrofit.train.data import DataBundle, DataError
 from retrofit.train.data import steps_per_epoch as count_steps
 from retrofit.train.interrupt import StopRequest
 from retrofit.train.metrics import MetricsLog, correct_counts, require_tensorboard
@@ -138,6 +138,7 @@ def fit(
     apply: bool = True,
     allow_partial: bool = True,
     report: Console | None = None,
+    task: str | None = None,
 ) -> RunResult:
     """Retrofit ``model`` with ``recipe`` and fine-tune it on ``data``.
 
@@ -167,6 +168,8 @@ def fit(
         report: how the run reports itself (:class:`~retrofit.train.console.Console`: lines for a
             person, JSON lines, quiet); default: the ``retrofit.train`` logger, and bars if
             ``progress``. Only rank 0 reports.
+        task: ``classification``, ``detection`` or ``segmentation`` (:mod:`retrofit.train.tasks`);
+            None: a prebuilt ``data`` bundle's task, else inferred from the model's class.
 
     Raises:
         DataError: ``data`` names nothing readable, or holds fewer images than one optimizer step.
@@ -188,7 +191,7 @@ def fit(
                                 strict_lint=strict_lint,
                                 console=console if env.is_main else console.silent(),
                                 max_steps=max_steps, config=config, model_name=model_name,
-                                apply=apply, allow_partial=allow_partial)  # fmt: skip
+                                apply=apply, allow_partial=allow_partial, task=task)  # fmt: skip
             with StopRequest() as stop:
                 while state.epoch < run.cfg.epochs and state.stop_reason is None:
                     _run_epoch(run, state, stop)
@@ -306,7 +309,7 @@ class _Run:
     scheduler: Any
     scaler: torch.amp.GradScaler | None
     ema: Any
-    criterion: nn.Module
+    criterion: nn.Module | None
     regularizers: _Regularizers
     metrics: MetricsLog
     arch: str
@@ -319,6 +322,8 @@ class _Run:
     max_steps: int | None
     console: Console
     started: float  # time.perf_counter() when fit began
+    task: Any = None  # retrofit.train.tasks: batch → loss, the evaluation pass, the epoch fields
+    task_note: str | None = None
 
     @property
     def images_per_step(self) -> int:
@@ -362,6 +367,7 @@ def _setup(
     model_name: str | None,
     apply: bool,
     allow_partial: bool,
+    task: str | None = None,
 ) -> tuple[_Run, RunState]:
     """Everything before the first step, in an order that matters: seed, data, resize, apply,
     lint, optimizer, resume, and the RNG stream of training last."""
@@ -375,9 +381,17 @@ def _setup(
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    # --- tasks: which task, and its data (the loop below is the same for every task).
+    from retrofit.train.tasks import get_task, resolve_task
+
+    if task is None and isinstance(data, DataBundle):
+        task = data.task
+    task_name, task_note = resolve_task(task, model)
+    the_task = get_task(task_name)
+    # --- end tasks
     arch, bundle, prep = _prepare(
         model, recipe, data, cfg, env, out=out if writes else None, strict_lint=strict_lint,
-        apply=apply, allow_partial=allow_partial, model_name=model_name,
+        apply=apply, allow_partial=allow_partial, model_name=model_name, task=the_task,
     )  # fmt: skip
     D.broadcast_state(model, env)
     precision, sync_bn = _place(model, cfg, env)
@@ -403,7 +417,7 @@ def _setup(
 
     train_model = _training_wrapper(model, recipe, cfg, env)
     regularizers = _regularizers(model, recipe, env)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = the_task.criterion(cfg)
     metrics = MetricsLog(
         out / "metrics.jsonl" if writes else None,
         resume_step=state.step if ckpt is not None else None,
@@ -414,7 +428,8 @@ def _setup(
                ema=ema, criterion=criterion, regularizers=regularizers, metrics=metrics, arch=arch,
                out=out, ckpt_path=ckpt_path, writes=writes, sync_bn=sync_bn,
                steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
-               max_steps=max_steps, console=console, started=started)  # fmt: skip
+               max_steps=max_steps, console=console, started=started, task=the_task,
+               task_note=task_note)  # fmt: skip
     _announce(run, resumed_at=state.step if ckpt is not None else None)
 
     # The RNG stream of training starts here, identically for fresh and resumed runs.
@@ -440,6 +455,7 @@ def _prepare(
     apply: bool,
     allow_partial: bool,
     model_name: str | None,
+    task: Any,
 ) -> tuple[str, DataBundle, Prepared]:
     """Seed, build the data, resize the head, retrofit and lint; ``out`` only on rank 0."""
     # Seeded before anything random happens: the new classifier's init, apply's verification.
@@ -449,14 +465,18 @@ def _prepare(
     bundle = (
         data
         if isinstance(data, DataBundle)
-        else build_data(
+        else task.build_data(
             data, model, cfg, rank=env.rank, world_size=env.world_size, device=env.device
         )
     )
+    if bundle.task != task.name:
+        raise DataError(
+            f"data {bundle.source!r} is {bundle.task} data; the run's task is {task.name}"
+        )
     count_steps(bundle, cfg)  # DataError before anything is written
     # Each rank seeds with seed + rank so that dropout masks and gates differ between ranks; the
     # heads they initialise differ too, until broadcast_state hands everyone rank 0's.
-    resize_classifier(model, bundle.num_classes)
+    task.resize_head(model, bundle.num_classes)
     model.to(env.device)
     prep = prepare_model(
         model, recipe, cfg, bundle.input_size, device=env.device,
@@ -560,6 +580,8 @@ def _announce(run: _Run, resumed_at: int | None) -> None:
         {
             "kind": "start",
             "model": run.arch,
+            "task": run.task.name,
+            "task_note": run.task_note,
             "plan": run.prep.plan_summary,
             "lint": run.prep.lint_verdict,
             "lint_findings": len(run.prep.findings),
@@ -714,6 +736,7 @@ def _export(run: _Run, state: RunState, completed: bool) -> Path:
     bundle = run.bundle
     meta = {
         "architecture": run.arch,
+        "task": bundle.task,
         "num_classes": bundle.num_classes,
         "input_size": list(bundle.input_size),
         "mean": list(bundle.mean),
@@ -750,12 +773,10 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(cfg.grad_accum):
         x, y = next(batches)
-        x, y = _to_device(x, y, env.device, precision)
+        x, y = run.task.to_device(x, y, env.device, precision)
         if hooks.cutout is not None:
             hooks.cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
-            cfg_cut = hooks.cutout_cfg
-            x = hooks.cutout(x, cfg_cut.n_holes, cfg_cut.length, generator=hooks.cut_gen,
-                             uniform_sampling=cfg_cut.uniform_sampling, per_batch=cfg_cut.per_batch)  # fmt: skip
+            x = run.task.map_images(x, functools.partial(_cutout, hooks))
         # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
         last = micro == cfg.grad_accum - 1
         sync = (
@@ -763,7 +784,7 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
         )
         with sync:
             with precision.autocast():
-                loss = run.criterion(logits_of(train_model(x)), y)
+                loss = run.task.loss(train_model, x, y, run.criterion)
             scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
@@ -779,6 +800,12 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / cfg.grad_accum if cfg.grad_accum > 1 else loss_sum
+
+
+def _cutout(hooks: _Regularizers, x: torch.Tensor) -> torch.Tensor:
+    c = hooks.cutout_cfg
+    return hooks.cutout(x, c.n_holes, c.length, generator=hooks.cut_gen,
+                        uniform_sampling=c.uniform_sampling, per_batch=c.per_batch)  # fmt: skip
 
 
 def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
@@ -824,9 +851,7 @@ def _end_epoch(run: _Run, state: RunState, seconds: float, images_per_s: float) 
         "step": state.step,
         "epoch": state.epoch,
         "train_loss": train_loss,
-        "val_loss": ev["loss"],
-        "val_top1": ev["top1"],
-        "val_top5": ev["top5"],
+        **run.task.epoch_fields(ev),
         "lr": max(g["lr"] for g in run.optimizer.param_groups),
         "epoch_time": seconds,
         "images_per_s": images_per_s,
@@ -834,9 +859,7 @@ def _end_epoch(run: _Run, state: RunState, seconds: float, images_per_s: float) 
     if ema is not None:
         D.sync_buffers(ema.module, env)
         ev_ema = _evaluate(run, ema.module)
-        rec.update(
-            ema_val_loss=ev_ema["loss"], ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"]
-        )
+        rec.update(run.task.epoch_fields(ev_ema, "ema_val_"))
     rec["eval_time"] = time.perf_counter() - eval_t0
     rec.update(_epoch_rates(run.metrics.records, state.step))
     return run.metrics.write(rec)
@@ -845,7 +868,8 @@ def _end_epoch(run: _Run, state: RunState, seconds: float, images_per_s: float) 
 def _evaluate(run: _Run, model: nn.Module) -> dict[str, float]:
     bar = run.console.eval_bar(run.bundle.val.num_batches)
     try:
-        return evaluate(model, run.bundle.val, run.env, run.precision, bar=bar)
+        return run.task.evaluate(model, run.bundle.val, run.env, run.precision, bar=bar,
+                                 num_classes=run.bundle.num_classes)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

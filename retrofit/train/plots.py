@@ -171,26 +171,51 @@ def _loss_panel(ax: Any, steps: Sequence[Mapping], epochs: Sequence[Mapping]) ->
     if epochs:
         xs = [r["step"] for r in epochs]
         ax.plot(xs, [r.get("train_loss") for r in epochs], "o-", label="train (epoch)")
-        ax.plot(xs, [r.get("val_loss") for r in epochs], "s-", label="val")
-    ax.set(title="loss", xlabel="optimizer step", ylabel="cross-entropy")
+        val = [
+            (x, r["val_loss"])
+            for x, r in zip(xs, epochs, strict=True)
+            if r.get("val_loss") is not None
+        ]
+        if val:  # detectors compute no loss in eval mode
+            ax.plot(*zip(*val, strict=True), "s-", label="val")
+    ax.set(
+        title="loss",
+        xlabel="optimizer step",
+        ylabel="training loss" if _detection(epochs) else "cross-entropy",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def _accuracy_panel(ax: Any, epochs: Sequence[Mapping]) -> None:
+    title, ylabel = "validation accuracy", "accuracy (%)"
+    if _detection(epochs):
+        title, ylabel = "validation mAP (COCO)", "mAP (%)"
+    elif any(r.get("val_miou") is not None for r in epochs):
+        title, ylabel = "validation mIoU", "mIoU / pixel accuracy (%)"
     for key, label in (
         ("val_top1", "top-1"),
         ("val_top5", "top-5"),
         ("ema_val_top1", "EMA top-1"),
+        ("val_map", "mAP@[.5:.95]"),
+        ("val_map_50", "AP50"),
+        ("ema_val_map", "EMA mAP"),
+        ("val_miou", "mIoU"),
+        ("val_pixel_acc", "pixel accuracy"),
+        ("ema_val_miou", "EMA mIoU"),
     ):
         pts = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=label)
-    ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
     if epochs:
         ax.set_xticks(sorted({int(r["epoch"]) for r in epochs}))
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+
+
+def _detection(epochs: Sequence[Mapping]) -> bool:
+    return any(r.get("val_map") is not None for r in epochs)
 
 
 def _lr_panel(ax: Any, points: Sequence[tuple[int, float]]) -> None:

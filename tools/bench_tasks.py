@@ -1,0 +1,154 @@
+"""Detection and segmentation in the trainer against a minimal hand-written torchvision step,
+and the evaluation pass against an epoch, on the embedded digits canvases, in one run.
+
+    python tools/bench_tasks.py                          # CPU, default sizes below
+    python tools/bench_tasks.py --device cuda --side 256 --batch-size 16
+    python tools/bench_tasks.py --json
+
+Throughput: the peer is the loop torchvision's references boil down to — detection:
+``loss = sum(model(images, targets).values())``; segmentation: cross-entropy on ``out`` plus 0.5 ×
+on ``aux`` (ignore 255) — then backward, timm's AdamW step, zero_grad, over the same batches cut
+from the same tensors (the trainer's own in-memory batches) with the same model architecture and
+initial weights. The trainer's figure is its ``images_per_s`` of every epoch after the first
+(a warm-up); the peer times the same epochs the same way. Trainer and peer alternate ``--rounds``
+times and the medians are compared, so a neighbour's load affects both alike.
+
+Evaluation: the trainer's ``eval_time`` (the whole pass: forward over the validation canvases,
+then COCO mAP through torchmetrics / faster-coco-eval, or mIoU) ÷ its ``epoch_time``, with the
+embedded data's split ratio (``--train`` / ``--val`` canvases; 480 / 60 by default, the
+``--data digits`` default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from retrofit.finetune_config import TrainConfig  # noqa: E402
+from retrofit.train import fit  # noqa: E402
+from retrofit.train.tasks import get_task  # noqa: E402
+
+MODELS = {"detection": "fasterrcnn_resnet50_fpn", "segmentation": "lraspp_mobilenet_v3_large"}
+
+
+def build(task: str, name: str, side: int) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    kw = {"weights_backbone": None, "num_classes": 11}
+    if task == "detection":
+        kw |= {"min_size": side, "max_size": side}
+    return torchvision.models.get_model(name, weights=None, **kw)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer(
+    task: str, name: str, args, cfg: TrainConfig, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Images/s of each epoch after the first, and eval_time / epoch_time of every epoch."""
+    data = f"digits:side={args.side}:train={args.train}:val={args.val}"
+    res = fit(build(task, name, args.side), None, data, out=None, device=device, progress=False,
+              config=cfg, task=task)  # fmt: skip
+    epochs = [r for r in res.history if r["kind"] == "epoch"]
+    return [r["images_per_s"] for r in epochs[1:]], [
+        r["eval_time"] / r["epoch_time"] for r in epochs
+    ]
+
+
+def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> list[float]:
+    from timm.optim import create_optimizer_v2
+
+    t = get_task(task)
+    model = build(task, name, args.side).to(device).train()
+    data = f"digits:side={args.side}:train={args.train}:val={args.val}"
+    bundle = t.build_data(data, model, cfg, device=device)
+    bundle.train.place(device, 2 << 30)
+    opt = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rates = []
+    for epoch in range(cfg.epochs):
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        for x, y in bundle.train.iter_epoch(epoch):
+            if task == "detection":
+                x = x.to(device)
+                y = [{k: v.to(device) for k, v in d.items()} for d in y]
+                loss = sum(model(x, y).values())
+            else:
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                loss = F.cross_entropy(out["out"], y, ignore_index=255)
+                if "aux" in out:
+                    loss = loss + 0.5 * F.cross_entropy(out["aux"], y, ignore_index=255)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            n += len(x)
+        loss.item()
+        sync(device)
+        if epoch > 0:
+            rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tasks", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--side", type=int, default=64)
+    p.add_argument("--train", type=int, default=480, help="training canvases")
+    p.add_argument("--val", type=int, default=60, help="validation canvases")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3, help="per round (the first is a warm-up)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    steps = args.train // args.batch_size
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, log_every=steps,
+                      workers=0, warmup_epochs=0)  # fmt: skip
+    results = {}
+    for task in args.tasks:
+        name = MODELS[task]
+        ours, theirs, eval_frac = [], [], []
+        for _ in range(args.rounds):
+            rates, frac = trainer(task, name, args, cfg, device)
+            ours += rates
+            eval_frac += frac
+            theirs += peer(task, name, args, cfg, device)
+        results[task] = {
+            "model": name,
+            "trainer_img_s": statistics.median(ours),
+            "peer_img_s": statistics.median(theirs),
+            "ratio": statistics.median(ours) / statistics.median(theirs),
+            "eval_over_epoch": statistics.median(eval_frac),
+        }
+    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "argv": sys.argv[1:], **vars(args)}  # fmt: skip
+    if args.json:
+        print(json.dumps({"meta": meta, "results": results}, indent=2))
+        return 0
+    print(f"# {device}, {torch.get_num_threads()} thread(s), {args.side}px canvases, batch "
+          f"{args.batch_size}, {args.train}/{args.val} canvases, {args.rounds} round(s)")  # fmt: skip
+    for task, r in results.items():
+        print(f"{task:12s} {r['model']:28s} trainer {r['trainer_img_s']:8.1f} img/s, hand-written "
+              f"{r['peer_img_s']:8.1f} img/s: {r['ratio']:.3f}x; eval / epoch "
+              f"{100 * r['eval_over_epoch']:.1f}%")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
