@@ -1044,6 +1044,89 @@ class MarkedReducingViT(nn.Module):
         return self.head(self.blocks(x).mean(1))
 
 
+# --- issue 22, class 9: residual sites that are not residuals -----------------------------------
+
+
+class TokenAttention(nn.Module):
+    """Attention with separate query, key and value inputs (SAM's ``Attention(q, k, v)``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return self.out_proj(scores.softmax(-1) @ v)
+
+
+class TwoWayBlock(nn.Module):
+    """SAM's two-way attention block: the positional embeddings ``query_pe``/``key_pe`` (both
+    computed from the input) are added to the queries and keys of each attention, while the
+    values and the residual stream go on without them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.self_attn = TokenAttention(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_t2i = TokenAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.norm3 = nn.LayerNorm(dim)
+        self.cross_i2t = TokenAttention(dim)
+        self.norm4 = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = queries + query_pe
+        queries = self.norm1(queries + self.self_attn(q, q, queries))
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_t2i(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_i2t(k, q, queries))
+        return queries, keys
+
+
+class TwoWayNet(nn.Module):
+    """SAM's loop of two-way blocks, then a last token-to-image attention whose queries and keys
+    carry the positional embeddings again, in the model's own forward (which the layer-internal
+    filter exempts: its head follows the last block).
+
+    Sites: four per block (self-attention, token-to-image, MLP, image-to-token) and the final
+    attention's residual; none of the positional-embedding adds."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 8, tokens: int = 3):
+        super().__init__()
+        self.tokens = tokens
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.key_pe = nn.Conv2d(3, dim, 4, 4)  # a dense prompt embedding, read from the image
+        self.prompt = nn.Linear(dim, tokens * dim)  # point embeddings, read from the image
+        self.layers = nn.ModuleList([TwoWayBlock(dim), TwoWayBlock(dim)])
+        self.final_attn = TokenAttention(dim)
+        self.norm_final = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.embed(x).flatten(2).transpose(1, 2)
+        key_pe = self.key_pe(x).flatten(2).transpose(1, 2)
+        query_pe = self.prompt(keys.mean(1)).reshape(x.shape[0], self.tokens, -1)
+        queries = query_pe
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, query_pe, key_pe)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm_final(queries + self.final_attn(q, k, keys))
+        return self.head(queries.mean(1))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -1200,5 +1283,12 @@ CASES: list[WildCase] = [
         {"blocks.0": 2, "blocks.1": 2},
         failure="issue 22 class 8: residuals marked by the author's drop_path1/2, in a block "
         "ending in a projection (filtered as layer-internal adds before)",
+    ),
+    WildCase(
+        "positional_embedding_adds",
+        TwoWayNet,
+        {"layers.0": 4, "layers.1": 4, "": 1},
+        failure="issue 22 class 9: q = queries + query_pe, both computed from the input (SAM's "
+        "two-way transformer): the sum feeds a query, the values and the stream go on without it",
     ),
 ]

@@ -11,7 +11,10 @@ Finding "the branch" in an arbitrary graph is the hard part. An add is a residua
    projection (one learned map, e.g. a strided 1×1 conv + BN), and the other is a *branch* with
    at least two learned maps (convs, linears, matmuls) — in sequence, not side by side, when
    the shortcut is a projection — or, against an identity shortcut, one dense map (a conv with
-   groups=1 or a linear: EfficientNetV2's conv-bn-act blocks).
+   groups=1 or a linear: EfficientNetV2's conv-bn-act blocks);
+4. the sum takes the branch's place: nothing but the add (and what it feeds) reads the branch's
+   value. A positional embedding added to an attention's queries (``q = queries + query_pe``,
+   the values and the next residual reading ``queries``) is not a residual.
 
 Rule 3 is what keeps the known false positives out: ConvNeXt-V2's GRN (``γ·(x·n) + β + x``: no
 learned map between fork and add), convolutional position encodings and focal modulation (one
@@ -36,7 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.graph.dataflow import DataFlow, is_add, node_key
+from retrofit.graph.dataflow import DataFlow, is_add, is_metadata, node_key
 from retrofit.graph.existing import drop_rate_attribute
 from retrofit.graph.trace import TracedPart, TraceResult
 
@@ -306,6 +309,24 @@ def _block_child(owner_local: str, f: _Fork, flow: DataFlow) -> str | None:
     return _container_child(owner_local, weighted) or _single_child(owner_local, called | weighted)
 
 
+def _branch_goes_on(add: fx.Node, f: _Fork, flow: DataFlow) -> bool:
+    """Whether the branch's value is also used on its own, by something the add does not feed.
+
+    A residual add merges its branch back into the stream: the branch is computed to be added,
+    and what follows reads the sum. A positional embedding added to the queries and keys of an
+    attention (SAM's two-way transformer, DETR-style decoders: ``q = queries + query_pe;
+    attn(q, q, queries)``) is an add of two input-dependent values whose operands look like a
+    stream and an identity shortcut, but the stream goes on without it: the values and the next
+    residual read ``queries``, the sum only feeds the projections. Reading the branch's shape
+    elsewhere is no use of its value.
+    """
+    add_bit = 1 << flow.order[add]
+    return any(
+        user is not add and not is_metadata(user) and not flow.anc(user) & add_bit
+        for user in f.branch.users
+    )
+
+
 def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     gm = part.graph_module
     flow = DataFlow.of(gm)
@@ -319,7 +340,7 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
         ordinal = ordinals.get((owner_local, key), 0)
         ordinals[(owner_local, key)] = ordinal + 1
         f = _fork_of(node, flow) if is_add(node) else None
-        if f is None or not _is_block(f, gm, flow):
+        if f is None or not _is_block(f, gm, flow) or _branch_goes_on(node, f, flow):
             continue
         child = _block_child(owner_local, f, flow)
         existing_type = existing_drop_path(f.branch, gm)
