@@ -1044,6 +1044,75 @@ class MarkedReducingViT(nn.Module):
         return self.head(self.blocks(x).mean(1))
 
 
+class PoolAttention(nn.Module):
+    """MViT-style attention: q, k and v pooled over the token grid, projected to ``dim_out``."""
+
+    def __init__(self, dim: int, dim_out: int, stride: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim_out)
+        self.pool = nn.MaxPool2d(3, stride, 1) if stride > 1 else nn.Identity()
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, h, w = x.shape[0], *hw
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            t = t.transpose(1, 2).reshape(b, -1, h, w)
+            return self.pool(t).flatten(2).transpose(1, 2)
+
+        q, k, v = (pool(t) for t in self.qkv(x).chunk(3, -1))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return self.proj(scores.softmax(-1) @ v)
+
+
+class PoolBlock(nn.Module):
+    """MViTv2's block that changes dimension: the attention's shortcut is the normed input
+    pooled like the queries (tokens → map → max-pool → ``flatten(2)`` → tokens) and projected."""
+
+    def __init__(self, dim: int, dim_out: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = PoolAttention(dim, dim_out, stride)
+        self.shortcut_pool = nn.MaxPool2d(3, stride, 1) if stride > 1 else None
+        self.shortcut_proj = nn.Linear(dim, dim_out) if dim != dim_out else None
+        self.norm2 = nn.LayerNorm(dim_out)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim_out, 2 * dim_out), nn.GELU(), nn.Linear(2 * dim_out, dim_out)
+        )
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        b, c, (h, w) = x.shape[0], x.shape[2], hw
+        x_norm = self.norm1(x)
+        shortcut = x_norm if self.shortcut_proj is not None else x
+        if self.shortcut_pool is not None:
+            grid = shortcut.transpose(1, 2).reshape(b, c, h, w)
+            shortcut = self.shortcut_pool(grid).flatten(2).transpose(1, 2)
+        if self.shortcut_proj is not None:
+            shortcut = self.shortcut_proj(shortcut)
+        x = shortcut + self.attn(x_norm, hw)
+        x = x + self.mlp(self.norm2(x))
+        return x, (math.ceil(h / self.stride), math.ceil(w / self.stride))
+
+
+class PoolViT(nn.Module):
+    """Sites: two per block, the attention residual of the block that pools and widens too."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)  # 4×4 tokens on the tests' 16-px images
+        self.blocks = nn.ModuleList([PoolBlock(8, 8, 1), PoolBlock(8, 16, 2), PoolBlock(16, 16, 1)])
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        hw = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x, hw = blk(x, hw)
+        return self.head(x.mean(1))
+
+
 # --- issue 22, class 9: residual sites that are not residuals -----------------------------------
 
 
@@ -1290,5 +1359,12 @@ CASES: list[WildCase] = [
         {"layers.0": 4, "layers.1": 4, "": 1},
         failure="issue 22 class 9: q = queries + query_pe, both computed from the input (SAM's "
         "two-way transformer): the sum feeds a query, the values and the stream go on without it",
+    ),
+    WildCase(
+        "pooled_projected_shortcut",
+        PoolViT,
+        {"blocks.0": 2, "blocks.1": 2, "blocks.2": 2},
+        failure="issue 22 class 8: the attention residual of a block that changes dimension, "
+        "its shortcut pooled (tokens made a map, pooled, flatten(2) back) and projected",
     ),
 ]

@@ -120,17 +120,29 @@ _REDUCING_MODULES = (
 )
 
 
+def _token_flatten(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """A flatten that keeps the batch and channel dimensions apart (``x.flatten(2)``: a map's
+    positions made a token sequence, as an MViT shortcut does around its pooling), not the
+    ``flatten(1)`` that feeds a classifier every feature of a sample at once."""
+    if module is not None:
+        start = module.start_dim if isinstance(module, nn.Flatten) else 0
+    else:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return isinstance(start, int) and start >= 2
+
+
 def _reduces(nodes: list[fx.Node], gm: fx.GraphModule) -> bool:
     """Whether any of ``nodes`` pools or flattens a tensor's dimensions away."""
     for node in nodes:
-        if node.op == "call_method" and node.target in _REDUCING_METHODS:
+        reducing = (node.op == "call_method" and node.target in _REDUCING_METHODS) or (
+            node.op == "call_function" and node.target in _REDUCING_FUNCTIONS
+        )
+        if reducing and not (node.target in ("flatten", torch.flatten) and _token_flatten(node)):
             return True
-        if node.op == "call_function" and node.target in _REDUCING_FUNCTIONS:
-            return True
-        if node.op == "call_module" and isinstance(
-            gm.get_submodule(str(node.target)), _REDUCING_MODULES
-        ):
-            return True
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, _REDUCING_MODULES) and not _token_flatten(node, module):
+                return True
     return False
 
 
