@@ -1113,6 +1113,35 @@ class PoolViT(nn.Module):
         return self.head(x.mean(1))
 
 
+class ConvActUnit(nn.Module):
+    """A residual unit of one conv-norm-act against a conv-norm projection shortcut (a
+    downsampling unit). Where RepVGG sums parallel conv-norm maps (linear, re-parameterisable
+    into one conv), this branch applies an activation to its map."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+        self.shortcut = conv_bn(cin, cout, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + self.branch(x))
+
+
+class ConvUnitNet(nn.Module):
+    """Sites: one per unit."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.blocks = nn.Sequential(ConvActUnit(8, 16), ConvActUnit(16, 32))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
 # --- issue 22, class 9: residual sites that are not residuals -----------------------------------
 
 
@@ -1366,5 +1395,12 @@ CASES: list[WildCase] = [
         {"blocks.0": 2, "blocks.1": 2, "blocks.2": 2},
         failure="issue 22 class 8: the attention residual of a block that changes dimension, "
         "its shortcut pooled (tokens made a map, pooled, flatten(2) back) and projected",
+    ),
+    WildCase(
+        "conv_branch_conv_shortcut",
+        ConvUnitNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="issue 22 class 8: one conv-norm-act branch against a conv-norm projection "
+        "shortcut, read as RepVGG's parallel maps (zero sites before)",
     ),
 ]

@@ -264,8 +264,13 @@ def _fork_of(node: fx.Node, flow: DataFlow) -> _Fork | None:
     region_a = flow.anc(a) & ~flow.anc(b)
     region_b = flow.anc(b) & ~flow.anc(a)
     wa, wb = flow.weight(region_a), flow.weight(region_b)
-    # The heavier side is the branch; on a tie, the deeper one.
-    tie_a, tie_b = (flow.depth(region_a), flow.depth(region_b)) if wa == wb else (0, 0)
+    # The heavier side is the branch; on a tie, the deeper one, then the one that applies an
+    # activation to its map (a conv-norm-act against a conv-norm projection).
+    tie_a, tie_b = (0, False), (0, False)
+    if wa == wb:
+        gm = flow.graph_module
+        tie_a = (flow.depth(region_a), _nonlinear_after_map(region_a, gm, flow))
+        tie_b = (flow.depth(region_b), _nonlinear_after_map(region_b, gm, flow))
     fork = flow.nodes[fork_index]
     if (wa, tie_a) > (wb, tie_b):
         return _Fork(fork, a, ia, region_a, wa, b, region_b, wb)
@@ -284,6 +289,45 @@ def _learned_query(fork: fx.Node, a: fx.Node, b: fx.Node, flow: DataFlow) -> boo
     )
 
 
+_ACTIVATION_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.elu,
+    F.leaky_relu,
+    F.hardswish,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+def _is_activation(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACTIVATION_METHODS
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(
+            module, nn.MultiheadAttention
+        )
+    return False
+
+
+def _nonlinear_after_map(region: int, gm: fx.GraphModule, flow: DataFlow) -> bool:
+    """Whether a region applies an activation to the output of one of its learned maps."""
+    nodes = flow.region_nodes(region)
+    maps = 0
+    for node in nodes:
+        if flow.weights[flow.order[node]]:
+            maps |= 1 << flow.order[node]
+    return any(_is_activation(n, gm) and flow.anc(n) & maps for n in nodes)
+
+
 def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
     """Whether a fork is a residual block: a shortcut that carries its input forward around a
     branch of learned maps."""
@@ -297,6 +341,17 @@ def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
         # drop-path slot on it (MetaFormer's pooling token mixer, ``x + drop_path(pool(x) -
         # x)``: a residual branch whose mixer has no weights by design).
         return False
+    if (
+        f.branch_weight == 1
+        and f.shortcut_weight == 1
+        and f.branch_region & flow.dense_mask
+        and _nonlinear_after_map(f.branch_region, gm, flow)
+        and not _nonlinear_after_map(f.shortcut_region, gm, flow)
+    ):
+        # A residual unit of one conv-norm-act against a conv-norm projection: the activation
+        # makes it a branch, where RepVGG's and MobileOne's parallel conv-norm maps summed are
+        # linear (what lets them be re-parameterised into one conv).
+        return True
     if f.branch_weight == 1 and (f.shortcut_weight or not f.branch_region & flow.dense_mask):
         # One learned map is a block only when it is dense and the shortcut is the identity
         # (EfficientNetV2's conv-bn-act block); a depthwise conv added to its input is a
