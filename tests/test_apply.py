@@ -58,7 +58,7 @@ IDS = [
 SLOW_CASES = {"tv_swin_t", "tv_densenet121"}
 PARAMS = [
     pytest.param(*case, id=name, marks=[pytest.mark.slow] if name in SLOW_CASES else [])
-    for case, name in zip(CASES, IDS)
+    for case, name in zip(CASES, IDS, strict=True)
 ]
 
 
