@@ -311,7 +311,7 @@ def test_cli_detection_fine_tune_on_the_embedded_data(tmp_path):
 @pytest.mark.slow  # a subprocess: torch import, LRASPP built, applied and verified, two epochs
 def test_cli_segmentation_fine_tune_on_the_embedded_data(tmp_path):
     out = tmp_path / "seg"
-    proc = _cli("--model", "lraspp_mobilenet_v3_large", "--recipe", "recipes/sd.yaml", "--train",
+    proc = _cli("--model", "lraspp_mobilenet_v3_large", "--recipe", "recipes/sd_seg.yaml", "--train",
                 "--data", "digits:side=64:train=8:val=4", "--epochs", "2", "--batch-size", "4",
                 "--no-progress", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
