@@ -54,7 +54,15 @@ IDS = [
 ]
 
 
-@pytest.mark.parametrize(("factory", "size", "sites"), CASES, ids=IDS)
+# The two largest graphs (20-40 s each on 2 cores) run with the slow set.
+SLOW_CASES = {"tv_swin_t", "tv_densenet121"}
+PARAMS = [
+    pytest.param(*case, id=name, marks=[pytest.mark.slow] if name in SLOW_CASES else [])
+    for case, name in zip(CASES, IDS)
+]
+
+
+@pytest.mark.parametrize(("factory", "size", "sites"), PARAMS)
 def test_apply_keeps_the_model(factory, size, sites):
     torch.manual_seed(0)
     model = factory()

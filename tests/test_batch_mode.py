@@ -278,6 +278,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_drop_the_same_blocks_and_stay_equal(tmp_path):
     mp.spawn(
         _ddp_worker,

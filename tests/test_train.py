@@ -467,6 +467,7 @@ print("rank", rank, "done at step", res.step)
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_through_torchrun(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
