@@ -91,6 +91,11 @@ class TrainConfig:
         checkpoint_every: optimizer steps between checkpoints, 0 = only at epoch ends and on stop.
         tensorboard: also log to TensorBoard in ``<out>/tensorboard`` (needs the tensorboard package).
         sync_bn: convert BatchNorm to SyncBatchNorm under torchrun on CUDA.
+        bn_momentum: set the momentum of every BatchNorm of the model before training (timm's
+            ``--bn-momentum``); None keeps the model's own. torchvision's MobileNetV3 (and the
+            LRASPP / DeepLabV3 models on it) use 0.01, an ImageNet-length setting: on a short run
+            from random weights the running statistics lag the weights, and the eval-mode model
+            (what is evaluated) predicts what the first batches looked like.
         val_fraction: share of the embedded digits data held out for validation (stratified).
     """
 
@@ -119,6 +124,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     tensorboard: bool = False
     sync_bn: bool = False
+    bn_momentum: float | None = None
     val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -185,6 +191,7 @@ _FLOATS = {
     "clip_grad",
     "ema_decay",
     "val_fraction",
+    "bn_momentum",
 }
 
 
@@ -239,6 +246,11 @@ def _validate(c: TrainConfig) -> None:
         "clip_grad",
         c.clip_grad is None or (_is_num(c.clip_grad) and c.clip_grad > 0),
         "null or a finite number > 0",
+    )
+    need(
+        "bn_momentum",
+        c.bn_momentum is None or (_is_num(c.bn_momentum) and 0 < c.bn_momentum <= 1),
+        "null (the model's own) or a number in (0, 1], e.g. 0.1",
     )
     need(
         "img_size",

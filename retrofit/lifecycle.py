@@ -186,6 +186,7 @@ class Lifecycle:
         self.run_lint = run_lint
         self.strict_lint = strict_lint
         self.model: nn.Module | None = None
+        self._progressive: list[nn.Module] = []
         self.started: Start | None = None
         self.progress = 0.0
         self._window_steps = 0
@@ -217,6 +218,8 @@ class Lifecycle:
         finally:
             model.train(was_training)
         self.model = model
+        # The regularizers are in the model from here on: found once, not on every update.
+        self._progressive = schedule.progressive_modules(model)
         the_plan = applied_plan(model)
         self._planned = planned_survival(the_plan)
         findings, verdict, skipped = self._lint(model) if self.run_lint else ([], None, None)
@@ -253,7 +256,7 @@ class Lifecycle:
         self.progress = t
         if self.model is None:
             return
-        schedule.update(self.model, t)
+        schedule.update_modules(self._progressive, t)
         if new_step:
             self._window_steps += 1
 

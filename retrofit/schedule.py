@@ -53,12 +53,14 @@ __all__ = [
     "block_survivals",
     "current_rates",
     "linear_ramp",
+    "progressive_modules",
     "reset_stats",
     "stage_of",
     "statistics",
     "summary",
     "survival",
     "update",
+    "update_modules",
     "warmed_up",
 ]
 
@@ -114,10 +116,24 @@ def block_survivals(
 
 def update(model: nn.Module, t: float) -> None:
     """Set every inserted regularizer's rate for training progress t ∈ [0, 1]."""
+    update_modules(progressive_modules(model), t)
+
+
+def progressive_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that :func:`update` sets (those with ``set_progress``).
+
+    A loop that updates every step finds them once (``isinstance`` against a runtime Protocol
+    checks attributes: over a whole model it costs milliseconds a step) and calls
+    :func:`update_modules` on the list.
+    """
+    return [m for m in model.modules() if isinstance(m, Progressive)]
+
+
+def update_modules(modules: Sequence[nn.Module], t: float) -> None:
+    """:func:`update` on the modules :func:`progressive_modules` found."""
     t = progress(t)
-    for module in model.modules():
-        if isinstance(module, Progressive):
-            module.set_progress(t)
+    for module in modules:
+        module.set_progress(t)
 
 
 def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -263,6 +263,32 @@ def _check_run_dir(out: Path, builder: str, metric: str, **build) -> list[dict]:
     return epochs
 
 
+def test_bn_momentum_is_set_on_every_batchnorm_before_training():
+    """train.bn_momentum: torchvision's MobileNetV3 BatchNorms (momentum 0.01) lag a short run."""
+    from retrofit.errors import RecipeError
+    from retrofit.train import fit
+    from tests import task_models
+
+    def momenta(model):
+        return [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    seen = []
+    model = task_models.tiny_fcn()
+    count = len(momenta(model))
+    assert count > 0 and set(momenta(model)) == {0.1}
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn.register_forward_pre_hook(
+        lambda m, args: seen.append(m.momentum) if m.training else None
+    )
+    cfg = TrainConfig(epochs=1, batch_size=4, workers=0, bn_momentum=0.5)
+    res = fit(model, None, "digits:side=64:train=4:val=2", out=None, device="cpu", progress=False,
+              config=cfg)  # fmt: skip
+    assert seen and set(seen) == {0.5}, "the training step ran at the configured momentum"
+    assert len(momenta(res.model)) == count and set(momenta(res.model)) == {0.5}
+    with pytest.raises(RecipeError, match=r"train\.bn_momentum"):
+        TrainConfig(bn_momentum=0)
+
+
 @pytest.mark.slow  # a subprocess building and training ResNet-50 Faster R-CNN: ~15 s when quiet
 def test_cli_detection_fine_tune_on_the_embedded_data(tmp_path):
     out = tmp_path / "det"
@@ -285,7 +311,7 @@ def test_cli_detection_fine_tune_on_the_embedded_data(tmp_path):
 @pytest.mark.slow  # a subprocess: torch import, LRASPP built, applied and verified, two epochs
 def test_cli_segmentation_fine_tune_on_the_embedded_data(tmp_path):
     out = tmp_path / "seg"
-    proc = _cli("--model", "lraspp_mobilenet_v3_large", "--recipe", "recipes/sd.yaml", "--train",
+    proc = _cli("--model", "lraspp_mobilenet_v3_large", "--recipe", "recipes/sd_seg.yaml", "--train",
                 "--data", "digits:side=64:train=8:val=4", "--epochs", "2", "--batch-size", "4",
                 "--no-progress", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -477,12 +477,27 @@ def _prepare(
     # Each rank seeds with seed + rank so that dropout masks and gates differ between ranks; the
     # heads they initialise differ too, until broadcast_state hands everyone rank 0's.
     task.resize_head(model, bundle.num_classes)
+    if cfg.bn_momentum is not None:
+        n = _set_bn_momentum(model, cfg.bn_momentum)
+        if n == 0:
+            log.warning("train.bn_momentum ignored: %s has no BatchNorm", type(model).__name__)
+        else:
+            log.info("train.bn_momentum: momentum %s on %d BatchNorm layers", cfg.bn_momentum, n)
     model.to(env.device)
     prep = prepare_model(
         model, recipe, cfg, bundle.input_size, device=env.device,
         out=out, strict_lint=strict_lint, apply=apply, allow_partial=allow_partial,
     )  # fmt: skip
     return arch, bundle, prep
+
+
+def _set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """``momentum`` on every BatchNorm of ``model`` (not in the state_dict: a resumed run sets it
+    again from its config); how many."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = momentum
+    return len(norms)
 
 
 def _training_wrapper(model: nn.Module, recipe: Any, cfg: TrainConfig, env: D.DistEnv) -> nn.Module:
