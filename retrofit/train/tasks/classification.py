@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrofit.train.tasks.base import Task
 
-class ClassificationTask:
+
+class ClassificationTask(Task):
     name = "classification"
     metric = "val_top1"  # the headline metric of an epoch record (compare compares it)
     metric_label = "top-1 (%)"
@@ -26,16 +28,6 @@ class ClassificationTask:
         from retrofit.train.classifier import resize_classifier
 
         return resize_classifier(model, num_classes)
-
-    def to_device(self, x: Any, y: Any, device: torch.device, precision: Any) -> tuple[Any, Any]:
-        x = x.to(device, non_blocking=True)
-        if precision.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(device, non_blocking=True)
-
-    def map_images(self, x: Any, fn: Any) -> Any:
-        """``fn`` (Cutout) on the batch of images."""
-        return fn(x)
 
     def criterion(self, cfg: Any) -> nn.Module:
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrofit.train.tasks.base import Task
 from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets, is_canvas_spec, parse_canvas_spec
 
 IMAGE_MEAN = (0.0, 0.0, 0.0)  # detectors normalise inside (GeneralizedRCNNTransform): feed [0, 1]
 IMAGE_STD = (1.0, 1.0, 1.0)
 
 
-class DetectionTask:
+class DetectionTask(Task):
     def __init__(self) -> None:
         # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
         import torchmetrics  # noqa: F401

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrofit.train.tasks.base import Task
 from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets, is_canvas_spec, parse_canvas_spec
 
 IGNORE = 255
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     def __init__(self) -> None:
         # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
         import torchmetrics  # noqa: F401
@@ -54,15 +55,6 @@ class SegmentationTask:
 
     def resize_head(self, model: nn.Module, num_classes: int) -> str | None:
         return resize_segmentation_head(model, num_classes)
-
-    def to_device(self, x: Any, y: Any, device: torch.device, precision: Any) -> tuple[Any, Any]:
-        x = x.to(device, non_blocking=True)
-        if precision.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(device, non_blocking=True)
-
-    def map_images(self, x: Any, fn: Any) -> Any:
-        return fn(x)
 
     def criterion(self, cfg: Any) -> None:
         return None
