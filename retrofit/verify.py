@@ -144,27 +144,24 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 @contextmanager
 def forced_gates(gates: list[nn.Module], keep: bool) -> Iterator[None]:
     """Every batch-mode stochastic-depth gate in ``gates`` takes its kept (``keep=True``) or
-    dropped path on each training call, whatever its draw. The one hook verification has into
-    the gates: the attribute ``_forced_keep`` that ``StochasticDepthGate``'s batch decision reads.
-
-    Their rate is set below 1 so they go through their decision at all (at p_l = 1 a gate
-    short-cuts to "kept"). Row- and subset-mode gates decide per row: at p_l = ½ on the kept
+    dropped path on each training call, whatever its draw, through the gate's own ``forced``
+    attribute (``retrofit.layers.stochastic_depth``: eager and compiled alike). Row- and
+    subset-mode gates decide per row: at p_l = ½ on the kept
     pass one step takes both paths on a batch of two or more (the branch runs on every row in
     row mode, on at least one in subset mode, so whatever it calls is called); on the dropped
     pass they keep every row.
     """
-    saved = [(g, g.survival) for g in gates]
+    saved = [(g, g.survival, g.forced) for g in gates]
     try:
         for g in gates:
             if g.mode == "batch":
-                _set_survival(g, 0.5)
-                g.__dict__["_forced_keep"] = keep
+                g.forced = keep
             else:
                 _set_survival(g, 0.5 if keep else 1.0)
         yield
     finally:
-        for g, survival in saved:
-            g.__dict__.pop("_forced_keep", None)
+        for g, survival, forced in saved:
+            g.forced = forced
             g.survival = survival
 
 

@@ -252,7 +252,7 @@ def test_liveness_takes_both_paths_of_every_batch_mode_gate(monkeypatch):
 
     def spy(self, shortcut, inputs, branch, spec):
         out = original(self, shortcut, inputs, branch, spec)
-        seen.append((self.depth, self.__dict__.get("_forced_keep"), torch.is_grad_enabled()))
+        seen.append((self.depth, self.forced, torch.is_grad_enabled()))
         return out
 
     monkeypatch.setattr(StochasticDepthGate, "_outlined", spy)
@@ -261,4 +261,4 @@ def test_liveness_takes_both_paths_of_every_batch_mode_gate(monkeypatch):
     retrofit.apply(model, {"stochastic_depth": {"mode": "batch"}}, example_input=image(0))
     checked = [s for s in seen if s[1] is not None]
     assert checked == [(d, keep, True) for keep in (True, False) for d in (1, 2, 3)]
-    assert all(not g.__dict__.get("_forced_keep") for g in model.modules())
+    assert all(g.forced is None for g in model.modules() if isinstance(g, StochasticDepthGate))

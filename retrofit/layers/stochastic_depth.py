@@ -484,9 +484,6 @@ class StochasticDepthGate(nn.Module):
 
     def _keep_batch(self, key: int | None) -> bool:
         """One Bernoulli(p_l) decision for the whole batch, made on the host: no device sync."""
-        forced = self.__dict__.get("_forced_keep")  # set only by retrofit.verify.forced_gates
-        if forced is not None:
-            return forced
         u = float(torch.rand(())) if key is None else _unit(key)
         return u < self.survival
 
