@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from retrofit.errors import ModelError, RecipeError
@@ -39,20 +38,9 @@ from retrofit.train.classifier import num_classes_of, resize_classifier
 from retrofit.train.metrics import without_timing
 from retrofit.train.sampler import ResumableSampler
 from retrofit.weights import read_weights
+from tests.task_models import Block  # the residual block of the tiny detector and segmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
 class TinyRes(nn.Module):
