@@ -440,9 +440,9 @@ def test_strict_lint_refuses_to_train_with_findings(tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})  # the repo root: test_train imports tests.task_models
 torch.set_num_threads(1)
-from test_train import TinyRes, small_cfg, SD_RECIPE
+from tests.test_train import TinyRes, small_cfg, SD_RECIPE
 from retrofit.train import fit
 import torch.distributed as dist
 torch.manual_seed(int(sys.argv[2]))  # different initial weights per rank: DDP must broadcast rank 0's
@@ -458,7 +458,7 @@ print("rank", rank, "done at step", res.step)
 @pytest.mark.slow
 def test_two_process_ddp_through_torchrun(tmp_path):
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(DDP_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
