@@ -11,7 +11,9 @@ from typing import Any
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from retrofit.analysis import Analysis
+from retrofit.analysis.context import Analysis
+from retrofit.capture import detection
+from retrofit.capture.sandbox import Snapshot
 from retrofit.errors import (
     ModelError,
     PartialError,
@@ -21,13 +23,10 @@ from retrofit.errors import (
     TraceError,
     VerifyError,
 )
-from retrofit.graph import detection
-from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import is_retrofitted, rewrite, strip
-from retrofit.training_call import TrainingCall, training_call_for
-from retrofit.verify import (
+from retrofit.rewrite.execute import is_retrofitted, rewrite, strip
+from retrofit.verify.checks import (
     TrainingStepError,
     check_live,
     compare,
@@ -36,6 +35,7 @@ from retrofit.verify import (
     paper_gates_neutral,
     training_step_error,
 )
+from retrofit.verify.training_call import TrainingCall, training_call_for
 
 __all__ = ["RetrofitWarning", "apply"]
 
@@ -69,7 +69,7 @@ def apply(
     as written gets the forwards only). Applying again replaces the earlier
     edits: one gate per site.
 
-    The training forward is ``training_call`` — a :class:`~retrofit.training_call.TrainingCall`
+    The training forward is ``training_call`` — a :class:`~retrofit.verify.training_call.TrainingCall`
     (arguments and loss), or a tuple of positional / dict of keyword arguments — for a model
     whose training forward needs more than its input (``model(x, y)``). Without it: the probe,
     or for a torchvision detector (its ``transform`` says so) the probe images with one box

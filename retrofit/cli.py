@@ -396,7 +396,7 @@ def _run(args: argparse.Namespace) -> int:
         kwargs = _task_kwargs(args, kwargs)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
     if not real:
-        from retrofit.graph.detection import is_detector
+        from retrofit.capture.detection import is_detector
 
         if is_detector(model):
             # A detector's heads are read on the calls one real forward makes (they loop over
@@ -465,7 +465,7 @@ def _training_example(path: str | None) -> Any:
         return None
     import torch
 
-    from retrofit.training_call import TrainingCall
+    from retrofit.verify.training_call import TrainingCall
 
     flag = f"--training-example {path!r}"
     if not Path(path).is_file():
@@ -698,7 +698,7 @@ def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
     import torch
 
     import retrofit
-    from retrofit.graph.probe import probe_input_size
+    from retrofit.capture.probe import probe_input_size
 
     channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None

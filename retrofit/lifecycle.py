@@ -37,7 +37,7 @@ from retrofit.layers.protocol import Reporting
 from retrofit.lint import lint, summary_line
 from retrofit.plan import Plan
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import applied_plan, is_retrofitted, strip
+from retrofit.rewrite.execute import applied_plan, is_retrofitted, strip
 from retrofit.techniques import model_edits
 
 __all__ = ["Lifecycle", "Report", "Start", "block_rates", "planned_survival"]
@@ -162,7 +162,7 @@ class Lifecycle:
         verify: check the eval output is unchanged (``retrofit.apply``'s ``verify``).
         allow_partial: ``retrofit.apply``'s ``allow_partial``.
         training_call: ``retrofit.apply``'s ``training_call`` (what a training-mode forward is
-            called with: a detector's targets …; see ``retrofit.training_call``).
+            called with: a detector's targets …; see ``retrofit.verify.training_call``).
         run_lint: lint the model at start.
         strict_lint: let a lint crash propagate (otherwise the verdict says it did not run).
     """

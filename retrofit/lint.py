@@ -12,7 +12,7 @@ normalises by, and the error compounds through the layers after it.
     retrofit.recalibrate_bn(model, train_batches)        # fix a model already trained with it
 
 The rule itself (what is a dropout site, what is a victim) lives in
-``retrofit.graph.dropout_bn``; this module turns it into findings, reports and measurements. The
+``retrofit.analysis.dropout_bn``; this module turns it into findings, reports and measurements. The
 recipe fixes (``uout``, ``dropout_fix: after_last_bn``) are planned in ``retrofit.fixes``.
 
 ``retrofit.lint`` is the :func:`lint` function (the package binds it after importing this
@@ -29,16 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.analysis import Analysis
-from retrofit.errors import TraceError
-from retrofit.fixes import recalibrate_bn, run_batches
-from retrofit.graph.dropout_bn import (
+from retrofit.analysis.context import Analysis
+from retrofit.analysis.dropout_bn import (
     DropoutBNPair,
     find_dropout_bn,
     is_running_stat_norm,
     short_source,
     trace_training,
 )
+from retrofit.errors import TraceError
+from retrofit.fixes import recalibrate_bn, run_batches
 
 __all__ = [
     "Finding",
@@ -180,7 +180,7 @@ def lint(
     Args:
         model: any ``nn.Module`` (torchvision, timm or your own).
         example_input: the probe a forward that cannot be traced with its defaults is
-            recorded on (``retrofit.analysis``); default: a random batch of the model's size.
+            recorded on (``retrofit.analysis.context``); default: a random batch of the model's size.
         include_structured: also treat stochastic depth / DropPath and DropBlock as dropout sites
             (the paper's rule is about element-wise dropout; these drop whole branches/blocks).
 
@@ -404,7 +404,7 @@ def _probe_batches(
                 break
             out.append(batch)
         return out
-    from retrofit.graph.probe import probe_input_size
+    from retrofit.capture.probe import probe_input_size
 
     size = probe_input_size(model)
     generator = torch.Generator().manual_seed(seed)

@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from retrofit.analysis import Analysis
+from retrofit.analysis.context import Analysis
+from retrofit.capture.trace import Skipped
 from retrofit.edit import Edit
 from retrofit.errors import TraceError
-from retrofit.graph.trace import Skipped
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.techniques import TECHNIQUES
 

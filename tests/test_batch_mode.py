@@ -31,7 +31,7 @@ from torch import nn
 import retrofit
 from retrofit.layers import StochasticDepthGate
 from retrofit.layers.stochastic_depth import draw_key
-from retrofit.rewrite import applied_plan
+from retrofit.rewrite.execute import applied_plan
 from retrofit.train import distributed as D
 
 sys.path.insert(0, str(Path(__file__).parent))

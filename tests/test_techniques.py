@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import retrofit
+from retrofit.capture.existing import is_existing_regularizer
 from retrofit.edit import Edit
-from retrofit.graph.existing import is_existing_regularizer
 from retrofit.layers import protocol
 from retrofit.plan import planners
 from retrofit.recipe import top_level

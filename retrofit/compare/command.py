@@ -123,7 +123,7 @@ def _check_out(out: Path) -> None:
 def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
     """Everything that can be checked before hours of training: model names and kwargs, that
     each recipe plans on the model (a stage index out of range, an untraceable model), the data."""
-    from retrofit.graph.detection import is_detector
+    from retrofit.capture.detection import is_detector
     from retrofit.models import create_model
     from retrofit.recipe import Recipe
     from retrofit.train.prepare import has_model_edits, train_config_of

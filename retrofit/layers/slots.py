@@ -2,7 +2,7 @@
 
 When a model has its own drop-path slot on a residual branch (timm's ``DropPath``, torchvision's
 ``StochasticDepth``), row-mode stochastic depth sets that module's rate to 1 − p_l instead of
-stacking a gate on it (``retrofit.rewrite``). To report what it kept, :func:`watch_slot` gives the
+stacking a gate on it (``retrofit.rewrite.execute``). To report what it kept, :func:`watch_slot` gives the
 module an instance ``forward`` that computes what both libraries compute in training — one
 Bernoulli(1 − rate) draw per row, divided by 1 − rate, times x (the same draws from the same
 global RNG) — with its mask in hand, and adds the batch size and the kept rows to two counters.

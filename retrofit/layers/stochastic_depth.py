@@ -10,7 +10,7 @@ At test time the paper uses the expectation, H_l = ReLU(p_l · f_l + id) (``scal
 The variant used by timm's ``drop_path`` and torchvision's ``StochasticDepth`` divides the kept
 branches by p_l in training and is the identity at test time (``scaling="inverted"``, default);
 both have the same expectation, the inverted one leaves inference untouched, which is what lets
-``retrofit.verify`` prove a rewrite did not change the model.
+``retrofit.verify.checks`` prove a rewrite did not change the model.
 
 Two forms of the gate:
 
@@ -508,7 +508,7 @@ class StochasticDepthGate(nn.Module):
                         "StochasticDepthGate: inputs for a branch were given, no branch"
                     )
                 return x * self._compiled_scale(x) if self.training else self._compiled_eval(x)
-        # Under no_grad it is a check (retrofit.verify's liveness forward), not training.
+        # Under no_grad it is a check (retrofit.verify.checks's liveness forward), not training.
         unscheduled = not self._scheduled and self.training and torch.is_grad_enabled()
         if unscheduled and not _graph_capture(x):
             self._warn_unscheduled()

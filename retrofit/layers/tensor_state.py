@@ -11,7 +11,7 @@ keeps its ``state_dict`` keys, and ``module.buffers()`` stays the user's own, so
 broadcast and BatchNorm syncing do not see them). So the tensors live in this holder, which a
 layer's ``_apply`` moves along with the module (``.to(device)``, ``.cuda()``) without changing
 their dtypes (``.half()`` must not round a survival or an integer counter), and which copies
-deeply on ``copy.copy`` too: ``retrofit.verify``'s checks save a layer's attributes with
+deeply on ``copy.copy`` too: ``retrofit.verify.checks``'s checks save a layer's attributes with
 ``copy.copy`` and put them back afterwards, so the saved copy must not alias the live tensors.
 """
 

@@ -1,7 +1,7 @@
 """DropBlock (Ghiasi et al. 2018, "DropBlock: A regularization method for convolutional
 networks", NeurIPS): the ``dropblock:`` section, its placement and its layer.
 
-Placement: stages (graph/stages.py) + a ``dropblock:`` recipe section → edits.
+Placement: stages (analysis/stages.py) + a ``dropblock:`` recipe section → edits.
 
 Ghiasi et al. 2018 ("DropBlock: A regularization method for convolutional networks", NeurIPS)
 apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped linearly from 1 to
@@ -9,7 +9,7 @@ apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped li
 
 * ``placement: stages`` (default): one DropBlock on each chosen stage's output. The edit is an
   ``insert_after`` on the call that ends the stage, in the nearest module with a ``forward`` of
-  its own (``graph/stages.py:StageAnalysis.call_site``). A pass-through container
+  its own (``analysis/stages.py:StageAnalysis.call_site``). A pass-through container
   (``nn.Sequential``) owns no code, so for torchvision's ResNet-50 "after ``layer3``" is the root
   ``ResNet``'s call of ``layer3.5`` (``layer3``'s last block), and for torchvision ConvNeXt
   "after ``features.5``" the root's call of ``features.5.8``. A Sequential never gains a child
@@ -31,7 +31,7 @@ A model that is itself a pass-through container (a bare ``nn.Sequential`` CNN) h
 insert into: the only way would add a child to the Sequential, so planning raises
 :class:`SequentialOwnerError` instead.
 
-"The residual blocks of a stage" are the residual sites (graph/residual.py) whose block output is
+"The residual blocks of a stage" are the residual sites (analysis/residual.py) whose block output is
 an NCHW map at the stage's reduction, computed after the previous stage's end and no later than
 this stage's end. So for ResNet-50, stages [3, 4] give 6 + 3 DropBlocks.
 
@@ -58,18 +58,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.fx as fx
 from torch import nn
 
+from retrofit.analysis.residual import ResidualSite
+from retrofit.analysis.stages import CallSite, Stage, StageAnalysis
+from retrofit.capture.shapes import shape_of
+from retrofit.capture.trace import is_passthrough
 from retrofit.edit import Edit
 from retrofit.errors import RecipeError, RewriteError, TraceError
-from retrofit.graph.residual import ResidualSite
-from retrofit.graph.shapes import shape_of
-from retrofit.graph.stages import CallSite, Stage, StageAnalysis
-from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
 from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
 __all__ = [
     "DropBlockSpec",

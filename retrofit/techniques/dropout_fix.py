@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from retrofit.analysis.dropout_bn import HeadPlace, find_head_place
 from retrofit.edit import Edit
-from retrofit.graph.dropout_bn import HeadPlace, find_head_place
 from retrofit.spec import choice
 from retrofit.techniques.dropout_sites import replace, why
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
 __all__ = ["DROPOUT_FIXES", "TECHNIQUE", "dropout_fix_layer", "plan_dropout_fix"]
 

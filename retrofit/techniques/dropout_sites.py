@@ -2,7 +2,7 @@
 
 Li, Chen, Hu & Yang, "Understanding the Disharmony between Dropout and Batch Normalization by
 Variance Shift", CVPR 2019. ``uout`` replaces each flagged dropout, ``dropout_fix`` removes it;
-both read the training-mode Dropout→BN analysis (``graph/dropout_bn.py``, owned by the
+both read the training-mode Dropout→BN analysis (``analysis/dropout_bn.py``, owned by the
 :class:`~retrofit.analysis.Analysis`) and build their edits here.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from retrofit.analysis.dropout_bn import DropoutBNAnalysis, DropoutSite
 from retrofit.edit import Edit
-from retrofit.graph.dropout_bn import DropoutBNAnalysis, DropoutSite
 
 __all__ = ["replace", "victims", "why"]
 

@@ -2,10 +2,10 @@
 
 A technique is its recipe section, the spec that section validates into, the planner that turns
 an analysis of a model into edits, and the layer an edit inserts. The recipe's sections, the
-planners ``retrofit.plan`` runs, the layers ``retrofit.rewrite`` builds and the trainer's notion of
+planners ``retrofit.plan`` runs, the layers ``retrofit.rewrite.execute`` builds and the trainer's notion of
 "this recipe edits the model" are all read from :data:`retrofit.techniques.TECHNIQUES` when they
 are needed, so they cannot disagree (``tests/test_techniques.py``); the layers a trace keeps as
-leaves are read from ``retrofit.layers``' exports (``graph/existing.py``). A new technique is one
+leaves are read from ``retrofit.layers``' exports (``capture/existing.py``). A new technique is one
 module here, its layer in ``retrofit/layers/`` and a card in ``recipes/README.md``.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
     from retrofit.edit import Edit
 
 __all__ = ["Technique"]

@@ -1,7 +1,7 @@
 """Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth", ECCV).
 
 The ``stochastic_depth:`` section, its planner (one edit per residual site of
-``graph/residual.py``, survival p_l from ``retrofit.schedule``) and its layer
+``analysis/residual.py``, survival p_l from ``retrofit.schedule``) and its layer
 (``retrofit.layers.StochasticDepthGate``).
 """
 
@@ -21,7 +21,7 @@ from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
 __all__ = ["StochasticDepthSpec", "TECHNIQUE", "gate", "plan_stochastic_depth"]
 

@@ -19,7 +19,7 @@ from retrofit.techniques.dropout_sites import replace, why
 from retrofit.techniques.record import Technique
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
 __all__ = ["TECHNIQUE", "UoutSpec", "plan_uout", "uout_layer"]
 

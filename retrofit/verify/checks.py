@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from retrofit.capture.probe import probe_input_size
+from retrofit.capture.sandbox import mode
 from retrofit.errors import VerifyError
-from retrofit.graph.probe import probe_input_size
-from retrofit.graph.sandbox import mode
 from retrofit.layers.stochastic_depth import is_gate
-from retrofit.training_call import TrainingCall, as_training_call
+from retrofit.verify.training_call import TrainingCall, as_training_call
 
 __all__ = [
     "TrainingStepError",
@@ -76,7 +76,7 @@ def run(model: nn.Module, x: Any) -> Any:
 def eval_output(model: nn.Module, x: Any, *, watch: Sequence[str] = ()) -> list[torch.Tensor]:
     """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored),
     followed by the outputs of the submodules named in ``watch`` (a detector's backbone and
-    heads: see ``graph/detection.py``), in call order."""
+    heads: see ``capture/detection.py``), in call order."""
     seen: list[Any] = []
     handles = [
         model.get_submodule(name).register_forward_hook(lambda _m, _i, o: seen.append(o))
@@ -265,7 +265,7 @@ def check_live(
     backward: bool = True,
 ) -> None:
     """What training does must work on the rewritten model: a training-mode forward **and
-    backward** — ``call``, a :class:`~retrofit.training_call.TrainingCall` (arguments and
+    backward** — ``call``, a :class:`~retrofit.verify.training_call.TrainingCall` (arguments and
     loss), or an input, as ``example_input`` (its loss: ``default_loss``) — with
     every batch-mode stochastic-depth gate forced onto its kept path and the per-row ones
     drawing both paths (:func:`forced_gates`), which must call every module named in

@@ -39,9 +39,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.graph.dataflow import DataFlow, is_metadata, node_key
-from retrofit.graph.sandbox import mode
-from retrofit.graph.trace import TracedPart, TraceResult, trace
+from retrofit.analysis.dataflow import DataFlow, node_key
+from retrofit.capture.concrete import is_metadata
+from retrofit.capture.sandbox import mode
+from retrofit.capture.trace import TracedPart, TraceResult, trace
 
 __all__ = [
     "DropoutBNAnalysis",
@@ -199,7 +200,7 @@ def locators(part: TracedPart) -> dict[fx.Node, tuple[str, int]]:
     """``(node_key, ordinal)`` of every node of ``part``: how a rewrite finds it again.
 
     The ordinal counts nodes with the same key *owned by the same module*, in topological order,
-    so it matches a shallow re-trace of that owner (see ``retrofit.graph.dataflow.locate``).
+    so it matches a shallow re-trace of that owner (see ``retrofit.analysis.dataflow.locate``).
     """
     out: dict[fx.Node, tuple[str, int]] = {}
     counts: dict[tuple[str, str], int] = {}
@@ -492,7 +493,7 @@ def find_dropout_bn(traced: TraceResult, *, include_structured: bool = False) ->
 
 
 def training_mode(model: nn.Module) -> AbstractContextManager[None]:
-    """Every module in training mode, as when the model trains (``graph/sandbox.py``)."""
+    """Every module in training mode, as when the model trains (``capture/sandbox.py``)."""
     return mode(model, True)
 
 
@@ -516,7 +517,7 @@ def trace_training(model: nn.Module, calls: Any = None) -> TraceResult:
 
     A model whose root forward was rewritten by retrofit (an instance ``forward``) is traced
     through a holder module so that the rewritten forward is the one analysed. ``calls``: the
-    recorded calls to specialise on (``retrofit.graph.trace.trace``).
+    recorded calls to specialise on (``retrofit.capture.trace.trace``).
     """
     with training_mode(model):
         if "forward" in model.__dict__:

@@ -1,4 +1,4 @@
-"""The residual branch of an add as a region of its owner's graph, for outlining it.
+"""The residual branch of an add as a region of its owner's graph: what outlining it would move.
 
 Stochastic depth saves compute only if a dropped branch is not computed (Huang et al. 2016;
 DINOv2's subset variant, Oquab et al. 2023, computes it on the kept rows only). In the owner's
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from retrofit.graph.dataflow import is_metadata
+from retrofit.capture.concrete import is_metadata
 
-__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "extract_branch", "mutated_input"]
+__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "mutated_input"]
 
 _INPLACE_OPERATORS = {
     operator.iadd,
@@ -283,22 +283,3 @@ def branch_region(
         inplace=inplace,
         copy_dropped=copy_dropped,
     )
-
-
-def extract_branch(region: BranchRegion, env: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
-    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order).
-
-    ``env``, if given, receives each region node's copy: a branch that holds an already
-    outlined site (a decoder's ``up(h) + skip`` where ``h = x + res(x)``) carries that site's
-    gate call, whose branch the rewrite must then attach to the copy, not the erased original.
-    """
-    graph = fx.Graph()
-    env = {} if env is None else env
-    for node in region.inputs:
-        env[node] = graph.placeholder(node.name)
-    for node in region.attrs:
-        env[node] = graph.get_attr(str(node.target))
-    for node in region.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[region.branch])
-    return graph

@@ -8,7 +8,7 @@ ending at the last node before the next downsampling. Stage ``i`` (1-based) is w
 
 How stages are found (one pure analysis over the traced graph; nothing is rewritten here):
 
-1. Every node's output shape, by shape propagation on the meta device (``graph/shapes.py``) for
+1. Every node's output shape, by shape propagation on the meta device (``capture/shapes.py``) for
    a probe input: ``example_input``, else (1, *timm's ``pretrained_cfg["input_size"]``), else
    1×3×224×224.
 2. *Main-path* nodes: nodes no data edge jumps over (every value computed before them is used by
@@ -46,7 +46,7 @@ output is an NCHW map with the listed channel count (a ViT's or Swin's are not).
 
 Each stage also carries where a rewrite inserts a layer after it: the nearest module with a
 ``forward`` of its own that runs the stage's last call, and the locator (``key``, ``ordinal``,
-see ``graph/dataflow.py``) of that call in the owner's own graph. Pass-through containers
+see ``analysis/dataflow.py``) of that call in the owner's own graph. Pass-through containers
 (``nn.Sequential``, ``trace.is_passthrough``) own no code and are inlined into their owner's
 graph, so "after ``layer3``" of torchvision's ResNet-50 is the root ``ResNet``'s call of
 ``layer3.5`` (the Sequential's last child), and "after ``features.16``" of MobileNetV3 (a
@@ -68,17 +68,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from retrofit.errors import ModelError, TraceError
-from retrofit.graph.dataflow import DataFlow, node_key
-from retrofit.graph.existing import regularizer_types
-from retrofit.graph.probe import probe_input_size
-from retrofit.graph.shapes import meta_like, propagate_shapes, shape_of
-from retrofit.graph.trace import (
+from retrofit.analysis.dataflow import DataFlow, node_key
+from retrofit.capture.existing import regularizer_types
+from retrofit.capture.probe import probe_input_size
+from retrofit.capture.shapes import meta_like, propagate_shapes, shape_of
+from retrofit.capture.trace import (
     TraceResult,
     is_passthrough,
     trace,
     trace_module,
 )
+from retrofit.errors import ModelError, TraceError
 
 __all__ = [
     "CallSite",
@@ -172,7 +172,7 @@ class StageAnalysis:
     probe_shape: tuple[int, ...]
     position: dict[fx.Node, int]
     module_output: dict[str, fx.Node]  # module qualified name → last node computed inside it
-    calls: Any = None  # module name → its recorded Call (graph/capture.py), or None
+    calls: Any = None  # module name → its recorded Call (capture/calls.py), or None
     # Stages read part by part, all from one part (a detector's backbone): that part's prefix
     # and its own analysis (local names), where DropBlock can be placed after blocks.
     part: tuple[str, StageAnalysis] | None = None

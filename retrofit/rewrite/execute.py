@@ -10,7 +10,7 @@ Every edit is made on the smallest module that owns its site, and nothing else c
   children; the root model keeps ``forward_features``, ``reset_classifier``, ``pretrained_cfg``.
 
 **Specialised on the real call.** The owner's code is traced on the call it actually receives,
-not with its arguments frozen at their defaults (``graph/capture.py``, ``graph/trace.py``): a
+not with its arguments frozen at their defaults (``capture/calls.py``, ``capture/trace.py``): a
 block called as ``block(x, drop_connect_rate=0.2)`` or ``block(x, state)`` gets a graph for that
 call. Each specialisation records what it assumed (the arguments' structure and non-tensor
 values, tensor ranks or shapes where the code branched on them, and the training flag when the
@@ -20,7 +20,7 @@ argument the trace did not expect, which is what made gates silently dead before
 
 fx bakes ``self.training`` reads into the graph; a forward that read it is specialised per mode.
 Outlining (stochastic depth in batch/subset mode, action ``"outline"``): in the *training* graph
-only, the residual branch's nodes (:func:`retrofit.graph.outline.branch_region`) move into a
+only, the residual branch's nodes (:func:`retrofit.analysis.branch.branch_region`) move into a
 function of their inputs, generated like the forward and passed to the gate on every call:
 ``gate(shortcut, *inputs, branch=f, outline=spec)``. The eval graph gets the plain gate on the
 branch operand (identity, or ×p_l for paper scaling), so eval equivalence — what ``verify``
@@ -48,15 +48,16 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from retrofit.analysis.branch import NotOutlinable, branch_region
+from retrofit.analysis.dataflow import locate, node_key
+from retrofit.capture.calls import Call, CallKey
+from retrofit.capture.existing import drop_rate_attribute
+from retrofit.capture.trace import Traced, is_passthrough, trace_graph
 from retrofit.errors import RewriteError
-from retrofit.graph.capture import Call, CallKey
-from retrofit.graph.dataflow import locate, node_key
-from retrofit.graph.existing import drop_rate_attribute
-from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
-from retrofit.graph.trace import Traced, is_passthrough, trace_graph
 from retrofit.layers.slots import unwatch_slot, watch_slot
 from retrofit.layers.stochastic_depth import Outline
 from retrofit.plan import Edit, Plan
+from retrofit.rewrite.outline import extract_branch
 from retrofit.techniques import TECHNIQUES
 
 __all__ = [
