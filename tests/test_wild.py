@@ -25,6 +25,7 @@ from tests.checks import (
 )
 from tests.wild_models import (
     CASES,
+    IMAGE,
     AuxOutputNet,
     CifarFlattenNet,
     DropoutBeforeNdimBN,
@@ -48,6 +49,11 @@ def _build(case: WildCase) -> torch.nn.Module:
     return model
 
 
+def _image(case: WildCase, seed: int) -> torch.Tensor:
+    """The case's input: the tests' 16-px RGB image, or the shape its ``extra["input"]`` says."""
+    return image(seed, size=case.extra.get("input", IMAGE))
+
+
 def _site_owners(model: torch.nn.Module) -> Counter:
     plan = retrofit.applied_plan(model)
     assert plan is not None, "apply returned but recorded no plan"
@@ -58,7 +64,7 @@ def _site_owners(model: torch.nn.Module) -> Counter:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_apply_instruments_or_refuses_cleanly(case: WildCase, mode: str):
     model = _build(case)
-    x_probe, x_fresh = image(0), image(1)
+    x_probe, x_fresh = _image(case, 0), _image(case, 1)
     snap = snapshot(model, x_fresh)
     try:
         retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x_probe)
@@ -76,12 +82,15 @@ def test_apply_instruments_or_refuses_cleanly(case: WildCase, mode: str):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_plan_is_pure_and_repeatable(case: WildCase):
     model = _build(case)
-    snap = snapshot(model, image(1))
-    first = retrofit.plan(model, {"stochastic_depth": {}})
-    assert not differences(model, snap, image(1))
-    second = retrofit.plan(model, {"stochastic_depth": {}})
+    x = _image(case, 1)
+    # at the default probe size, or at the case's own input when it is not an RGB image
+    given = {"example_input": _image(case, 0)} if "input" in case.extra else {}
+    snap = snapshot(model, x)
+    first = retrofit.plan(model, {"stochastic_depth": {}}, **given)
+    assert not differences(model, snap, x)
+    second = retrofit.plan(model, {"stochastic_depth": {}}, **given)
     assert first.to_dict() == second.to_dict()
-    assert_unchanged(model, snap, image(1))
+    assert_unchanged(model, snap, x)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -214,7 +223,8 @@ def test_lint_leaves_the_state_dict_bit_identical(build):
     torch.manual_seed(0)
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    findings = retrofit.lint(model, example_input=image(0))
+    case = next((c for c in CASES if c.build is build), None)
+    findings = retrofit.lint(model, example_input=_image(case, 0) if case else image(0))
     after = model.state_dict()
     assert list(after) == list(before)
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]

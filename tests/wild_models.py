@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -1142,6 +1143,180 @@ class ConvUnitNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
+class GhostModule(nn.Module):
+    """GhostNet's feature map: a 1×1 primary conv, a cheap depthwise conv of its output, both
+    concatenated (Han et al. 2020)."""
+
+    def __init__(self, cin: int, cout: int, act: bool = True):
+        super().__init__()
+        init = cout // 2
+        self.primary_conv = nn.Sequential(
+            conv_bn(cin, init, 1), nn.ReLU() if act else nn.Identity()
+        )
+        self.cheap_operation = nn.Sequential(
+            conv_bn(init, init, 3, groups=init), nn.ReLU() if act else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], 1)
+
+
+class GhostBottleneck(nn.Module):
+    """timm's GhostBottleneck: ghost → (strided depthwise) → ghost, and a shortcut that is the
+    identity, or a depthwise conv-BN followed by a pointwise conv-BN when the block changes
+    width or stride: two learned maps in the shortcut, one of them depthwise."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.ghost1 = GhostModule(cin, mid)
+        self.conv_dw = conv_bn(mid, mid, 3, stride, groups=mid) if stride > 1 else None
+        self.ghost2 = GhostModule(mid, cout, act=False)
+        if cin == cout and stride == 1:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                conv_bn(cin, cin, 3, stride, groups=cin), conv_bn(cin, cout, 1)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.ghost1(x)
+        if self.conv_dw is not None:
+            x = self.conv_dw(x)
+        x = self.ghost2(x)
+        return x + self.shortcut(shortcut)
+
+
+class ConvBNConvUnit(nn.Module):
+    """A downsampling residual unit whose projection shortcut is conv → BN → conv (two dense
+    maps in sequence, no activation) around a three-conv branch."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(cin, cout, 3, 2), nn.ReLU(), conv_bn(cout, cout), nn.ReLU(), conv_bn(cout, cout)
+        )
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, 2), nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class TwoMapShortcutNet(nn.Module):
+    """Sites: every ghost bottleneck (the two that project included) and the conv-BN-conv unit."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.blocks = nn.Sequential(
+            GhostBottleneck(8, 16, 8),
+            GhostBottleneck(8, 24, 16, 2),
+            GhostBottleneck(16, 32, 16),
+            GhostBottleneck(16, 32, 24),
+        )
+        self.unit = ConvBNConvUnit(24, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.unit(self.blocks(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+class OneChannelUnit(nn.Module):
+    """MONAI's ResidualUnit with one subunit: a strided conv-norm-act against a strided conv
+    shortcut. The first unit of a network on one-channel scans (CT, MRI, X-ray) reads one
+    input channel, so neither conv has channels to mix; the branch's map is a full conv all
+    the same."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.PReLU())
+        self.residual = nn.Conv2d(cin, cout, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.residual(x)
+
+
+class OneChannelNet(nn.Module):
+    """Sites: both units, the one reading the single input channel included (16×16 scans)."""
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        self.down1 = OneChannelUnit(1, 8)
+        self.down2 = OneChannelUnit(8, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.down2(self.down1(x)).mean((2, 3)))
+
+
+def scripted_swish(x: torch.Tensor) -> torch.Tensor:
+    """Swish as a TorchScript function (EfficientNet ports' memory-efficient activations)."""
+    return x * torch.sigmoid(x)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; models use it
+    swish = torch.jit.script(scripted_swish)
+
+
+class ScriptActBlock(nn.Module):
+    """``swish(x + f(x))`` with ``swish`` a ``torch.jit.script`` function: fx cannot call it on
+    a Proxy, so the whole forward was skipped before."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swish(x + self.conv2(swish(self.conv1(x))))
+
+
+class ScriptActNet(nn.Module):
+    """Sites: one per block."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.blocks = nn.Sequential(ScriptActBlock(8), ScriptActBlock(8), ScriptActBlock(8))
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(swish(self.stem(x))).mean((2, 3)))
+
+
+class UninstalledShortcutBlock(nn.Module):
+    """A basic block whose projection shortcut is held in a plain list (``self.proj = [m]``), so
+    it is not a submodule: not in ``state_dict`` or ``named_modules``, and fx cannot name it."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, 3, stride)
+        self.conv2 = conv_bn(cout, cout)
+        self.proj = [conv_bn(cin, cout, 1, stride)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.proj[0](x))
+
+
+class UninstalledShortcutNet(nn.Module):
+    """Sites: both blocks."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.blocks = nn.Sequential(
+            UninstalledShortcutBlock(8, 16, 2), UninstalledShortcutBlock(16, 16, 1)
+        )
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
 # --- issue 22, class 9: residual sites that are not residuals -----------------------------------
 
 
@@ -1223,6 +1398,56 @@ class TwoWayNet(nn.Module):
         q, k = queries + query_pe, keys + key_pe
         queries = self.norm_final(queries + self.final_attn(q, k, keys))
         return self.head(queries.mean(1))
+
+
+class DenseAverageNet(nn.Module):
+    """Two basic blocks, then two dense heads on the pooled features averaged: a one-layer head
+    and a two-layer head, ``(a + b) / 2`` (an ensemble of heads, a teacher/student pair). One
+    operand looks like a projection shortcut and the other a branch, but the sum is a
+    prediction: it reaches the output through no learned map, halved.
+
+    Sites: the two blocks; not the average."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.blocks = nn.Sequential(PlainBlock(width), PlainBlock(width))
+        self.head_a = nn.Linear(width, num_classes)
+        self.head_b = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(F.relu(self.stem(x))).mean((2, 3))
+        return (self.head_a(h) + self.head_b(h)) / 2
+
+
+class SideOutputNet(nn.Module):
+    """Deep supervision (HED, U-Net++): a 1×1 head on each stage's map, upsampled to the input
+    size, the side outputs summed into the prediction. The first side output against the rest
+    looks like a projection shortcut around the next stage.
+
+    Sites: the stages' residual blocks; none of the side-output sums."""
+
+    def __init__(self, num_classes: int = 2, width: int = 8):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.stage1 = PlainBlock(width)
+        self.stage2 = nn.Sequential(conv_bn(width, width, 3, 2), nn.ReLU(), PlainBlock(width))
+        self.stage3 = nn.Sequential(conv_bn(width, width, 3, 2), nn.ReLU(), PlainBlock(width))
+        self.side1 = nn.Conv2d(width, num_classes, 1)
+        self.side2 = nn.Conv2d(width, num_classes, 1)
+        self.side3 = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        f1 = self.stage1(F.relu(self.stem(x)))
+        f2 = self.stage2(f1)
+        f3 = self.stage3(f2)
+        s1 = self.side1(f1)
+        s2 = F.interpolate(self.side2(f2), size=size, mode="bilinear", align_corners=False)
+        s3 = F.interpolate(self.side3(f3), size=size, mode="bilinear", align_corners=False)
+        return s1 + s2 + s3
 
 
 @dataclass(frozen=True)
@@ -1402,5 +1627,48 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1},
         failure="issue 22 class 8: one conv-norm-act branch against a conv-norm projection "
         "shortcut, read as RepVGG's parallel maps (zero sites before)",
+    ),
+    WildCase(
+        "dense_head_average",
+        DenseAverageNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="issue 22 class 9: (head_a(h) + head_b(h)) / 2 read as a projection shortcut "
+        "around a branch (an extra site at the root before)",
+    ),
+    WildCase(
+        "side_output_sum",
+        SideOutputNet,
+        {"stage1": 1, "stage2.2": 1, "stage3.2": 1},
+        failure="issue 22 class 9: deep-supervision side outputs summed into the prediction "
+        "(an extra site at the root before)",
+    ),
+    WildCase(
+        "two_map_projection_shortcut",
+        TwoMapShortcutNet,
+        {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1, "blocks.3": 1, "unit": 1},
+        failure="issue 22 class 8: GhostNet's depthwise + pointwise shortcut and a conv-BN-conv "
+        "shortcut (two learned maps: not a shortcut before)",
+    ),
+    WildCase(
+        "one_input_channel_conv",
+        OneChannelNet,
+        {"down1": 1, "down2": 1},
+        failure="issue 22 class 8: a conv-norm-act unit reading one input channel, its conv "
+        "read as not dense (the first unit of a one-channel medical network missed)",
+        extra={"input": (1, 16, 16)},
+    ),
+    WildCase(
+        "scripted_activation",
+        ScriptActNet,
+        {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1},
+        failure="issue 22 class 8: a torch.jit.script activation called in forward (fx passed "
+        "it a Proxy: every forward skipped, zero sites)",
+    ),
+    WildCase(
+        "uninstalled_shortcut",
+        UninstalledShortcutNet,
+        {"blocks.0": 1, "blocks.1": 1},
+        failure="issue 22 class 8: a projection shortcut held in a plain list, not a submodule "
+        "(fx's 'not installed as a submodule': every forward skipped)",
     ),
 ]

@@ -65,8 +65,10 @@ def _module_weight(module: nn.Module) -> tuple[int, bool]:
     for m in module.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             count += 1
-            # groups=1 over one input channel (CSATv2's position encoding) mixes nothing either
-            dense = dense or (m.groups == 1 and m.in_channels > 1)
+            # A full conv (groups=1) is dense, except one channel to one channel (CSATv2's
+            # position encoding: a depthwise conv of a one-channel map). One input channel to
+            # many is a full map (the first unit of a network on one-channel scans).
+            dense = dense or (m.groups == 1 and max(m.in_channels, m.out_channels) > 1)
         elif isinstance(m, nn.Linear):
             count += 1
             dense = True
@@ -160,6 +162,9 @@ class DataFlow:
         if node.op == "call_module":
             module = modules.get(str(node.target))
             return _module_weight(module) if module is not None else (0, False)
+        held = getattr(node.target, "uninstalled_module", None)
+        if node.op == "call_function" and isinstance(held, nn.Module):
+            return _module_weight(held)  # a module called from a list or dict attribute
         if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
             groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
             return 1, groups == 1

@@ -8,13 +8,17 @@ Finding "the branch" in an arbitrary graph is the hard part. An add is a residua
    dependence);
 2. they fork from a common input-dependent node (the latest common ancestor is the fork);
 3. one operand is a *shortcut*: identity (nothing learned between fork and add) or a light
-   projection (one learned map, e.g. a strided 1×1 conv + BN), and the other is a *branch* with
-   at least two learned maps (convs, linears, matmuls) — in sequence, not side by side, when
+   projection (one learned map, e.g. a strided 1×1 conv + BN; or two in sequence with nothing
+   nonlinear around a longer branch: GhostNet's depthwise + pointwise conv), and the other is
+   a *branch* with at least two learned maps (convs, linears, matmuls) — in sequence, not side by side, when
    the shortcut is a projection — or, against an identity shortcut, one dense map (a conv with
    groups=1 or a linear: EfficientNetV2's conv-bn-act blocks);
 4. the sum takes the branch's place: nothing but the add (and what it feeds) reads the branch's
    value. A positional embedding added to an attention's queries (``q = queries + query_pe``,
    the values and the next residual reading ``queries``) is not a residual.
+5. the sum is read by what follows: in the model's own forward, two heads averaged or side
+   outputs summed into the output (deep supervision), nothing learned reading the sum, are
+   predictions merged, not a residual stream.
 
 Rule 3 is what keeps the known false positives out: ConvNeXt-V2's GRN (``γ·(x·n) + β + x``: no
 learned map between fork and add), convolutional position encodings and focal modulation (one
@@ -329,10 +333,26 @@ def _nonlinear_after_map(region: int, gm: fx.GraphModule, flow: DataFlow) -> boo
     return any(_is_activation(n, gm) and flow.anc(n) & maps for n in nodes)
 
 
+def _two_map_projection(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
+    """A projection shortcut of two learned maps in sequence and nothing nonlinear (GhostNet's
+    depthwise conv-BN then pointwise conv-BN, Han et al. 2020; conv → BN → conv) around a branch
+    longer and heavier than it. Two parallel paths that each activate their maps (an Inception
+    sum, two heads averaged) are not a shortcut and a branch."""
+    return (
+        f.shortcut_weight == 2
+        and flow.depth(f.shortcut_region) == 2
+        and not _nonlinear_after_map(f.shortcut_region, gm, flow)
+        and f.branch_weight > 2
+        and flow.depth(f.branch_region) > 2
+    )
+
+
 def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
     """Whether a fork is a residual block: a shortcut that carries its input forward around a
     branch of learned maps."""
-    if f.shortcut_weight > 1 or _reduces(flow.region_nodes(f.shortcut_region), gm):
+    if _reduces(flow.region_nodes(f.shortcut_region), gm) or (
+        f.shortcut_weight > 1 and not _two_map_projection(f, gm, flow)
+    ):
         # A shortcut carries its input's representation forward (identity, or a projection
         # of it); one that pools it away is a head: ``(exit1(h.mean()) + exit2(g(h))) / 2``
         # averages two classifiers (early-exit and deep-supervision models).
@@ -395,6 +415,39 @@ def _branch_goes_on(add: fx.Node, f: _Fork, flow: DataFlow) -> bool:
     )
 
 
+_SCALINGS = {operator.truediv, operator.mul, torch.div, torch.mul, "div", "mul", "__truediv__"}
+
+
+def _merges_predictions(add: fx.Node, f: _Fork, flow: DataFlow) -> bool:
+    """Whether an add in the model's own forward merges predictions: two heads averaged (``(a +
+    b) / 2``: an ensemble, a teacher and a student head) or side outputs summed (deep
+    supervision: ``s1 + s2 + s3``, one 1×1 head per stage). The first head against the rest
+    looks like a projection shortcut around a branch, but a residual sum is read by the next
+    block, and this one is the output: nothing learned reads it, and it is halved or one of a
+    chain of sums. An identity shortcut is never a head."""
+    if f.shortcut_weight == 0:
+        return False
+    stack, seen, output = [add], {add}, False
+    while stack:
+        for user in stack.pop().users:
+            if user.op == "output":
+                output = True
+            elif flow.weights[flow.order[user]]:
+                return False  # a learned map reads the sum: a stream going on
+            elif user not in seen:
+                seen.add(user)
+                stack.append(user)
+    chained = any(isinstance(a, fx.Node) and is_add(a) for a in add.args[:2]) or any(
+        is_add(u) for u in add.users
+    )
+    halved = any(
+        u.target in _SCALINGS and any(isinstance(a, int | float) for a in u.args)
+        for u in add.users
+        if u.op in ("call_function", "call_method")
+    )
+    return output and (chained or halved)
+
+
 def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     gm = part.graph_module
     flow = DataFlow.of(gm)
@@ -409,6 +462,8 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
         ordinals[(owner_local, key)] = ordinal + 1
         f = _fork_of(node, flow) if is_add(node) else None
         if f is None or not _is_block(f, gm, flow) or _branch_goes_on(node, f, flow):
+            continue
+        if not part.prefix and _merges_predictions(node, f, flow):
             continue
         child = _block_child(owner_local, f, flow)
         existing_type = existing_drop_path(f.branch, gm)

@@ -52,6 +52,7 @@ __all__ = [
     "owner_of",
     "trace",
     "trace_module",
+    "uninstalled_call",
 ]
 
 # Frames from these directories are the tracer's, not the model author's: a node's source line is
@@ -141,6 +142,10 @@ class RetrofitTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         self._root = root if isinstance(root, nn.Module) else None
+        if self._root is not None:
+            # fx wraps only functions it was told of; a TorchScript function is called with a
+            # Proxy otherwise, which it rejects (a compiled activation in a block's forward).
+            self._autowrap_function_ids.update(id(f) for f in _script_functions(self._root))
         if self.call is None:
             return super().trace(root, concrete_args)
         self.concretizer = Concretizer(root)
@@ -160,7 +165,17 @@ class RetrofitTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+        if self.submodule_paths and m not in self.submodule_paths:
+            # A module held outside the module tree (``self.proj = [conv]``, a dict attribute)
+            # has no name fx can record a call_module by: it is one opaque call instead, whose
+            # learned maps the analyses still weigh (``uninstalled_module``).
+            return self.create_proxy("call_function", uninstalled_call(m), args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
+        if isinstance(target, torch.jit.ScriptFunction):
+            target = _script_call(target)  # a Python function: graphs get deep-copied
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["source"] = _user_source()
         if self.concretizer is not None:
@@ -236,6 +251,52 @@ class RetrofitTracer(fx.Tracer):
 
 # What a specialised forward may return at its leaves: values the graph computes or constants.
 _OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, type(None), bool, int, float, str, torch.dtype)
+
+
+def _script_functions(root: nn.Module) -> list[Any]:
+    """The TorchScript functions (``torch.jit.script`` of a function) in the globals of the
+    forwards of ``root`` and its submodules: the calls fx must record as leaves."""
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    for module in root.modules():
+        forward = inspect.unwrap(type(module).forward)
+        scope = getattr(forward, "__globals__", None)
+        if scope is None or id(scope) in seen:
+            continue
+        seen.add(id(scope))
+        for value in scope.values():
+            if isinstance(value, torch.jit.ScriptFunction):
+                found[id(value)] = value
+    return list(found.values())
+
+
+_SCRIPT_CALLS: dict[int, tuple[Any, Callable[..., Any]]] = {}
+
+
+def _script_call(fn: Any) -> Callable[..., Any]:
+    """A plain function calling the TorchScript function ``fn`` (one per ``fn``, so re-traces
+    agree): copying a graph copies its targets, and a ScriptFunction cannot be copied."""
+    known = _SCRIPT_CALLS.get(id(fn))
+    if known is not None and known[0] is fn:
+        return known[1]
+
+    def scripted(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    scripted.__name__ = scripted.__qualname__ = str(getattr(fn, "name", "scripted"))
+    _SCRIPT_CALLS[id(fn)] = (fn, scripted)
+    return scripted
+
+
+def uninstalled_call(module: nn.Module) -> Callable[..., Any]:
+    """A function calling ``module`` (one not installed as a submodule), which the graph records
+    as a call_function; ``uninstalled_module`` on it is the module, for the analyses."""
+
+    def uninstalled_module(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    uninstalled_module.uninstalled_module = module  # type: ignore[attr-defined]
+    return uninstalled_module
 
 
 def _constant(value: Any) -> Any:
