@@ -83,7 +83,8 @@ CASES = [
     ("timm:volo_d1_224", 40, 20, "(4+4+8+2) × 2 + post network 2 × 2", {"post_network.0", "post_network.1"}),
     # --- re-parameterisable: the branch sum + identity is the block, the parallel convs are not
     ("timm:repvgg_a0", 17, 17, "depths 2+4+14+1 minus each stage's first: 1+3+13+0", set()),
-    ("timm:ghostnet_100", 11, 11, "16 ghost bottlenecks, 11 with an identity shortcut", None),
+    # GhostNet builds no drop path (no oracle); 5 shortcuts are a depthwise + pointwise conv-BN
+    ("timm:ghostnet_100", 16, 16, "16 ghost bottlenecks: 11 identity, 5 dw+pw projection shortcuts", None),
 ]  # fmt: skip
 
 

@@ -338,8 +338,16 @@ def _two_map_projection(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
     depthwise conv-BN then pointwise conv-BN, Han et al. 2020; conv → BN → conv) around a branch
     longer and heavier than it. Two parallel paths that each activate their maps (an Inception
     sum, two heads averaged) are not a shortcut and a branch."""
+    # A parameter added to the stream (TNT's patch position embedding after its projection)
+    # weighs as one map in DataFlow; here the two must both be maps applied to the data.
+    maps = [
+        n
+        for n in flow.region_nodes(f.shortcut_region & flow.weighted_mask)
+        if not is_add(n) and n.target not in (operator.mul, torch.mul, "mul")
+    ]
     return (
         f.shortcut_weight == 2
+        and sum(flow.weights[flow.order[n]] for n in maps) == 2
         and flow.depth(f.shortcut_region) == 2
         and not _nonlinear_after_map(f.shortcut_region, gm, flow)
         and f.branch_weight > 2

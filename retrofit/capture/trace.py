@@ -249,6 +249,8 @@ class RetrofitTracer(fx.Tracer):
         return list(self.concretizer.require(obj, "keys").keys())
 
 
+_CALL_MODULE_CODE = RetrofitTracer.call_module.__code__
+
 # What a specialised forward may return at its leaves: values the graph computes or constants.
 _OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, type(None), bool, int, float, str, torch.dtype)
 
@@ -335,6 +337,9 @@ def _leaf_names(fn: Any, call: Call, count: int) -> list[str]:
 def _user_source() -> str | None:
     frame = sys._getframe(2)
     while frame is not None:
+        if frame.f_code is _CALL_MODULE_CODE:  # the tracer's own hook, between model frames
+            frame = frame.f_back
+            continue
         filename = frame.f_code.co_filename
         if filename.startswith(_RETROFIT_DIR):
             # Reached the tracer's caller: the op was made by torch's own code (a root that is
