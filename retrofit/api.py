@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from retrofit.analysis.context import Analysis
 from retrofit.capture import detection
-from retrofit.capture.sandbox import Snapshot
+from retrofit.capture.sandbox import Snapshot, young_objects_only
 from retrofit.errors import (
     ModelError,
     PartialError,
@@ -88,6 +88,18 @@ def apply(
     """
     _module(model, "apply")
     recipe = load_recipe(recipe)
+    with young_objects_only():
+        return _apply(model, recipe, example_input, verify, allow_partial, training_call)
+
+
+def _apply(
+    model: nn.Module,
+    recipe: Recipe,
+    example_input: Any,
+    verify: bool,
+    allow_partial: bool,
+    training_call: TrainingCall | Any,
+) -> nn.Module:
     snapshot = Snapshot(model)
     phase = "planning"
     try:

@@ -237,3 +237,42 @@ def test_optional_arguments_fall_back_to_the_original_forward():
     torch.testing.assert_close(block(x), ref_default)
     torch.testing.assert_close(block(x, scale=2.0), ref_scaled)
     torch.testing.assert_close(block(x, None), ref_default)
+
+
+def test_apply_sets_old_objects_aside_from_the_collector_and_puts_them_back(monkeypatch):
+    """Full collections during apply walk only what apply created (``gc.freeze`` on entry,
+    ``gc.unfreeze`` on exit, also after a refusal); objects the process froze itself stay
+    frozen, and apply then leaves the collector alone."""
+    import gc
+
+    import retrofit.api
+    from retrofit.capture import sandbox
+
+    seen = []
+    original = sandbox.young_objects_only
+
+    def spy():
+        seen.append(gc.get_freeze_count())
+        return original()
+
+    monkeypatch.setattr(retrofit.api, "young_objects_only", spy)
+    model = torchvision.models.resnet18(num_classes=4)
+    with sandbox.young_objects_only():
+        frozen_inside = gc.get_freeze_count()
+    assert gc.get_freeze_count() == 0 and frozen_inside > 0
+    retrofit.apply(model, {"stochastic_depth": {}}, example_input=torch.randn(2, 3, 32, 32))
+    assert gc.get_freeze_count() == 0
+    with torch.device("meta"):
+        on_meta = torchvision.models.resnet18(num_classes=4)
+    with pytest.raises(VerifyError, match="needs real weights"):
+        retrofit.apply(on_meta, {"stochastic_depth": {}})
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own frozen objects
+    try:
+        mine = gc.get_freeze_count()
+        with sandbox.young_objects_only():
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
+    assert seen == [0, 0]
