@@ -200,16 +200,32 @@ def test_dropblock_plans_at_the_example_input():
     assert_trains(model, x)
 
 
-def test_dropblock_on_a_sequential_resnet_is_a_refusal():
-    """Class 6: no module with code of its own calls the stages: retrofit refuses (exit 3), it is
-    not the user's bad input, and the model comes back as it was."""
+@pytest.mark.parametrize("placement", ["stages", "blocks"])
+def test_dropblock_on_a_sequential_resnet_goes_into_its_blocks(placement: str):
+    """Class 6, handled: no module with code of its own calls the stages (a ResNet built as
+    nested Sequentials, refused before). A stage's output is its last block's output, so the
+    DropBlock goes into that block's own forward, after its final ReLU; the Sequentials keep
+    their length (the stages ``3`` and ``4`` are the model's members 3 and 4)."""
+    torch.manual_seed(0)
     model = sequential_resnet()
-    snap = snapshot(model, image(1))
-    with pytest.raises(retrofit.RefusedError) as info:
-        retrofit.apply(model, {"dropblock": {"stages": [2]}}, example_input=image(0))
-    assert not isinstance(info.value, retrofit.ModelError)
-    assert "is a Sequential, whose forward only chains its children" in str(info.value)
-    assert_unchanged(model, snap, image(1))
+    x_probe, x_fresh = image(0), image(1)
+    assert [(s.index, s.module) for s in retrofit.stages(model, example_input=x_probe)] == [
+        (1, "2"),
+        (2, "3"),
+        (3, "4"),
+    ]
+    snap = snapshot(model, x_fresh)
+    recipe = {"dropblock": {"stages": [2, 3], "placement": placement}}
+    retrofit.apply(model, recipe, example_input=x_probe)
+    edits = [(e.module, e.node) for e in retrofit.applied_plan(model).edits]
+    blocks = ["3.0", "3.1", "4.0", "4.1"] if placement == "blocks" else ["3.1", "4.1"]
+    assert edits == [(b, "relu_2") for b in blocks]
+    assert _dropblocks(model) == [f"{b}.retrofit_dropblock0" for b in blocks]
+    assert [len(model), len(model[3]), len(model[4])] == [8, 2, 2]
+    assert_instrumented(model, snap, x_probe, x_fresh, expected=len(blocks))
+    assert_trains(model, x_probe)
+    retrofit.strip(model)
+    assert_unchanged(model, snap, x_fresh)
 
 
 @pytest.mark.parametrize(

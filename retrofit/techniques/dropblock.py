@@ -28,8 +28,10 @@ apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped li
   The edit's ``target`` is the block module (``layer3.0``).
 
 A model that is itself a pass-through container (a bare ``nn.Sequential`` CNN) has no code to
-insert into: the only way would add a child to the Sequential, so planning raises
-:class:`SequentialOwnerError` instead.
+insert into: adding a child to the Sequential would change its length and indexing. A stage
+(or block) it calls is then edited inside the code that computes its output: the stage's last
+member with a forward of its own (a ResNet built as nested Sequentials: the stage's last
+block). A stage with no such code (a bare torch layer) raises :class:`SequentialOwnerError`.
 
 "The residual blocks of a stage" are the residual sites (analysis/residual.py) whose block output is
 an NCHW map at the stage's reduction, computed after the previous stage's end and no later than
@@ -280,13 +282,25 @@ def _edit(
     )
 
 
-def _checked(sa: StageAnalysis, site: CallSite, where: str) -> CallSite:
+def _checked(sa: StageAnalysis, site: CallSite, where: str, module: str | None) -> CallSite:
     """``site``, unless its owner is a pass-through container (a model that is an nn.Sequential).
 
     Rewriting such an owner would add the DropBlock as a child of the Sequential: ``len`` and
-    indexing would change and ``Sequential.forward`` would run it after the last layer.
+    indexing would change and ``Sequential.forward`` would run it after the last layer. What
+    ``module`` (the stage or block) outputs is then placed inside the code that computes it:
+    ``output_site`` follows a Sequential to its last member (a ResNet built as nested
+    Sequentials: the stage's last block, whose own forward returns the stage's output).
     """
     owner = sa.model.get_submodule(site.owner)
+    if is_passthrough(owner) and module:
+        try:
+            inner = sa.output_site(module)
+        except LookupError:
+            inner = None
+        code = sa.model.get_submodule(inner.owner) if inner is not None else None
+        # A module of the model's own code; not a torch layer (an nn.ReLU given a child).
+        if code is not None and not type(code).__module__.startswith("torch."):
+            return inner
     if is_passthrough(owner):
         name = site.owner or "the model"
         raise SequentialOwnerError(
@@ -385,7 +399,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 _edit(
                     spec,
                     sizes[stage.index],
-                    _checked(sa, _outside_containers(sa, stage), f"after {label}"),
+                    _checked(sa, _outside_containers(sa, stage), f"after {label}", stage.module),
                     stage.shape,
                     probe,
                     target=stage.module,
@@ -406,7 +420,7 @@ def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
                 _edit(
                     spec,
                     sizes[stage.index],
-                    _checked(sa, call, where),
+                    _checked(sa, call, where, block),
                     shape_of(node),
                     probe,
                     target=block,
