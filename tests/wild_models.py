@@ -1317,6 +1317,30 @@ class UninstalledShortcutNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
+class SlicedSequentialEncoder(nn.Module):
+    """A DPN-style encoder (smp's): stages run as slices of one ``features`` Sequential,
+    ``self.features[1:3](x)``: each slice is a new Sequential, not in the module tree, whose
+    members are. Sites: the four blocks (zero before: the slices were opaque)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, width),
+            PlainBlock(width),
+            PlainBlock(width),
+            conv_bn(width, width, 3, 2),
+            PlainBlock(width),
+            PlainBlock(width),
+        )
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.features[0](x))
+        f1 = self.features[1:3](x)
+        f2 = self.features[4:6](F.relu(self.features[3](f1)))
+        return self.fc(torch.cat([f1.mean((2, 3)), f2.mean((2, 3))], 1))
+
+
 # --- issue 22, class 9: residual sites that are not residuals -----------------------------------
 
 
@@ -1627,6 +1651,13 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1},
         failure="issue 22 class 8: one conv-norm-act branch against a conv-norm projection "
         "shortcut, read as RepVGG's parallel maps (zero sites before)",
+    ),
+    WildCase(
+        "sliced_sequential",
+        SlicedSequentialEncoder,
+        {"features.1": 1, "features.2": 1, "features.4": 1, "features.5": 1},
+        failure="issue 22 class 8: stages run as slices of a Sequential (smp's DPN encoder), "
+        "new Sequentials outside the module tree (zero sites)",
     ),
     WildCase(
         "dense_head_average",

@@ -167,6 +167,10 @@ class RetrofitTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         if self.submodule_paths and m not in self.submodule_paths:
+            if is_passthrough(m):
+                # A Sequential made on the fly (``self.features[1:4](x)``, DPN encoders): its
+                # members are the model's own, each recorded under its name.
+                return forward(*args, **kwargs)
             # A module held outside the module tree (``self.proj = [conv]``, a dict attribute)
             # has no name fx can record a call_module by: it is one opaque call instead, whose
             # learned maps the analyses still weigh (``uninstalled_module``).
