@@ -8,7 +8,7 @@ sums, an FPN's top-down sums). Neither library is a dependency: install them whe
 (``pip install --no-deps --target DIR monai segmentation-models-pytorch``) and put DIR on
 PYTHONPATH.
 
-    python tools/sweep_new.py [--json out.jsonl]
+    python tools/sweep_new.py [--json out.jsonl] [--docs docs/coverage.md]
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ import retrofit
 
 def _skip_mbconv(m: nn.Module) -> int:
     # MONAI's and smp's EfficientNet MBConv: ``x + inputs`` when id_skip, stride 1, in == out
-    if hasattr(m, "_block_args"):  # smp (the EfficientNet-PyTorch port)
-        a = m._block_args
-        stride = a.stride[0] if isinstance(a.stride, list | tuple) else a.stride
-        return int(bool(a.id_skip) and stride == 1 and a.input_filters == a.output_filters)
+    if hasattr(m, "_has_drop_connect"):  # smp's port: the same condition, precomputed
+        return int(m._has_drop_connect)
     stride = m.stride[0] if isinstance(m.stride, list | tuple) else m.stride
     return int(bool(m.id_skip) and stride == 1 and m.in_channels == m.out_channels)
 
@@ -111,7 +109,7 @@ def _monai() -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
             d3,
         ),
         ("monai.SegResNet", lambda: nets.SegResNet(2, 8, 1, 2), d2),
-        ("monai.SegResNetVAE-free 3D", lambda: nets.SegResNet(3, 8, 1, 2), d3),
+        ("monai.SegResNet 3D", lambda: nets.SegResNet(3, 8, 1, 2), d3),
         (
             "monai.DynUNet res",
             lambda: nets.DynUNet(2, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], res_block=True),
@@ -198,7 +196,7 @@ def _smp() -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
             (
                 f"smp.{arch}(resnet18)",
                 lambda a=arch: getattr(smp, a)("resnet18", encoder_weights=None),
-                x,
+                (1, 3, 128, 128) if arch == "PAN" else x,  # PAN pools its 1/32 map by 8
             )
         )
     return out
@@ -235,10 +233,87 @@ def sweep_one(label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
     return rec
 
 
+START, END = "<!-- sweep_new:start -->", "<!-- sweep_new:end -->"
+
+NOTES = {
+    "mobileone": "smp's MobileOne port: the depthwise blocks (identity BN + parallel depthwise "
+    "conv-BNs, summed) are not read as residual: parallel single depthwise maps against an "
+    "identity are what a convolutional position encoding looks like too; timm's MobileOne is "
+    "found whole because its author's drop-path slot marks the branch",
+}
+
+
+def _versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for name in ("monai", "segmentation_models_pytorch"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return ", ".join(out)
+
+
+def write_docs(records: list[dict], path: str) -> None:
+    """The per-library recall section of ``docs/coverage.md`` (between the sweep_new markers)."""
+    by_lib: dict[str, list[dict]] = {}
+    for r in records:
+        by_lib.setdefault(r["model"].split(".")[0], []).append(r)
+    lines = [
+        START,
+        "## Libraries outside the zoos (`tools/sweep_new.py`)",
+        "",
+        "Recall = sites found inside residual blocks ÷ residual blocks by construction, counted "
+        "from each library's own block classes (`RESIDUALS` in the tool) over the blocks one "
+        "forward runs; random weights, `retrofit.plan` at the listed input. `extra`: sites "
+        "outside those blocks: the decoders' skip sums (`up(x) + lateral(skip)`: the 1×1 "
+        "lateral reads as a projection shortcut around the upsampled deeper path, as "
+        "`tests/wild_models.py`'s NestedBranchNet pins for `up(h) + skip`).",
+        "",
+        f"Versions: {_versions()}.",
+        "",
+        "| library | models | blocks | found | recall | zero-site models with blocks | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lib, rs in sorted(by_lib.items()):
+        ok = [r for r in rs if r.get("status") == "ok"]
+        blocks = sum(r["blocks"] for r in ok)
+        found = sum(r["found"] for r in ok)
+        zero = sum(1 for r in ok if r["blocks"] and not r["found"])
+        rate = f"{100 * found / blocks:.1f}%" if blocks else "n/a"
+        lines.append(
+            f"| {lib} | {len(rs)} | {blocks} | {found} | {rate} | {zero} | {len(rs) - len(ok)} |"
+        )
+    lines += [
+        "",
+        "| model | blocks | found | sites | extra owners | note |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in records:
+        note = next((n for k, n in NOTES.items() if k in r["model"]), "")
+        if r.get("status") != "ok":
+            lines.append(f"| `{r['model']}` | | | | | {r['status']} |")
+            continue
+        extra = ", ".join(f"`{o or '<root>'}`" for o in r["extra"])
+        lines.append(
+            f"| `{r['model']}` | {r['blocks']} | {r['found']} | {r['sites']} | {extra} | {note} |"
+        )
+    lines.append(END)
+    with open(path) as f:
+        text = f.read()
+    section = "\n".join(lines)
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="append one JSON line per model here")
     ap.add_argument("--only", choices=("monai", "smp"), default=None)
+    ap.add_argument("--docs", default=None, help="write the recall section into this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cases = []
@@ -246,12 +321,16 @@ def main() -> None:
         cases += _monai()
     if args.only in (None, "smp"):
         cases += _smp()
+    records = []
     for label, build, shape in cases:
         rec = sweep_one(label, build, shape)
+        records.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "trace"}), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+    if args.docs:
+        write_docs(records, args.docs)
 
 
 if __name__ == "__main__":

@@ -854,12 +854,14 @@ def write_docs(results: Path, equiv: Path, docs: Path = DOCS, all_specs: list[st
                 f"| `{r['arch']}` | {r['family']} | {shape} | {r.get('gates', '')} | {diff} | "
                 f"{st} | {r['seconds']} |"
             )
-    # tools/task_zoo.py owns the detection/segmentation section: kept as it was.
+    # tools/task_zoo.py owns the detection/segmentation section, tools/sweep_new.py the
+    # libraries outside the zoos: kept as they were.
     previous = (docs / "coverage.md").read_text() if (docs / "coverage.md").exists() else ""
-    start, end = "<!-- task_zoo:start -->", "<!-- task_zoo:end -->"
-    if start in previous and end in previous:
-        kept = previous[previous.index(start) : previous.index(end) + len(end)]
-        lines += ["", kept]
+    for owner in ("task_zoo", "sweep_new"):
+        start, end = f"<!-- {owner}:start -->", f"<!-- {owner}:end -->"
+        if start in previous and end in previous:
+            kept = previous[previous.index(start) : previous.index(end) + len(end)]
+            lines += ["", kept]
     (docs / "coverage.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {docs / 'coverage.md'} and {docs / 'coverage.csv'} ({total} archs)")
 
