@@ -14,6 +14,7 @@ PYTHONPATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import traceback
@@ -246,10 +247,8 @@ NOTES = {
 def _versions() -> str:
     out = [f"torch {torch.__version__}"]
     for name in ("monai", "segmentation_models_pytorch"):
-        try:
+        with contextlib.suppress(ImportError):  # a library not installed is not swept
             out.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            pass
     return ", ".join(out)
 
 
