@@ -43,13 +43,13 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from retrofit.layers.protocol import Outline  # the outlined calling convention
 from retrofit.layers.ramps import warmed_up
 from retrofit.layers.tensor_state import TensorState, scalar
 
@@ -216,25 +216,6 @@ def _counter_uniform(base: int, draw: Tensor, rows: int | None = None) -> Tensor
         index = torch.arange(rows, device=draw.device, dtype=torch.int64)
         h = _mix32(h ^ (index * 0x9E3779B1 & _M32))
     return (h >> 8).to(torch.float32) * 2.0**-24
-
-
-@dataclass(frozen=True)
-class Outline:
-    """How the outlined residual add must behave; decided by the rewrite from the owner's graph.
-
-    ``batched[i]``: input i carries the batch dimension (it depends on the module's input), so
-    subset mode feeds the branch only the kept rows of it. ``inplace``: ``"shortcut"`` when the
-    model wrote ``shortcut.add_(f)`` (the gate then adds in place too: the same aliasing as the
-    original), ``"branch"`` for ``f.add_(shortcut)`` (the result keeps f's dtype), else ``""``.
-    ``copy_dropped``: something downstream may mutate the add's result in place, or it leaves the
-    module; a dropped branch then returns a copy of the shortcut, never the shortcut itself
-    (e.g. torchvision's ``relu(out + identity)`` with ``inplace=True`` would otherwise overwrite
-    the block's input, which autograd still needs).
-    """
-
-    batched: tuple[bool, ...] = ()
-    inplace: str = ""
-    copy_dropped: bool = True
 
 
 class StochasticDepthGate(nn.Module):

@@ -3,6 +3,8 @@ remove the dropouts that reach a BatchNorm and put one Dropout after the last BN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -10,15 +12,40 @@ from torch import nn
 from retrofit.analysis.dropout_bn import HeadPlace, find_head_place
 from retrofit.edit import Edit
 from retrofit.spec import choice
-from retrofit.techniques.dropout_sites import replace, why
+from retrofit.techniques.dropout_sites import replace, replaced, why
 from retrofit.techniques.record import Technique
+from retrofit.techniques.table import num, short_source, table, where
 
 if TYPE_CHECKING:
     from retrofit.analysis.context import Analysis
 
-__all__ = ["DROPOUT_FIXES", "TECHNIQUE", "dropout_fix_layer", "plan_dropout_fix"]
+__all__ = [
+    "DROPOUT_FIXES",
+    "DropoutFixSettings",
+    "TECHNIQUE",
+    "dropout_fix_layer",
+    "plan_dropout_fix",
+]
 
 DROPOUT_FIXES = ("after_last_bn",)
+ROLES = ("remove", "insert")
+
+
+@dataclass(frozen=True)
+class DropoutFixSettings:
+    """The typed arguments of what a ``dropout_fix`` edit inserts: ``role`` ``remove`` (an
+    nn.Identity where a flagged dropout was) or ``insert`` (the one Dropout(p) after the last
+    BN)."""
+
+    role: str
+    p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"dropout_fix role has to be one of {ROLES}, but got {self.role!r}")
+
+    def params(self) -> dict[str, Any]:
+        return {"role": self.role} if self.p is None else {"role": self.role, "p": self.p}
 
 
 def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
@@ -40,8 +67,8 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
     for site in result.flagged():
         edit = replace(
             site,
-            "dropout_fix",
-            {"role": "remove"},
+            TECHNIQUE.name,
+            DropoutFixSettings("remove"),
             f"removed {site.op}(p={site.p}): {why(result, site)}",
             done,
         )
@@ -68,7 +95,7 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
 
 def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:
 
-    common = dict(kind="dropout_fix")
+    common = dict(kind=TECHNIQUE.name, settings=DropoutFixSettings("insert", p))
     note = f"Dropout(p={p}){mixed} after the last BN, on the input of {place.classifier}"
     if place.action == "replace_module":
         return Edit.at(
@@ -76,23 +103,38 @@ def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:
             **common,
             action="replace_module",
             target=place.target,
-            params={"role": "insert", "p": p},
             note=note + f" (reuses the empty slot {place.target})",
         )
-    return Edit.at(
-        place, **common, action="wrap_arg", arg=0, params={"role": "insert", "p": p}, note=note
-    )
+    return Edit.at(place, **common, action="wrap_arg", arg=0, note=note)
 
 
 def dropout_fix_layer(edit: Edit) -> nn.Module:
     """The layer a ``dropout_fix`` edit inserts: Identity for a removed dropout, Dropout(p) for the
     one after the last BN."""
-    role = edit.params.get("role")
-    if role == "remove":
+    s: DropoutFixSettings = edit.settings
+    if s.role == "remove":
         return nn.Identity()
-    if role == "insert":
-        return nn.Dropout(float(edit.params["p"]))
-    raise ValueError(f"dropout_fix edit role has to be 'remove' or 'insert', but got {role!r}")
+    assert s.p is not None
+    return nn.Dropout(s.p)
+
+
+def plan_table(edits: Sequence[Edit], model: str) -> list[str]:
+    """What the fix removes and where it puts the one dropout it keeps (Li et al. 2019)."""
+    removed = [e for e in edits if e.settings.role == "remove"]
+    added = [e for e in edits if e.settings.role == "insert"]
+    head = (
+        f"dropout fix after_last_bn (Li et al. 2019): removes {len(removed)} dropout(s) that "
+        f"reach a BatchNorm, adds {len(added)} after the last one"
+    )
+    rows = []
+    for e in edits:
+        if e.settings.role == "insert":
+            what = f"add Dropout(p={num(e.settings.p)})"
+            at = e.target or f"{where(e, model)}:{e.node}"
+        else:
+            what, at = "remove", replaced(e)
+        rows.append((what, at, short_source(e.source), e.note or ""))
+    return [head, *table(("action", "module / call", "source", "note"), rows)]
 
 
 def parse(value: Any) -> str | None:
@@ -105,5 +147,7 @@ TECHNIQUE = Technique(
     parse=parse,
     planner=plan_dropout_fix,
     layer=dropout_fix_layer,
+    actions=("replace_module", "replace_call", "wrap_arg"),
+    table=plan_table,
     excludes={"uout": "'uout' replaces them and 'dropout_fix' removes them; keep one of the two"},
 )

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,8 @@ from torch import nn
 from retrofit import schedule
 from retrofit.errors import ModelError
 from retrofit.finetune_config import TrainConfig
-from retrofit.layers import cutout, is_gate
+from retrofit.layers import is_gate
+from retrofit.techniques import TECHNIQUES, epoch_figures, logged, planned_figures
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -288,8 +289,11 @@ class _Regularizers:
     ``retrofit.schedule`` drives): the inserted layers for the plots, and Cutout on the batch."""
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the plots
-    cutout: Any = None  # retrofit.layers.cutout(x, n_holes, length, generator=)
-    cutout_cfg: Any = None
+    # The recipe's input transforms (each technique record's ``input_transform``: Cutout),
+    # applied in recipe order, all drawing from ``cut_gen``.
+    transforms: list[Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = field(
+        default_factory=list
+    )
     cut_gen: torch.Generator | None = None
 
 
@@ -576,12 +580,17 @@ def _new_meters(device: torch.device) -> dict[str, Any]:
 
 
 def _regularizers(model: nn.Module, recipe: Any, env: D.DistEnv) -> _Regularizers:
+    specs = {name: getattr(recipe, name, None) if recipe is not None else None
+             for name in TECHNIQUES}  # fmt: skip
     hooks = _Regularizers(
         layers=regularizer_layers(schedule.current_rates(model)),
-        cutout_cfg=recipe.cutout if recipe is not None else None,
+        transforms=[
+            t.input_transform(specs[name])
+            for name, t in TECHNIQUES.items()
+            if t.input_transform is not None and specs[name] is not None
+        ],
     )
-    if hooks.cutout_cfg is not None:
-        hooks.cutout = cutout
+    if hooks.transforms:
         hooks.cut_gen = torch.Generator(device=env.device)
     return hooks
 
@@ -789,9 +798,9 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     for micro in range(cfg.grad_accum):
         x, y = next(batches)
         x, y = run.task.to_device(x, y, env.device, precision)
-        if hooks.cutout is not None:
+        if hooks.transforms:
             hooks.cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
-            x = run.task.map_images(x, functools.partial(_cutout, hooks))
+            x = run.task.map_images(x, functools.partial(_transform, hooks))
         # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
         last = micro == cfg.grad_accum - 1
         sync = (
@@ -817,10 +826,10 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     return loss_sum / cfg.grad_accum if cfg.grad_accum > 1 else loss_sum
 
 
-def _cutout(hooks: _Regularizers, x: torch.Tensor) -> torch.Tensor:
-    c = hooks.cutout_cfg
-    return hooks.cutout(x, c.n_holes, c.length, generator=hooks.cut_gen,
-                        uniform_sampling=c.uniform_sampling, per_batch=c.per_batch)  # fmt: skip
+def _transform(hooks: _Regularizers, x: torch.Tensor) -> torch.Tensor:
+    for transform in hooks.transforms:
+        x = transform(x, hooks.cut_gen)
+    return x
 
 
 def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
@@ -843,11 +852,8 @@ def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
     # retrofit.lifecycle, step 3: kept_fraction is per log window (since the previous log step).
     report = run.prep.lifecycle.report()
     if report is not None and report.layers:
-        rec.update(
-            sd_kept=report.means.get("sd_kept"),
-            keep_prob=report.means.get("keep_prob"),
-            rates=report.blocks,
-        )
+        # Every technique's logged scalars (sd_kept, keep_prob …), None where it has no layers.
+        rec.update({key: report.means.get(key) for key in logged()}, rates=report.blocks)
     return run.metrics.write(rec)
 
 
@@ -891,28 +897,16 @@ def _evaluate(run: _Run, model: nn.Module) -> dict[str, float]:
 
 
 def _epoch_rates(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    """The epoch's mean stochastic-depth kept fraction (over its log windows) and the DropBlock
-    keep_prob at its end, from the step records written since the previous epoch record."""
+    """An epoch's figures from the step records written since the previous epoch record: each
+    technique's logged scalars (the mean kept fraction, DropBlock's keep_prob at its end …)."""
     since = next((r["step"] for r in reversed(records) if r.get("kind") == "epoch"), 0)
     steps = [r for r in records if r.get("kind") == "step" and since < r["step"] <= step]
-    kept = [r["sd_kept"] for r in steps if r.get("sd_kept") is not None]
-    keep_prob = [r["keep_prob"] for r in steps if r.get("keep_prob") is not None]
-    out: dict[str, Any] = {}
-    if kept:
-        out["sd_kept"] = sum(kept) / len(kept)
-    if keep_prob:
-        out["keep_prob"] = keep_prob[-1]
-    return out
+    return epoch_figures(steps)
 
 
 def _planned(run: _Run) -> dict[str, Any]:
-    """The plan's mean survival p_l, to read the measured kept fraction against."""
-    survival = [
-        e["survival"]
-        for e in (run.prep.plan or {}).get("edits", [])
-        if e.get("kind") == "stochastic_depth" and e.get("survival") is not None
-    ]
-    return {"sd_planned": sum(survival) / len(survival)} if survival else {}
+    """The plan's planned figures (mean survival p_l …), to read the measured ones against."""
+    return planned_figures((run.prep.plan or {}).get("edits", []))
 
 
 def _written(path: Path | None, writes: bool) -> str | None:

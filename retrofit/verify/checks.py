@@ -33,7 +33,6 @@ __all__ = [
     "eval_output",
     "output_tensors",
     "forced_gates",
-    "paper_gates_neutral",
     "probe_input",
     "probe_size",
     "training_step_error",
@@ -95,22 +94,6 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     """A forward's output as a flat list of its tensors (copies)."""
     leaves, _ = tree_flatten(out)
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
-
-
-@contextmanager
-def paper_gates_neutral(model: nn.Module) -> Iterator[None]:
-    """Gates with ``scaling="paper"`` scale the branch by p_l in eval *by design*
-    (H = ReLU(p_l·f_l + id)); verification checks the rewrite with them at p_l = 1."""
-    saved = []
-    for m in model.modules():
-        if getattr(m, "scaling", None) == "paper" and hasattr(m, "survival"):
-            saved.append((m, m.survival))
-            m.survival = 1.0
-    try:
-        yield
-    finally:
-        for m, p in saved:
-            m.survival = p
 
 
 def compare(
