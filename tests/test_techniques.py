@@ -71,6 +71,7 @@ def _planned_edits() -> dict[str, list[Edit]]:
 
     recipes = {
         "stochastic_depth": (tiny_resnet(width=4, depth=3), {}),
+        "shakedrop": (tiny_resnet(width=4, depth=3), {}),
         "dropblock": (tiny_resnet(width=4, depth=3), {"stages": [1], "block_size": 3}),
         "uout": (dropout_before_bn(), {}),
         "dropout_fix": (dropout_before_bn(), "after_last_bn"),
@@ -138,7 +139,7 @@ def test_every_registry_entry_comes_from_a_record():
     from retrofit.techniques import logged
 
     assert logged() == {k: v for t in TECHNIQUES.values() for k, v in t.figures.logged.items()}
-    assert set(logged()) == {"sd_kept", "keep_prob"}
+    assert set(logged()) == {"sd_kept", "keep_prob", "shakedrop_kept"}
     # excluded sections name techniques
     for t in TECHNIQUES.values():
         assert set(t.excludes) <= set(TECHNIQUES), t.name
@@ -152,6 +153,8 @@ def test_the_figures_come_from_each_technique():
     for name, keys, wording in (
         ("stochastic_depth", {"sd_survival", "sd_planned", "sd_kept"}, r"kept \d\.\d\d \(planned "
          r"0\.67\), survival 0\.67"),
+        ("shakedrop", {"shakedrop_kept", "shakedrop_planned"}, r"ShakeDrop kept \d\.\d\d "
+         r"\(planned 0\.67\)"),
     ):  # fmt: skip
         model = retrofit.apply(tiny_resnet(width=4, depth=3), {name: {}}, example_input=x)
         model.train()

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from retrofit.techniques import cutout, dropblock, dropout_fix, stochastic_depth, uout
+from retrofit.techniques import cutout, dropblock, dropout_fix, shakedrop, stochastic_depth, uout
 from retrofit.techniques.record import Figures, Technique
 
 __all__ = [
@@ -37,6 +37,7 @@ TECHNIQUES: dict[str, Technique] = {
         uout.TECHNIQUE,
         dropout_fix.TECHNIQUE,
         cutout.TECHNIQUE,
+        shakedrop.TECHNIQUE,
     )
 }
 
