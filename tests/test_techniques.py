@@ -166,6 +166,23 @@ def test_the_figures_come_from_each_technique():
         assert re.fullmatch(wording, ", ".join(console_parts(summary))), summary
 
 
+def test_the_trainer_applies_the_records_input_transforms():
+    from retrofit.layers import cutout
+    from retrofit.train import distributed as D
+    from retrofit.train.loop import _regularizers, _transform
+
+    recipe = retrofit.load_recipe({"cutout": {"n_holes": 2, "length": 4}})
+    hooks = _regularizers(nn.Identity(), recipe, D.DistEnv())
+    assert len(hooks.transforms) == 1 and hooks.cut_gen is not None
+    x = torch.ones(3, 1, 8, 8)
+    hooks.cut_gen.manual_seed(7)
+    got = _transform(hooks, x)
+    expected = cutout(x, 2, 4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, expected) and (got == 0).any()
+    none = _regularizers(nn.Identity(), retrofit.load_recipe({"uout": {}}), D.DistEnv())
+    assert none.transforms == [] and none.cut_gen is None
+
+
 # Technique names that may appear as string literals outside retrofit/techniques/ and the recipe
 # schema, each with why it is not dispatch.
 _ALLOWED_NAMES = {
@@ -186,7 +203,12 @@ def _not_dispatch(tree: Any) -> set[int]:
     out = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
             out.add(id(body[0].value))
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id in ("__all__", "kind") for t in node.targets
