@@ -166,6 +166,32 @@ def test_the_figures_come_from_each_technique():
         assert re.fullmatch(wording, ", ".join(console_parts(summary))), summary
 
 
+def test_verification_passes_come_from_the_records():
+    from retrofit.layers import StochasticDepthGate
+    from retrofit.techniques import liveness_paths
+    from tests.user_models import tiny_resnet
+
+    x = torch.randn(2, 3, 16, 16)
+    labels = {}
+    for mode in ("row", "batch"):
+        model = tiny_resnet(width=4, depth=2)
+        retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x)
+        paths = liveness_paths(model)
+        labels[mode] = [label for label, _, _ in paths]
+        gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+        assert all(set(layers) == set(gates) for _, layers, _ in paths)
+        if mode == "batch":
+            with paths[1][2]():
+                assert [g.forced for g in gates] == [False, False]
+            assert [g.forced for g in gates] == [None, None]
+    assert labels == {
+        "row": ["every stochastic-depth branch kept"],
+        "batch": ["every stochastic-depth branch kept", "every stochastic-depth branch dropped"],
+    }
+    shaken = retrofit.apply(tiny_resnet(width=4), {"shakedrop": {}}, example_input=x)
+    assert liveness_paths(shaken) == []  # its branches always run: one pass as it draws
+
+
 def test_the_trainer_applies_the_records_input_transforms():
     from retrofit.layers import cutout
     from retrofit.train import distributed as D

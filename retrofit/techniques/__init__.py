@@ -23,6 +23,7 @@ __all__ = [
     "console_parts",
     "epoch_figures",
     "eval_neutral",
+    "liveness_paths",
     "logged",
     "model_edits",
     "planned_figures",
@@ -56,6 +57,28 @@ def eval_neutral(model: nn.Module) -> Iterator[None]:
             if t.neutral is not None:
                 stack.enter_context(t.neutral(model))
         yield
+
+
+def liveness_paths(model: nn.Module) -> list[tuple[str, list[nn.Module], Any]]:
+    """The passes of verification's liveness check (``retrofit.verify.checks.Path``): the
+    techniques' first passes together (their kept paths: every inserted layer is called there),
+    then each technique's further passes (stochastic depth's dropped path)."""
+    per = [p for t in TECHNIQUES.values() if t.liveness is not None for p in [t.liveness(model)]]
+    per = [paths for paths in per if paths]
+    if not per:
+        return []
+    firsts = [paths[0] for paths in per]
+
+    @contextmanager
+    def together() -> Iterator[None]:
+        with ExitStack() as stack:
+            for _, _, forcing in firsts:
+                stack.enter_context(forcing())
+            yield
+
+    label = " and ".join(label for label, _, _ in firsts)
+    layers = [m for _, forced, _ in firsts for m in forced]
+    return [(label, layers, together), *(p for paths in per for p in paths[1:])]
 
 
 def unused_parameters(recipe: Any, model: nn.Module) -> bool:

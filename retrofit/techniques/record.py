@@ -86,7 +86,10 @@ class Technique:
 
     Training and verification: ``neutral`` model → a context under which its layers are the
     identity in eval (verification compares against the original there; stochastic depth's
-    ``scaling: paper`` multiplies by p_l in eval by design); ``unused_parameters`` (spec,
+    ``scaling: paper`` multiplies by p_l in eval by design); ``liveness`` model → the training
+    passes verification's liveness check runs, each (what it forces, the layers it changes, a
+    context forcing it), kept path first (stochastic depth's gates forced onto their kept, then
+    dropped, path; none: one pass as the layers draw); ``unused_parameters`` (spec,
     model) → whether a step may leave parameters without a gradient (DDP's
     ``find_unused_parameters``); ``input_transform`` spec → ``f(images, generator)``, applied
     to every training batch (Cutout).
@@ -106,6 +109,7 @@ class Technique:
     figures: Figures = field(default_factory=Figures)
     note: Callable[[Any], str] | None = None
     neutral: Callable[[nn.Module], AbstractContextManager[None]] | None = None
+    liveness: Callable[[nn.Module], list[tuple[str, Sequence[nn.Module], Any]]] | None = None
     unused_parameters: Callable[[Any, nn.Module], bool] | None = None
     input_transform: Callable[[Any], Callable[[Tensor, torch.Generator | None], Tensor]] | None = (
         None

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from retrofit.edit import Edit
@@ -351,6 +352,52 @@ def paper_scaling_neutral(model: nn.Module) -> Iterator[None]:
             m.survival = p
 
 
+@contextmanager
+def forced_paths(gates: list[StochasticDepthGate], keep: bool) -> Iterator[None]:
+    """Every batch-mode gate in ``gates`` takes its kept (``keep=True``) or dropped path on each
+    training call, whatever its draw, through the gate's own ``forced`` attribute (eager and
+    compiled alike). Row- and subset-mode gates decide per row: at p_l = ½ on the kept pass one
+    step takes both paths on a batch of two or more (the branch runs on every row in row mode,
+    on at least one in subset mode, so whatever it calls is called); on the dropped pass they
+    keep every row."""
+    saved = [(g, g.survival, g.forced) for g in gates]
+    try:
+        for g in gates:
+            if g.mode == "batch":
+                g.forced = keep
+            else:
+                _set_survival(g, 0.5 if keep else 1.0)
+        yield
+    finally:
+        for g, survival, forced in saved:
+            g.forced = forced
+            g.survival = survival
+
+
+def _set_survival(gate: StochasticDepthGate, value: float) -> None:
+    if isinstance(gate.survival, torch.Tensor):
+        with torch.no_grad():
+            gate.survival.fill_(value)
+    else:
+        gate.survival = value
+
+
+def liveness_paths(model: nn.Module) -> list[tuple[str, list[nn.Module], Any]]:
+    """The training passes verification runs (``retrofit.verify.checks.Path``): every branch
+    kept first (it runs every branch, so gates nested in a branch are reached), then, only when
+    a batch-mode gate has a dropped path the kept pass does not take, every branch dropped
+    (cheap: no branch runs)."""
+    gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+    if not gates:
+        return []
+    paths = [("every stochastic-depth branch kept", gates, lambda: forced_paths(gates, True))]
+    if any(g.mode == "batch" for g in gates):
+        paths.append(
+            ("every stochastic-depth branch dropped", gates, lambda: forced_paths(gates, False))
+        )
+    return paths
+
+
 def _skips_branches(spec: Any, model: nn.Module) -> bool:
     """Batch mode outlines the branch and, when it drops it, does not run it: its parameters
     get no gradient in that step (``retrofit.train.distributed.needs_find_unused``)."""
@@ -379,5 +426,6 @@ TECHNIQUE = Technique(
         per_depth=True,
     ),
     neutral=paper_scaling_neutral,
+    liveness=liveness_paths,
     unused_parameters=_skips_branches,
 )
