@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -51,6 +52,7 @@ __all__ = [
     "is_running_stat_norm",
     "locators",
     "node_label",
+    "node_place",
 ]
 
 # Functional dropouts and where their p / training arguments sit: (p index, training index,
@@ -199,6 +201,21 @@ def locators(part: TracedPart) -> dict[fx.Node, tuple[str, int]]:
         out[node] = (key, counts.get(slot, 0))
         counts[slot] = counts.get(slot, 0) + 1
     return out
+
+
+def node_place(
+    part: TracedPart, node: fx.Node, where: dict[fx.Node, tuple[str, int]]
+) -> dict[str, Any]:
+    """How an edit finds ``node`` again (``owner``, ``node``, ``key``, ``ordinal``, from
+    ``where = locators(part)``) and its ``source`` line."""
+    key, ordinal = where[node]
+    return dict(
+        owner=node.meta.get("owner", part.prefix),
+        node=node.name,
+        key=key,
+        ordinal=ordinal,
+        source=node.meta.get("source"),
+    )
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -393,15 +410,8 @@ def _sites(part: TracedPart, flow: PartFlow, include_structured: bool) -> list[D
     for node in flow.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
-        key, ordinal = where[node]
-        common = dict(
-            owner=node.meta.get("owner", part.prefix),
-            node=node.name,
-            part=part.prefix,
-            key=key,
-            ordinal=ordinal,
-            source=node.meta.get("source"),
-        )
+        common = dict(node_place(part, node, where), part=part.prefix)
+        ordinal = common["ordinal"]
         module = flow.module_of(node)
         if module is not None:
             qual = _join(part.prefix, str(node.target))

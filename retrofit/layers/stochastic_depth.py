@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from retrofit.layers.gate_counters import GateCounters
 from retrofit.layers.ramps import warmed_up
 from retrofit.layers.seeded_draws import counter_uniform, draw_key, site_base, unit
-from retrofit.layers.tensor_state import TensorState, scalar
+from retrofit.layers.tensor_state import MirroredRate, TensorState, scalar
 
 __all__ = [
     "COMPILED_FORMS",
@@ -216,6 +216,19 @@ def _residual_add(
     return result
 
 
+class _Counted:
+    """A gate attribute that reads and sets the counter of the same name in ``gate.counters``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, gate: Any, owner: type | None = None) -> Any:
+        return self if gate is None else getattr(gate.counters, self.name)
+
+    def __set__(self, gate: Any, value: int) -> None:
+        setattr(gate.counters, self.name, value)
+
+
 class _Draw(NamedTuple):
     """One host-side decision: the factor on the kept branch (0.0: the branch is dropped) and,
     in subset mode, the kept rows (None: every row)."""
@@ -279,6 +292,8 @@ class StochasticDepthGate(nn.Module):
     FOLD_EVERY = 64
     HISTORY = 256
     kind = "stochastic_depth"
+    # The current p_l: a float, mirrored in the tensor compiled graphs read.
+    survival = MirroredRate()
 
     def __init__(
         self,
@@ -297,7 +312,7 @@ class StochasticDepthGate(nn.Module):
         # Progress 0 before the first update: a warm-up starts from "never drop".
         p = 1.0 if warmup > 0.0 else float(survival)
         self._t = TensorState(survival=scalar(p, torch.float32))
-        self._p = p
+        self.survival = p
         self.target_survival = survival
         self.warmup = warmup
         self._scheduled = warmup == 0.0
@@ -317,18 +332,6 @@ class StochasticDepthGate(nn.Module):
         return self
 
     # ------------------------------------------------------------------ rates
-
-    @property
-    def survival(self) -> float:
-        """The current p_l (a float; compiled graphs read its tensor copy)."""
-        return self._p
-
-    @survival.setter
-    def survival(self, value: float) -> None:
-        value = float(value)
-        if value != self._p:
-            self._t.survival.fill_(value)
-            self._p = value
 
     def _alpha(self) -> float:
         """The factor on a kept branch: 1/p_l inverted, 1 with the paper's scaling."""
@@ -386,30 +389,11 @@ class StochasticDepthGate(nn.Module):
 
     # ------------------------------------------------------------------ statistics
 
-    @property
-    def calls(self) -> int:
-        return self.counters.calls
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self.counters.calls = value
-
-    @property
-    def kept(self) -> int:
-        return self.counters.kept
-
-    @kept.setter
-    def kept(self, value: int) -> None:
-        self.counters.kept = value
-
-    @property
-    def draws(self) -> int:
-        """Training calls made (eager and compiled); seeded draws are keyed by it."""
-        return self.counters.draws
-
-    @draws.setter
-    def draws(self, value: int) -> None:
-        self.counters.draws = value
+    # Training samples seen, samples kept, training calls made (eager and compiled; seeded draws
+    # are keyed by ``draws``): the counters' own, readable and settable on the gate.
+    calls = _Counted()
+    kept = _Counted()
+    draws = _Counted()
 
     @property
     def history(self) -> deque[float]:

@@ -16,6 +16,7 @@ from retrofit.analysis.dropout_bn import (
     is_dropout_module,
     locators,
     node_label,
+    node_place,
 )
 from retrofit.capture.trace import TraceResult
 from retrofit.edit import Edit
@@ -137,15 +138,7 @@ def find_head_place(traced: TraceResult) -> HeadPlace | str:
             f"a BatchNorm ({part_flow.norm[below[0]][0]}) comes after the input of the classifier "
             f"{label}"
         )
-    key, ordinal = locators(root)[classifier]
-    common = dict(
-        classifier=label,
-        owner=classifier.meta.get("owner", ""),
-        node=classifier.name,
-        key=key,
-        ordinal=ordinal,
-        source=classifier.meta.get("source"),
-    )
+    common = dict(node_place(root, classifier, locators(root)), classifier=label)
     slot = part_flow.module_of(feat)
     if slot is not None:
         calls = sum(1 for n in part_flow.nodes if n.op == "call_module" and n.target == feat.target)
