@@ -7,9 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch.fx as fx
 from torch import nn
 
-from retrofit.analysis.dropout_bn import HeadPlace, find_head_place
+from retrofit.analysis.dataflow import DataFlow
+from retrofit.analysis.dropout_bn import (
+    DROPOUT_MODULES,
+    PartFlow,
+    is_dropout_module,
+    locators,
+    node_label,
+    node_place,
+)
+from retrofit.capture.trace import TraceResult
 from retrofit.edit import Edit
 from retrofit.spec import choice
 from retrofit.techniques.dropout_sites import replace, replaced, why
@@ -22,8 +32,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DROPOUT_FIXES",
     "DropoutFixSettings",
+    "HeadPlace",
     "TECHNIQUE",
     "dropout_fix_layer",
+    "find_head_place",
     "plan_dropout_fix",
 ]
 
@@ -91,6 +103,74 @@ def plan_dropout_fix(analysis: Analysis, spec: str) -> list[Edit]:
         return edits
     edits.append(_insert(place, p, mixed))
     return edits
+
+
+# --- where the one Dropout goes: after the last BN, before the classifier -------------------
+
+
+@dataclass
+class HeadPlace:
+    """Where one Dropout can go after the last BN and before the classifier.
+
+    ``action`` is ``"replace_module"`` (an existing ``nn.Identity`` / ``Dropout(p=0)`` slot
+    feeding the classifier, ``target`` names it), ``"wrap_arg"`` (feed the classifier's input
+    through a new module; ``owner``/``node``/``key``/``ordinal`` locate the classifier call) or
+    ``"existing"`` (an active dropout already sits there: nothing to add).
+    """
+
+    action: str
+    classifier: str
+    owner: str
+    node: str
+    key: str
+    ordinal: int
+    source: str | None
+    target: str | None = None
+    p: float | None = None
+
+
+def find_head_place(traced: TraceResult) -> HeadPlace | str:
+    """The classifier's input, if no running-stat norm lies after it; else the reason (a str).
+
+    The classifier is the last learned map (Linear, conv, F.linear, matmul) the model output
+    depends on; a dropout on its input is after every BN when no BN is downstream of that input
+    — which is where torchvision and timm put their own ``drop_rate``/``head_drop`` dropouts.
+    """
+    root = next((p for p in traced.parts if p.prefix == ""), None)
+    if root is None:
+        return "the model's own forward could not be traced, so its classifier is not known"
+    gm = root.graph_module
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if not outputs:
+        return "the traced graph has no output"
+    flow = DataFlow.of(gm)
+    region = flow.anc(outputs[0]) & flow.weighted_mask
+    if not region:
+        return "no learned map (Linear, conv) feeds the output"
+    classifier = flow.nodes[region.bit_length() - 1]  # the topologically last one
+    label = node_label(root, classifier)
+    feat = classifier.args[0] if classifier.args else None
+    if not isinstance(feat, fx.Node):
+        return f"the classifier {label} takes no tensor as its first argument"
+    part_flow = PartFlow(root)
+    below = part_flow.downstream(feat) + ([classifier] if classifier in part_flow.norm else [])
+    if below:
+        return (
+            f"a BatchNorm ({part_flow.norm[below[0]][0]}) comes after the input of the classifier "
+            f"{label}"
+        )
+    common = dict(node_place(root, classifier, locators(root)), classifier=label)
+    slot = part_flow.module_of(feat)
+    if slot is not None:
+        calls = sum(1 for n in part_flow.nodes if n.op == "call_module" and n.target == feat.target)
+        if is_dropout_module(slot):
+            return HeadPlace("existing", target=node_label(root, feat), p=float(slot.p), **common)
+        empty = isinstance(slot, nn.Identity) or (
+            isinstance(slot, DROPOUT_MODULES) and float(slot.p) == 0.0
+        )
+        if empty and calls == 1 and len(feat.users) == 1:
+            return HeadPlace("replace_module", target=node_label(root, feat), **common)
+    return HeadPlace("wrap_arg", **common)
 
 
 def _insert(place: HeadPlace, p: float, mixed: str) -> Edit:

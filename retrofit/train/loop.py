@@ -385,14 +385,7 @@ def _setup(
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # --- tasks: which task, and its data (the loop below is the same for every task).
-    from retrofit.train.tasks import get_task, resolve_task
-
-    if task is None and isinstance(data, DataBundle):
-        task = data.task
-    task_name, task_note = resolve_task(task, model)
-    the_task = get_task(task_name)
-    # --- end tasks
+    the_task, task_note = _task(task, data, model)
     arch, bundle, prep = _prepare(
         model, recipe, data, cfg, env, out=out if writes else None, strict_lint=strict_lint,
         apply=apply, allow_partial=allow_partial, model_name=model_name, task=the_task,
@@ -408,25 +401,13 @@ def _setup(
     if ckpt is not None:
         _check_resume_world(ckpt, ckpt_path, cfg, env, steps_per_epoch)
         _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg, env)
-        state.step, state.epoch = int(ckpt["step"]), int(ckpt["epoch"])
-        # Micro-batches of this epoch consumed per process: the same optimizer steps, counted
-        # in this run's micro-batches (grad_accum may differ when the world size changed).
-        saved_accum = int(ckpt.get("config", {}).get("grad_accum", cfg.grad_accum) or 1)
-        state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
-    # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
-    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
-        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
-    if ckpt is not None:
-        _restore_gate_draws(ckpt, model, env)
+        _resume_position(state, ckpt, cfg)
+    _seed_gates(model, ckpt, cfg, env)
 
     train_model = _training_wrapper(model, recipe, cfg, env)
     regularizers = _regularizers(model, recipe, env)
     criterion = the_task.criterion(cfg)
-    metrics = MetricsLog(
-        out / "metrics.jsonl" if writes else None,
-        resume_step=state.step if ckpt is not None else None,
-        tensorboard_dir=out / "tensorboard" if writes and cfg.tensorboard else None,
-    )
+    metrics = _metrics_log(out if writes else None, cfg, state.step if ckpt is not None else None)
     run = _Run(model=model, train_model=train_model, recipe=recipe, cfg=cfg, env=env, bundle=bundle,
                prep=prep, precision=precision, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                ema=ema, criterion=criterion, regularizers=regularizers, metrics=metrics, arch=arch,
@@ -436,15 +417,62 @@ def _setup(
                task_note=task_note)  # fmt: skip
     _announce(run, resumed_at=state.step if ckpt is not None else None)
 
-    # The RNG stream of training starts here, identically for fresh and resumed runs.
-    if ckpt is not None:
-        _restore_rank_state(ckpt, state.meters, model, env)
-    else:
-        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
+    _start_training_rng(ckpt, state, model, cfg, env)
     # A resumed run reports the last evaluation even if it ends before evaluating again.
     state.last_eval = next((r for r in reversed(metrics.records) if r.get("kind") == "epoch"), {})
     state.window_t0 = time.perf_counter()
     return run, state
+
+
+def _metrics_log(out: Path | None, cfg: TrainConfig, resume_step: int | None) -> MetricsLog:
+    """metrics.jsonl (and TensorBoard's event files when asked) in ``out``; None writes nothing
+    (a process that is not the main one, or a run without a directory)."""
+    return MetricsLog(
+        out / "metrics.jsonl" if out is not None else None,
+        resume_step=resume_step,
+        tensorboard_dir=out / "tensorboard" if out is not None and cfg.tensorboard else None,
+    )
+
+
+def _task(task: str | None, data: Any, model: nn.Module) -> tuple[Any, str | None]:
+    """Which task trains (named, carried by the data bundle, or recognised from the model), and
+    the note that says how it was chosen; the loop is the same for every task."""
+    from retrofit.train.tasks import get_task, resolve_task
+
+    if task is None and isinstance(data, DataBundle):
+        task = data.task
+    task_name, task_note = resolve_task(task, model)
+    return get_task(task_name), task_note
+
+
+def _resume_position(state: RunState, ckpt: dict[str, Any], cfg: TrainConfig) -> None:
+    """Where a resumed run continues: the checkpoint's step and epoch, and the micro-batches of
+    this epoch each process consumed — the same optimizer steps, counted in this run's
+    micro-batches (grad_accum may differ when the world size changed)."""
+    state.step, state.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    saved_accum = int(ckpt.get("config", {}).get("grad_accum", cfg.grad_accum) or 1)
+    state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
+
+
+def _seed_gates(
+    model: nn.Module, ckpt: dict[str, Any] | None, cfg: TrainConfig, env: D.DistEnv
+) -> None:
+    """Batch-mode stochastic depth under DDP: every rank must skip the same blocks, so the gates
+    draw from train.seed; a resumed run continues their draw counters."""
+    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
+        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
+    if ckpt is not None:
+        _restore_gate_draws(ckpt, model, env)
+
+
+def _start_training_rng(
+    ckpt: dict[str, Any] | None, state: RunState, model: nn.Module, cfg: TrainConfig, env: D.DistEnv
+) -> None:
+    """The RNG stream of training starts here, identically for fresh and resumed runs."""
+    if ckpt is not None:
+        _restore_rank_state(ckpt, state.meters, model, env)
+    else:
+        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
 
 
 def _prepare(

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from retrofit.capture.probe import probe_input_size
 from retrofit.capture.sandbox import mode
 from retrofit.errors import VerifyError
 from retrofit.verify.training_call import TrainingCall, as_training_call
@@ -32,34 +31,8 @@ __all__ = [
     "eval_output",
     "output_tensors",
     "Path",
-    "probe_input",
-    "probe_size",
     "training_step_error",
 ]
-
-
-def probe_size(model: nn.Module) -> tuple[int, ...]:
-    """Input size (C, H, W) the model expects (timm's config, a ViT's image size, else 224²)."""
-    return probe_input_size(model)
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def probe_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    device, dtype = _device_dtype(model)
-    if device.type == "meta":
-        raise VerifyError(
-            "verify=True needs real weights, but the model is on the meta device "
-            "(use retrofit.plan for a dry run, or apply(..., verify=False))"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *probe_size(model), generator=generator)
-    return x.to(device=device, dtype=dtype)
 
 
 def run(model: nn.Module, x: Any) -> Any:
