@@ -26,13 +26,13 @@ from retrofit.errors import (
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.rewrite.execute import is_retrofitted, rewrite, strip
+from retrofit.techniques import eval_neutral, liveness_paths
 from retrofit.verify.checks import (
     TrainingStepError,
     check_live,
     compare,
     eval_output,
     output_tensors,
-    paper_gates_neutral,
     training_step_error,
 )
 from retrofit.verify.training_call import TrainingCall, training_call_for
@@ -128,10 +128,10 @@ def _apply(
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
-            with paper_gates_neutral(model), detection.verifying(model):
+            with eval_neutral(model), detection.verifying(model):
                 compare(reference, eval_output(model, x, watch=watch))
             try:
-                check_live(model, call, record.live())
+                check_live(model, call, record.live(), paths=liveness_paths(model))
             except TrainingStepError:
                 # Blame the rewrite only if the model as written trains: put it back, try it.
                 snapshot.restore()
@@ -140,7 +140,7 @@ def _apply(
                 phase = "rewriting"
                 record = rewrite(model, the_plan, seeds=analysis.seed)
                 phase = "verifying"
-                check_live(model, call, record.live(), backward=False)
+                check_live(model, call, record.live(), backward=False, paths=liveness_paths(model))
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise

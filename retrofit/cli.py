@@ -150,6 +150,14 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The three groups of ``--train`` flags: what to train on, the recipe's train: settings,
+    what training prints."""
+    _add_run_args(p)
+    _add_setting_args(p)
+    _add_output_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training (with --train)")
     t.add_argument("--train", action="store_true", help="fine-tune the retrofitted model")
     t.add_argument(
@@ -173,6 +181,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
 
+
+def _add_setting_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("training settings (each overrides the recipe's train: section)")
     o.add_argument("--epochs", type=int, metavar="N", help="train.epochs")
     o.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size (per process)")
@@ -207,6 +217,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--seed", type=int, help="train.seed")
 
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("what training prints")
     r.add_argument("--quiet", action="store_true", help="only the final summary (and errors)")
     r.add_argument(

@@ -207,7 +207,7 @@ def test_a_failure_in_the_middle_of_a_rewrite_hands_the_model_back_unchanged(mon
     with pytest.raises(retrofit.RewriteError, match="injected after 5 owners"):
         retrofit.apply(model, {"stochastic_depth": {}}, example_input=x)
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not gates(model) and not retrofit.rewrite.is_retrofitted(model)
+    assert not gates(model) and not rw.is_retrofitted(model)
     assert [n for n, _ in model.named_modules()] == [n for n, _ in original.named_modules()]
     model.eval(), original.eval()
     assert torch.equal(model(x), original(x))

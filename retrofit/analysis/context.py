@@ -29,13 +29,14 @@ from torch import nn
 
 from retrofit.analysis.branch import NotOutlinable, branch_region
 from retrofit.analysis.dataflow import locate
-from retrofit.analysis.dropout_bn import DropoutBNAnalysis, find_dropout_bn, training_mode
+from retrofit.analysis.dropout_bn import DropoutBNAnalysis, find_dropout_bn
 from retrofit.analysis.residual import ResidualSite, find_residual_sites
 from retrofit.analysis.stages import Stage, StageAnalysis, analyse_stages
 from retrofit.capture.calls import Call, NoCall, record_calls
 from retrofit.capture.probe import default_example_input, probe_input_size
 from retrofit.capture.shapes import ShapePropError
 from retrofit.capture.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.capture.training import training_mode
 
 __all__ = ["Analysis", "probe_for", "stages"]
 

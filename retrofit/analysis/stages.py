@@ -593,21 +593,7 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     read from the parts the trace could read, each propagated on its recorded call, with
     reductions relative to the model's input; per reduction the last level in execution order.
     Enough to list stages and place DropBlock on stage outputs (not after every block)."""
-    root = _recorded(calls, "")
-    image = (
-        next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
-    )
-    if image is not None and image.ndim not in (4, 5):
-        # The model takes its images otherwise (a detector: a list of 3×H×W images, resized and
-        # batched by its own transform): reductions are relative to the first image batch one
-        # of its parts computes on (the detector's backbone input).
-        image = _first_batch(traced, calls)
-    if image is None or image.ndim not in (4, 5):
-        reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
-        raise TraceError(
-            f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
-            "no recorded input tells the size of its maps"
-        )
+    image = _image_batch(model, traced, calls)
     size, batch, rank = (
         (int(image.shape[-2]), int(image.shape[-1])),
         int(image.shape[0]),
@@ -628,19 +614,9 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     for index, r in enumerate(reductions, start=1):
         prefix, node, local, sa = by_reduction[r]
         local_stages.append(Stage(index, local, shape_of(node), r, node.name, None, "parts"))
-        try:
-            site = (
-                sa.call_site(local)
-                if local and sa.module_output.get(local) is node
-                else sa.functional_site(node)
-            )
-            site = CallSite(
-                _join(prefix, site.owner), site.node, site.key, site.ordinal, site.source
-            )
-        except Exception:  # listing stages must not fail on a caller fx cannot re-trace alone
-            site = None
         shape = shape_of(node)
         assert shape is not None
+        site = _part_site(prefix, node, local, sa)
         found.append(Stage(index, _join(prefix, local), shape, r, node.name, site, "parts"))
     parts = {by_reduction[r][0]: by_reduction[r][3] for r in reductions}
     part = None
@@ -658,6 +634,40 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
         calls=calls,
         part=part,
     )
+
+
+def _image_batch(model: nn.Module, traced: TraceResult, calls: Any) -> torch.Tensor:
+    """The image batch (4-D, or 5-D video) the stages' reductions are relative to."""
+    root = _recorded(calls, "")
+    image = (
+        next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
+    )
+    if image is not None and image.ndim not in (4, 5):
+        # The model takes its images otherwise (a detector: a list of 3×H×W images, resized and
+        # batched by its own transform): reductions are relative to the first image batch one
+        # of its parts computes on (the detector's backbone input).
+        image = _first_batch(traced, calls)
+    if image is None or image.ndim not in (4, 5):
+        reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
+        raise TraceError(
+            f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
+            "no recorded input tells the size of its maps"
+        )
+    return image
+
+
+def _part_site(prefix: str, node: fx.Node, local: str, sa: StageAnalysis) -> CallSite | None:
+    """Where a stage found in a part is called, named from the model (None when the part's
+    caller cannot be re-traced alone: listing stages must not fail on it)."""
+    try:
+        site = (
+            sa.call_site(local)
+            if local and sa.module_output.get(local) is node
+            else sa.functional_site(node)
+        )
+        return CallSite(_join(prefix, site.owner), site.node, site.key, site.ordinal, site.source)
+    except Exception:
+        return None
 
 
 def _first_batch(traced: TraceResult, calls: Any) -> torch.Tensor | None:

@@ -48,7 +48,6 @@ __all__ = [
     "Traced",
     "TraceResult",
     "TracedPart",
-    "leaf_types",
     "owner_of",
     "trace",
     "trace_module",
@@ -95,12 +94,6 @@ def _einops_ops() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     layers = ("Rearrange", "Reduce", "EinMix")
     modules = tuple(t for n in layers if isinstance(t := getattr(einops_layers, n, None), type))
     return modules, functions
-
-
-def leaf_types() -> tuple[type, ...]:
-    """Module classes every retrofit trace keeps as leaves (timm no-trace, einops layers,
-    regularizers)."""
-    return _library_notrace()[0] + regularizer_types()
 
 
 class RetrofitTracer(fx.Tracer):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from retrofit.layers import is_gate
+from retrofit.techniques import unused_parameters
 
 log = logging.getLogger("retrofit.train")
 
@@ -221,10 +222,7 @@ def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
     Row and subset modes run every branch (on all rows, or on the kept rows) and the search has
     a cost, so the flag is off for them.
     """
-    sd = getattr(recipe, "stochastic_depth", None) if recipe is not None else None
-    if sd is not None and getattr(sd, "mode", None) == "batch":
-        return True
-    return any(_is_batch_gate(m) for m in model.modules())
+    return unused_parameters(recipe, model)  # each technique's record says (batch mode does)
 
 
 def _is_batch_gate(m: nn.Module) -> bool:
