@@ -111,7 +111,8 @@ def _apply(
         if partial and not allow_partial:
             raise PartialError("; ".join(partial) + " (allow a partial result to proceed)")
         for reason in partial:
-            warnings.warn(f"retrofit: {reason}", RetrofitWarning, stacklevel=2)
+            # stacklevel 3: the line that called apply (through its young_objects_only frame)
+            warnings.warn(f"retrofit: {reason}", RetrofitWarning, stacklevel=3)
         if verify:
             phase = "running the original model on the probe input"
             x = analysis.example_input
