@@ -6,8 +6,8 @@
     ...train; call retrofit.schedule.update(model, t) once per step...
     retrofit.strip(model)                              # the original architecture again
 
-Pipeline: trace (graph/trace.py) → find sites (graph/residual.py …) → plan (plan.py) →
-rewrite (rewrite.py) → verify (verify.py); lint beside it, train after it.
+Pipeline: trace (capture/trace.py) → find sites (analysis/residual.py …) → plan (plan.py) →
+rewrite (rewrite/execute.py) → verify (verify/checks.py); lint beside it, train after it.
 
 The public names load on first use (PEP 562 ``__getattr__``): ``import retrofit`` costs no torch
 import, so ``retrofit-cli --help`` and argument errors answer at once.
@@ -32,15 +32,15 @@ from retrofit.errors import (
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from retrofit import schedule
-    from retrofit.analysis import stages
+    from retrofit.analysis.context import stages
+    from retrofit.analysis.stages import Stage
     from retrofit.api import RetrofitWarning, apply
     from retrofit.fixes import recalibrate_bn
-    from retrofit.graph.stages import Stage
     from retrofit.lint import Finding, lint, measure_variance_shift
     from retrofit.plan import Edit, Plan, plan
     from retrofit.recipe import Recipe, load_recipe
-    from retrofit.rewrite import applied_plan, strip
-    from retrofit.training_call import TrainingCall
+    from retrofit.rewrite.execute import applied_plan, strip
+    from retrofit.verify.training_call import TrainingCall
 
 __version__ = "0.1.0"
 
@@ -76,8 +76,8 @@ _LAZY = {
     "apply": "retrofit.api",
     "RetrofitWarning": "retrofit.api",
     "recalibrate_bn": "retrofit.fixes",
-    "Stage": "retrofit.graph.stages",
-    "stages": "retrofit.analysis",
+    "Stage": "retrofit.analysis.stages",
+    "stages": "retrofit.analysis.context",
     "Finding": "retrofit.lint",
     "lint": "retrofit.lint",
     "measure_variance_shift": "retrofit.lint",
@@ -86,9 +86,9 @@ _LAZY = {
     "plan": "retrofit.plan",
     "Recipe": "retrofit.recipe",
     "load_recipe": "retrofit.recipe",
-    "applied_plan": "retrofit.rewrite",
-    "strip": "retrofit.rewrite",
-    "TrainingCall": "retrofit.training_call",
+    "applied_plan": "retrofit.rewrite.execute",
+    "strip": "retrofit.rewrite.execute",
+    "TrainingCall": "retrofit.verify.training_call",
 }
 _SUBMODULES = ("schedule",)  # ``retrofit.schedule`` is the module itself
 # Functions named like their module: ``retrofit.lint`` and ``retrofit.plan`` stay the functions

@@ -11,7 +11,9 @@ from typing import Any
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from retrofit.analysis import Analysis
+from retrofit.analysis.context import Analysis
+from retrofit.capture import detection
+from retrofit.capture.sandbox import Snapshot
 from retrofit.errors import (
     ModelError,
     PartialError,
@@ -21,21 +23,19 @@ from retrofit.errors import (
     TraceError,
     VerifyError,
 )
-from retrofit.graph import detection
-from retrofit.graph.sandbox import Snapshot
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import is_retrofitted, rewrite, strip
-from retrofit.training_call import TrainingCall, training_call_for
-from retrofit.verify import (
+from retrofit.rewrite.execute import is_retrofitted, rewrite, strip
+from retrofit.techniques import eval_neutral, liveness_paths
+from retrofit.verify.checks import (
     TrainingStepError,
     check_live,
     compare,
     eval_output,
     output_tensors,
-    paper_gates_neutral,
     training_step_error,
 )
+from retrofit.verify.training_call import TrainingCall, training_call_for
 
 __all__ = ["RetrofitWarning", "apply"]
 
@@ -69,7 +69,7 @@ def apply(
     as written gets the forwards only). Applying again replaces the earlier
     edits: one gate per site.
 
-    The training forward is ``training_call`` — a :class:`~retrofit.training_call.TrainingCall`
+    The training forward is ``training_call`` — a :class:`~retrofit.verify.training_call.TrainingCall`
     (arguments and loss), or a tuple of positional / dict of keyword arguments — for a model
     whose training forward needs more than its input (``model(x, y)``). Without it: the probe,
     or for a torchvision detector (its ``transform`` says so) the probe images with one box
@@ -116,10 +116,10 @@ def apply(
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
-            with paper_gates_neutral(model), detection.verifying(model):
+            with eval_neutral(model), detection.verifying(model):
                 compare(reference, eval_output(model, x, watch=watch))
             try:
-                check_live(model, call, record.live())
+                check_live(model, call, record.live(), paths=liveness_paths(model))
             except TrainingStepError:
                 # Blame the rewrite only if the model as written trains: put it back, try it.
                 snapshot.restore()
@@ -128,7 +128,7 @@ def apply(
                 phase = "rewriting"
                 record = rewrite(model, the_plan, seeds=analysis.seed)
                 phase = "verifying"
-                check_live(model, call, record.live(), backward=False)
+                check_live(model, call, record.live(), backward=False, paths=liveness_paths(model))
     except (RefusedError, RecipeError, ModelError):
         snapshot.restore()
         raise

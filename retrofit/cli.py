@@ -150,6 +150,14 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The three groups of ``--train`` flags: what to train on, the recipe's train: settings,
+    what training prints."""
+    _add_run_args(p)
+    _add_setting_args(p)
+    _add_output_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training (with --train)")
     t.add_argument("--train", action="store_true", help="fine-tune the retrofitted model")
     t.add_argument(
@@ -173,6 +181,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
 
+
+def _add_setting_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("training settings (each overrides the recipe's train: section)")
     o.add_argument("--epochs", type=int, metavar="N", help="train.epochs")
     o.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size (per process)")
@@ -207,6 +217,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--seed", type=int, help="train.seed")
 
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("what training prints")
     r.add_argument("--quiet", action="store_true", help="only the final summary (and errors)")
     r.add_argument(
@@ -396,7 +408,7 @@ def _run(args: argparse.Namespace) -> int:
         kwargs = _task_kwargs(args, kwargs)
     model, info = create_model(args.model, pretrained=args.pretrained, kwargs=kwargs, meta=not real)
     if not real:
-        from retrofit.graph.detection import is_detector
+        from retrofit.capture.detection import is_detector
 
         if is_detector(model):
             # A detector's heads are read on the calls one real forward makes (they loop over
@@ -465,7 +477,7 @@ def _training_example(path: str | None) -> Any:
         return None
     import torch
 
-    from retrofit.training_call import TrainingCall
+    from retrofit.verify.training_call import TrainingCall
 
     flag = f"--training-example {path!r}"
     if not Path(path).is_file():
@@ -698,7 +710,7 @@ def _print_stages(args: argparse.Namespace, model: Any, info: Any) -> int:
     import torch
 
     import retrofit
-    from retrofit.graph.probe import probe_input_size
+    from retrofit.capture.probe import probe_input_size
 
     channels, h, w = probe_input_size(model)  # what stages() probes with by default
     example = None

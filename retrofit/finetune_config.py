@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,10 +212,26 @@ def _is_num(v: Any) -> bool:
 
 
 def _validate(c: TrainConfig) -> None:
+    """Every train setting in range, in the order of the checks below (the first bad one is
+    reported); then the settings that depend on each other."""
+    _validate_numbers(c)
+    _validate_choices(c)
+    if c.warmup_epochs is not None and c.warmup_epochs >= c.epochs:
+        raise RecipeError("train.warmup_epochs", c.warmup_epochs, f"a number < epochs ({c.epochs})")
+
+
+def _needs(c: TrainConfig) -> Callable[..., None]:
+    """``need(key, ok, allowed, hint=None)``: raise the RecipeError for ``train.<key>`` unless ok."""
+
     def need(key: str, ok: bool, allowed: str, hint: str | None = None) -> None:
         if not ok:
             raise RecipeError(f"train.{key}", getattr(c, key), allowed, hint)
 
+    return need
+
+
+def _validate_numbers(c: TrainConfig) -> None:
+    need = _needs(c)
     for key in ("epochs", "batch_size", "grad_accum", "log_every"):
         need(key, _is_int(getattr(c, key), 1), "an integer in [1, 2**63-1]")
     for key in ("seed", "checkpoint_every"):
@@ -257,6 +274,10 @@ def _validate(c: TrainConfig) -> None:
         c.img_size is None or _is_int(c.img_size, 8),
         "null or an integer in [8, 2**63-1]",
     )
+
+
+def _validate_choices(c: TrainConfig) -> None:
+    need = _needs(c)
     for key in ("ema", "compile", "sync_bn", "tensorboard"):
         need(key, isinstance(getattr(c, key), bool), "true or false")
     need(
@@ -279,8 +300,6 @@ def _validate(c: TrainConfig) -> None:
             "an optimizer known to timm.optim.create_optimizer_v2 (see timm.optim.list_optimizers())",
             _did_you_mean(c.opt, opts),
         )
-    if c.warmup_epochs is not None and c.warmup_epochs >= c.epochs:
-        raise RecipeError("train.warmup_epochs", c.warmup_epochs, f"a number < epochs ({c.epochs})")
 
 
 def _did_you_mean(value: Any, choices: Any) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.graph.dropout_bn import is_running_stat_norm
+from retrofit.analysis.dropout_bn import is_running_stat_norm
 
 __all__ = ["recalibrate_bn", "run_batches"]
 

@@ -37,8 +37,8 @@ from retrofit.layers.protocol import Reporting
 from retrofit.lint import lint, summary_line
 from retrofit.plan import Plan
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite import applied_plan, is_retrofitted, strip
-from retrofit.techniques import model_edits
+from retrofit.rewrite.execute import applied_plan, is_retrofitted, strip
+from retrofit.techniques import TECHNIQUES, console_parts, model_edits, planned_figures
 
 __all__ = ["Lifecycle", "Report", "Start", "block_rates", "planned_survival"]
 
@@ -65,8 +65,12 @@ def planned_survival(plan: Plan | None) -> float | None:
     against); None without stochastic-depth edits."""
     if plan is None:
         return None
-    survival = [e.survival for e in plan.by_kind("stochastic_depth") if e.survival is not None]
-    return sum(survival) / len(survival) if survival else None
+    return planned(plan).get("sd_planned")
+
+
+def planned(plan: Plan | None) -> dict[str, float]:
+    """The plan's planned figures (``sd_planned`` …: each technique's ``figures.planned``)."""
+    return {} if plan is None else planned_figures([e.to_dict() for e in plan.edits])
 
 
 @dataclass(frozen=True)
@@ -140,16 +144,7 @@ class Report:
     def line(self) -> str:
         """The CLI's wording: ``kept 0.93 (planned 0.95), survival 0.95, DropBlock keep_prob
         0.900`` (the parts that exist)."""
-        m = self.means
-        parts = []
-        if "sd_kept" in m:
-            planned = f" (planned {m['sd_planned']:.2f})" if "sd_planned" in m else ""
-            parts.append(f"kept {m['sd_kept']:.2f}{planned}")
-        if "sd_survival" in m:
-            parts.append(f"survival {m['sd_survival']:.2f}")
-        if "keep_prob" in m:
-            parts.append(f"DropBlock keep_prob {m['keep_prob']:.3f}")
-        return ", ".join(parts)
+        return ", ".join(console_parts(self.means))
 
 
 class Lifecycle:
@@ -162,7 +157,7 @@ class Lifecycle:
         verify: check the eval output is unchanged (``retrofit.apply``'s ``verify``).
         allow_partial: ``retrofit.apply``'s ``allow_partial``.
         training_call: ``retrofit.apply``'s ``training_call`` (what a training-mode forward is
-            called with: a detector's targets …; see ``retrofit.training_call``).
+            called with: a detector's targets …; see ``retrofit.verify.training_call``).
         run_lint: lint the model at start.
         strict_lint: let a lint crash propagate (otherwise the verdict says it did not run).
     """
@@ -190,7 +185,7 @@ class Lifecycle:
         self.started: Start | None = None
         self.progress = 0.0
         self._window_steps = 0
-        self._planned: float | None = None
+        self._planned: dict[str, dict[str, float]] = {}  # technique → its planned figures
 
     # ------------------------------------------------------------------ 1. start
 
@@ -221,7 +216,14 @@ class Lifecycle:
         # The regularizers are in the model from here on: found once, not on every update.
         self._progressive = schedule.progressive_modules(model)
         the_plan = applied_plan(model)
-        self._planned = planned_survival(the_plan)
+        self._planned = (
+            {
+                name: planned_figures([e.to_dict() for e in the_plan.by_kind(name)])
+                for name in TECHNIQUES
+            }
+            if the_plan is not None
+            else {}
+        )
         findings, verdict, skipped = self._lint(model) if self.run_lint else ([], None, None)
         self.started = Start(
             plan=the_plan,
@@ -270,8 +272,12 @@ class Lifecycle:
             return None
         rates = schedule.current_rates(self.model)
         means = dict(schedule.summary(rates))
-        if self._planned is not None and "sd_survival" in means:
-            means.setdefault("sd_planned", self._planned)
+        # The plan's figures where the technique's layers report (sd_planned beside sd_survival).
+        kinds = {r.get("kind") for r in rates.values()}
+        for name, figures in self._planned.items():
+            if name in kinds:
+                for key, value in figures.items():
+                    means.setdefault(key, value)
         out = Report(
             steps=self._window_steps, means=means, blocks=block_rates(rates), layers=len(rates)
         )

@@ -12,8 +12,9 @@ normalises by, and the error compounds through the layers after it.
     retrofit.recalibrate_bn(model, train_batches)        # fix a model already trained with it
 
 The rule itself (what is a dropout site, what is a victim) lives in
-``retrofit.graph.dropout_bn``; this module turns it into findings, reports and measurements. The
-recipe fixes (``uout``, ``dropout_fix: after_last_bn``) are planned in ``retrofit.fixes``.
+``retrofit.analysis.dropout_bn``; this module turns it into findings, reports and measurements. The
+recipe fixes (``uout``, ``dropout_fix: after_last_bn``) are planned in ``retrofit.techniques``, BN
+recalibration lives in ``retrofit.fixes``.
 
 ``retrofit.lint`` is the :func:`lint` function (the package binds it after importing this
 module); the rest is reached with ``from retrofit.lint import format_report``.
@@ -22,6 +23,7 @@ module); the rest is reached with ``from retrofit.lint import format_report``.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,16 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.analysis import Analysis
+from retrofit.analysis.context import Analysis
+from retrofit.analysis.dropout_bn import DropoutBNPair, find_dropout_bn, is_running_stat_norm
+from retrofit.capture.training import trace_training
 from retrofit.errors import TraceError
 from retrofit.fixes import recalibrate_bn, run_batches
-from retrofit.graph.dropout_bn import (
-    DropoutBNPair,
-    find_dropout_bn,
-    is_running_stat_norm,
-    short_source,
-    trace_training,
-)
 
 __all__ = [
     "Finding",
@@ -96,7 +93,7 @@ class Finding:
     @property
     def hint(self) -> str:
         """How to fix it."""
-        where = f" (at {short_source(self.source)})" if self.source else ""
+        where = f" (at {_short_source(self.source)})" if self.source else ""
         if self.kind == "inside" and self.op == "MultiheadAttention.dropout":
             return f"set dropout=0 on {self.dropout}{where}, or put a norm without running stats after it"
         return f"{self.op} {self.dropout}{where}: {_FIXES}"
@@ -180,7 +177,7 @@ def lint(
     Args:
         model: any ``nn.Module`` (torchvision, timm or your own).
         example_input: the probe a forward that cannot be traced with its defaults is
-            recorded on (``retrofit.analysis``); default: a random batch of the model's size.
+            recorded on (``retrofit.analysis.context``); default: a random batch of the model's size.
         include_structured: also treat stochastic depth / DropPath and DropBlock as dropout sites
             (the paper's rule is about element-wise dropout; these drop whole branches/blocks).
 
@@ -218,6 +215,25 @@ _WHY = (
     "why: in training a dropout inflates the variance these BNs store in running_var; at test "
     "dropout is off, the real variance is lower, and the error compounds downstream"
 )
+
+
+def _short_source(source: str | None) -> str | None:
+    """``file:line`` shortened for reports: library files from their package, user files relative
+    to the working directory when under it."""
+    if not source:
+        return source
+    path, _, line = source.rpartition(":")
+    marker = os.sep + "site-packages" + os.sep
+    if marker in path:
+        path = path.split(marker, 1)[1]
+    else:
+        try:
+            rel = os.path.relpath(path)
+        except ValueError:  # another drive on Windows
+            rel = path
+        if not rel.startswith(".."):
+            path = rel
+    return f"{path}:{line}"
 
 
 def _path(path: Sequence[str], classes: dict[str, str], limit: int = 8) -> str:
@@ -312,7 +328,7 @@ def _details(
     first = group[0]
     block, owner = classes.get(_owner(name)), _owner(name)
     where = (f", in {block} {owner}" if owner else f", in the model ({block})") if block else ""
-    src = short_source(first.source) or "source: the container's forward (no line of its own)"
+    src = _short_source(first.source) or "source: the container's forward (no line of its own)"
     lines = ["", f"{_named(name, classes)}  [{first.op}, {_p(first.p)}{where}]  {src}"]
     if first.note:
         lines.append(f"  note: {first.note}")
@@ -320,7 +336,7 @@ def _details(
     for f in group[:max_victims]:
         shift = f"  shift ×{shifts[f.norm]:.3f}" if shifts and f.norm in shifts else ""
         norm = f.norm if f.norm not in classes else f"{f.norm} ({classes[f.norm]})"
-        at = short_source(f.norm_source)
+        at = _short_source(f.norm_source)
         lines.append(f"  → {norm}{shift}" + (f"  ({at})" if at else ""))
         lines.append(f"      path: {_path(f.path, classes)}")
     if len(group) > max_victims:
@@ -404,7 +420,7 @@ def _probe_batches(
                 break
             out.append(batch)
         return out
-    from retrofit.graph.probe import probe_input_size
+    from retrofit.capture.probe import probe_input_size
 
     size = probe_input_size(model)
     generator = torch.Generator().manual_seed(seed)

@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from retrofit.analysis import Analysis
+from retrofit.analysis.context import Analysis
+from retrofit.capture.trace import Skipped
 from retrofit.edit import Edit
 from retrofit.errors import TraceError
-from retrofit.graph.trace import Skipped
 from retrofit.recipe import Recipe, load_recipe
 from retrofit.techniques import TECHNIQUES
 
@@ -78,14 +78,10 @@ class Plan:
         for e in self.edits:
             counts[e.kind] = counts.get(e.kind, 0) + 1
         parts = [f"{n} {k}" for k, n in counts.items()] or ["no edits"]
-        sd = self.by_kind("stochastic_depth")
-        if sd:
-            blocks = len({e.block for e in sd})
-            reused = sum(1 for e in sd if e.action in ("set_rate", "replace_module"))
-            parts.append(f"{blocks} blocks (L={blocks}), {reused} existing drop-path slots reused")
-            outlined = sum(1 for e in sd if e.action == "outline")
-            if outlined:
-                parts.append(f"{outlined} branches outlined (skipped when dropped)")
+        for name, technique in TECHNIQUES.items():
+            mine = self.by_kind(name)
+            if mine and technique.summary is not None:
+                parts += technique.summary(mine)
         if self.skipped:
             known = sum(1 for s in self.skipped if s.known)
             which = f", {known} of them known to hold no site" if known else ""
@@ -132,12 +128,11 @@ def plan(
             notes.append(f"{section}: no sites found in {type(model).__name__}")
             empty.append(section)
         edits.extend(found)
-    if recipe.cutout is not None:
-        # Cutout acts on the input images, not on the graph: nothing to rewrite.
-        notes.append(
-            f"cutout: n_holes={recipe.cutout.n_holes}, length={recipe.cutout.length} is applied to "
-            "each training batch by the trainer (retrofit.layers.BatchCutout in your own loop)"
-        )
+    for section, technique in TECHNIQUES.items():
+        # A technique without edits (Cutout acts on the input images) says what it will do.
+        spec = getattr(recipe, section, None)
+        if spec is not None and technique.note is not None:
+            notes.append(technique.note(spec))
     return Plan(
         model=type(model).__name__,
         edits=edits,

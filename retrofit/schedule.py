@@ -42,10 +42,11 @@ from typing import Any
 
 from torch import nn
 
-from retrofit.layers.protocol import Progressive, Reporting
+from retrofit.layers.protocol import Counting, Progressive, Reporting
 from retrofit.layers.ramps import linear_ramp, progress, warmed_up
 from retrofit.layers.slots import reset_slot, slot_rates
-from retrofit.layers.stochastic_depth import StochasticDepthGate
+from retrofit.techniques import TECHNIQUES
+from retrofit.techniques.depth import SCHEDULES, block_survivals, stage_of, survival
 
 __all__ = [
     "SCHEDULES",
@@ -63,55 +64,6 @@ __all__ = [
     "update_modules",
     "warmed_up",
 ]
-
-# Survival rules over depth; the recipe's ``stochastic_depth.schedule`` is one of these.
-SCHEDULES = ("linear", "uniform", "timm")
-
-
-def survival(depth: int, num_blocks: int, p_L: float, schedule: str = "linear") -> float:
-    """Survival probability p_l of block ``depth`` (l, 1-based) of ``num_blocks`` (L).
-
-    ``linear``: 1 − (l/L)(1 − p_L) (Huang et al. 2016); ``uniform``: p_L; ``timm``:
-    1 − (1 − p_L)·(l − 1)/(L − 1), block 1 never dropped (1.0 when L = 1, as timm's
-    ``linspace(0, rate, 1)`` gives rate 0). See the module docstring.
-    """
-    if not 1 <= depth <= num_blocks:
-        raise ValueError(f"depth has to be in 1..{num_blocks}, but got {depth}")
-    if not 0.0 <= p_L <= 1.0:
-        raise ValueError(f"p_L has to be in [0, 1], but got {p_L}")
-    if schedule == "linear":
-        return 1.0 - (depth / num_blocks) * (1.0 - p_L)
-    if schedule == "uniform":
-        return p_L
-    if schedule == "timm":
-        if num_blocks == 1:
-            return 1.0
-        return 1.0 - (1.0 - p_L) * (depth - 1) / (num_blocks - 1)
-    raise ValueError(f"schedule has to be one of {', '.join(SCHEDULES)}, but got {schedule!r}")
-
-
-def stage_of(block: str) -> str:
-    """The stage of a residual block: the container holding it (its name less the last part).
-
-    ``"layer3.1"`` → ``"layer3"``; ``"blocks.7"`` → ``"blocks"``; a residual add in the root's own
-    code (block ``""``) is a stage of its own, ``""``.
-    """
-    return block.rpartition(".")[0]
-
-
-def block_survivals(
-    blocks: Sequence[str], p_L: float, schedule: str = "linear", *, stagewise: bool = False
-) -> dict[str, float]:
-    """p_l for each block, ``blocks`` in execution order (block l = position l, 1-based).
-
-    With ``stagewise`` the rule runs over the stages (:func:`stage_of`, numbered by the order
-    their first block appears) and every block of a stage gets its stage's value.
-    """
-    if not stagewise:
-        return {b: survival(i, len(blocks), p_L, schedule) for i, b in enumerate(blocks, start=1)}
-    stages = list(dict.fromkeys(stage_of(b) for b in blocks))
-    index = {s: i for i, s in enumerate(stages, start=1)}
-    return {b: survival(index[stage_of(b)], len(stages), p_L, schedule) for b in blocks}
 
 
 def update(model: nn.Module, t: float) -> None:
@@ -139,16 +91,16 @@ def update_modules(modules: Sequence[nn.Module], t: float) -> None:
 def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Current rate of every retrofit regularizer, by module name, for logging.
 
-    Each value has a ``kind`` (``"stochastic_depth"``, ``"dropblock"``, ``"uout"``,
-    ``"cutout"``) and that layer's hyper-parameters. Stochastic depth is reported per site, for
-    the gates retrofit inserted and for the model's own drop-path slots it reused
-    (``retrofit.layers.slots``, those carry ``reused``: the slot's class name): ``depth`` (the
-    block l), ``survival`` (now) and ``target_survival`` (planned p_l), the training samples
-    counted since the last reset (``calls``, ``kept``) and ``kept_fraction = kept / calls``
-    (None before any training call: nothing measured; reading it may synchronise an accelerator
-    once). Gates add whether the branch is ``outlined`` (skipped when dropped), their ``seed``
-    and ``draws`` counter, and ``recent``: the kept fraction of each eager training call since
-    the last reset (at most ``StochasticDepthGate.HISTORY``).
+    Each value has a ``kind`` (the technique's name: ``"stochastic_depth"``, ``"dropblock"``,
+    ``"uout"`` …) and that layer's hyper-parameters. Stochastic depth is
+    reported per site, for the gates retrofit inserted and for the model's own drop-path slots
+    it reused (``retrofit.layers.slots``, those carry ``reused``: the slot's class name):
+    ``depth`` (the block l), ``survival`` (now) and ``target_survival`` (planned p_l), the
+    training samples counted since the last reset (``calls``, ``kept``) and ``kept_fraction =
+    kept / calls`` (None before any training call: nothing measured; reading it may synchronise
+    an accelerator once). Gates add whether the branch is ``outlined`` (skipped when dropped),
+    their ``seed`` and ``draws`` counter, and ``recent``: the kept fraction of each eager
+    training call since the last reset (at most ``StochasticDepthGate.HISTORY``).
     """
     out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
@@ -157,15 +109,15 @@ def current_rates(model: nn.Module) -> dict[str, dict[str, Any]]:
         else:
             slot = slot_rates(module)
             if slot is not None:
-                out[name] = {"kind": "stochastic_depth", **slot}
+                out[name] = slot
     return out
 
 
 def reset_stats(model: nn.Module) -> None:
-    """Start a new measuring window: zero the kept/calls counters of every gate and every
-    reused drop-path slot (draw counters stay: they key the seeded draws)."""
+    """Start a new measuring window: zero the kept/calls counters of every counting layer and
+    every reused drop-path slot (draw counters stay: they key the seeded draws)."""
     for module in model.modules():
-        if isinstance(module, StochasticDepthGate):
+        if isinstance(module, Counting):
             module.reset_stats()
         else:
             reset_slot(module)
@@ -175,13 +127,19 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _per_depth(rates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    kinds = {name for name, t in TECHNIQUES.items() if t.figures.per_depth}
+    return [r for r in rates.values() if r.get("kind") in kinds]
+
+
 def block_rates(rates: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Stochastic depth per block l (the sites sharing a ``depth``), from :func:`current_rates`:
-    ``sites`` (how many gates and reused slots), mean ``survival`` (now) and ``target_survival``
-    (planned p_l), summed ``calls`` and ``kept``, and ``kept_fraction = kept / calls`` (None when
-    the block made no training call). Ordered by depth."""
+    """Per block l (the sites sharing a ``depth``), from :func:`current_rates`, over the layers
+    of the techniques that report per depth (stochastic depth's gates and reused slots):
+    ``sites`` (how many), mean ``survival`` (now) and ``target_survival`` (planned p_l), summed
+    ``calls`` and ``kept``, and ``kept_fraction = kept / calls`` (None when the block made no
+    training call). Ordered by depth."""
     by_depth: dict[int, list[dict[str, Any]]] = {}
-    for i, r in enumerate(r for r in rates.values() if r.get("kind") == "stochastic_depth"):
+    for i, r in enumerate(_per_depth(rates)):
         by_depth.setdefault(int(r.get("depth") or i + 1), []).append(r)
     out: dict[int, dict[str, Any]] = {}
     for depth in sorted(by_depth):
@@ -203,26 +161,23 @@ def block_rates(rates: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 def summary(rates: dict[str, dict[str, Any]]) -> dict[str, float]:
     """The scalars every consumer reports (the trainer's console line and metrics.jsonl, the
-    framework loggers of ``retrofit.integrations``), from :func:`current_rates`, over every
-    stochastic-depth site — inserted gates and reused slots, survival 1.0 included:
+    framework loggers of ``retrofit.integrations``), from :func:`current_rates`: each
+    technique's own (its record's ``figures.means`` over its layers), in recipe order:
 
-    * ``sd_survival``: mean current survival; ``sd_planned``: mean planned p_l;
-    * ``sd_kept``: mean kept fraction over the sites that made training calls since the last
+    * stochastic depth, over every site — inserted gates and reused slots, survival 1.0
+      included: ``sd_survival``, mean current survival; ``sd_planned``, mean planned p_l;
+      ``sd_kept``, mean kept fraction over the sites that made training calls since the last
       reset (left out when none did: an eval-only window has no training statistic);
-    * ``keep_prob``: mean current DropBlock keep_prob.
+    * DropBlock: ``keep_prob``, mean current keep_prob;
+    * any other technique: the scalars its record names.
 
     Keys without layers are left out."""
-    values: dict[str, list[float]] = {"sd_survival": [], "sd_planned": [], "sd_kept": []}
-    values["keep_prob"] = []
-    for r in rates.values():
-        if r.get("kind") == "stochastic_depth":
-            values["sd_survival"].append(float(r["survival"]))
-            values["sd_planned"].append(float(r.get("target_survival", r["survival"])))
-            if r.get("kept_fraction") is not None:
-                values["sd_kept"].append(float(r["kept_fraction"]))
-        elif r.get("kind") == "dropblock":
-            values["keep_prob"].append(float(r["keep_prob"]))
-    return {key: sum(v) / len(v) for key, v in values.items() if v}
+    out: dict[str, float] = {}
+    for name, technique in TECHNIQUES.items():
+        mine = [r for r in rates.values() if r.get("kind") == name]
+        if mine:
+            out.update(technique.figures.means(mine))
+    return out
 
 
 def statistics(model: nn.Module) -> dict[str, Any]:

@@ -49,12 +49,12 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def retrofit_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a refusal may raise: ``TraceError``, ``VerifyError`` and ``RewriteError``
-    (taken from ``retrofit`` when it exports it, else from ``retrofit.rewrite``)."""
+    (taken from ``retrofit`` when it exports it, else from ``retrofit.rewrite.execute``)."""
     import retrofit
 
     rewrite_error = getattr(retrofit, "RewriteError", None)
     if rewrite_error is None:
-        from retrofit.rewrite import RewriteError as rewrite_error
+        from retrofit.rewrite.execute import RewriteError as rewrite_error
     return (retrofit.TraceError, retrofit.VerifyError, rewrite_error)
 
 

@@ -2,7 +2,7 @@
 guarantees around them (all-or-nothing apply, liveness, plan without side effects, pickling).
 
 The models here are small and written the way such code is written in the wild; each one
-exercises one mechanism of graph/capture.py, graph/concrete.py and rewrite.RetrofitForward.
+exercises one mechanism of capture/calls.py, capture/concrete.py and rewrite.RetrofitForward.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torchvision
 from torch import nn
 
 import retrofit
-from retrofit.graph.capture import Call, CallKey
-from retrofit.graph.trace import TRACES, trace_graph
+from retrofit.capture.calls import Call, CallKey
+from retrofit.capture.trace import TRACES, trace_graph
 from retrofit.layers import StochasticDepthGate
 
 
@@ -192,7 +192,7 @@ def test_a_failure_in_the_middle_of_a_rewrite_hands_the_model_back_unchanged(mon
     model = torchvision.models.resnet18(num_classes=3)
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    import retrofit.rewrite as rw
+    import retrofit.rewrite.execute as rw
 
     real = rw._install_forward
     installed = []
@@ -207,7 +207,7 @@ def test_a_failure_in_the_middle_of_a_rewrite_hands_the_model_back_unchanged(mon
     with pytest.raises(retrofit.RewriteError, match="injected after 5 owners"):
         retrofit.apply(model, {"stochastic_depth": {}}, example_input=x)
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not gates(model) and not retrofit.rewrite.is_retrofitted(model)
+    assert not gates(model) and not rw.is_retrofitted(model)
     assert [n for n, _ in model.named_modules()] == [n for n, _ in original.named_modules()]
     model.eval(), original.eval()
     assert torch.equal(model(x), original(x))

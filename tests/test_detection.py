@@ -26,11 +26,11 @@ from torchvision.models.detection import (
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 import retrofit
+from retrofit.capture import detection
 from retrofit.errors import VerifyError
-from retrofit.graph import detection
 from retrofit.layers import DropBlock, StochasticDepthGate
-from retrofit.training_call import TrainingCall, default_loss
-from retrofit.verify import compare, eval_output
+from retrofit.verify.checks import compare, eval_output
+from retrofit.verify.training_call import TrainingCall, default_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SD = {"stochastic_depth": {"p_L": 0.5}}

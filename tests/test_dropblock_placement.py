@@ -16,8 +16,8 @@ from torch import nn
 
 import retrofit
 from retrofit import schedule
+from retrofit.analysis.stages import NoConvStagesError
 from retrofit.errors import RecipeError
-from retrofit.graph.stages import NoConvStagesError
 from retrofit.layers import DropBlock, StochasticDepthGate
 from retrofit.techniques.dropblock import SequentialOwnerError
 from tests.user_models import TinyResNet

@@ -1,6 +1,6 @@
 """HuggingFace transformers models: ``hf:NAME`` model names, and issue 10's acceptance on tiny
 configs — retrofit's sites are exactly where HF applies drop path (the execution oracle,
-``retrofit.graph.oracle.drop_path_placement``), and ``apply`` is verified and live.
+``tools/oracle.py: drop_path_placement``), and ``apply`` is verified and live.
 
 Random weights, tiny configs written here, nothing from the hub. Skipped when the ``hf`` extra
 (transformers) is not installed; CI installs it.
@@ -20,11 +20,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import retrofit  # noqa: E402
+from retrofit.capture.probe import probe_input_size  # noqa: E402
 from retrofit.errors import ModelError  # noqa: E402
-from retrofit.graph.oracle import drop_path_placement, hf_drop_path_owners  # noqa: E402
-from retrofit.graph.probe import probe_input_size  # noqa: E402
 from retrofit.models import create_model, hf_model_class  # noqa: E402
 from tests.checks import assert_instrumented, snapshot  # noqa: E402
+from tools.oracle import drop_path_placement, hf_drop_path_owners  # noqa: E402
 
 SIZE = 32
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import retrofit
 from retrofit.layers import DropBlock, StochasticDepthGate
-from retrofit.rewrite import is_retrofitted
+from retrofit.rewrite.execute import is_retrofitted
 from retrofit.schedule import block_survivals, linear_ramp, warmed_up
 from tests.test_train import TinyRes
 
@@ -328,7 +328,7 @@ def test_the_lifecycle_is_written_once():
     users = [LIBRARY / "train" / "loop.py", *sorted((LIBRARY / "integrations").glob("*.py"))]
     own_steps = {
         "retrofit.api": {"apply"},
-        "retrofit.rewrite": {"strip"},
+        "retrofit.rewrite.execute": {"strip"},
         "retrofit.schedule": {"update", "current_rates", "summary"},
     }
     for path in users:

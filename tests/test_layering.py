@@ -16,10 +16,17 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "retrofit"
 
-# What each bottom layer may import from retrofit besides itself.
+# The pipeline's folders, in order (capture → analysis → plan → rewrite → verify): what each may
+# import from retrofit besides itself. Nothing reaches forward to a later step.
+_BOTTOM = {"retrofit.errors", "retrofit.layers"}
+_PLANNING = {"retrofit.techniques", "retrofit.plan", "retrofit.edit", "retrofit.spec"}
+_PLANNING |= {"retrofit.schedule", "retrofit.recipe", "retrofit.finetune_config"}
 ALLOWED_BELOW = {
     "retrofit.layers": {"retrofit.errors"},
-    "retrofit.graph": {"retrofit.errors", "retrofit.layers"},
+    "retrofit.capture": _BOTTOM,
+    "retrofit.analysis": _BOTTOM | {"retrofit.capture"},
+    "retrofit.rewrite": _BOTTOM | {"retrofit.capture", "retrofit.analysis"} | _PLANNING,
+    "retrofit.verify": _BOTTOM | {"retrofit.capture", "retrofit.analysis", "retrofit.rewrite"},
 }
 
 
@@ -114,7 +121,7 @@ def test_bottom_layers_import_nothing_above():
 
 def test_the_graph_walk_sees_real_edges():
     graph = _graph()
-    assert "retrofit.graph.trace" in graph["retrofit.analysis"]
+    assert "retrofit.capture.trace" in graph["retrofit.analysis.context"]
     assert "retrofit.techniques" in graph["retrofit.recipe"]
 
 

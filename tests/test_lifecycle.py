@@ -9,7 +9,7 @@ import torch
 
 from retrofit.layers import StochasticDepthGate
 from retrofit.lifecycle import Lifecycle
-from retrofit.rewrite import is_retrofitted
+from retrofit.rewrite.execute import is_retrofitted
 from retrofit.schedule import block_survivals, warmed_up
 from tests.test_train import TinyRes
 

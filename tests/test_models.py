@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from retrofit.capture.probe import probe_input_size
 from retrofit.errors import ModelError
-from retrofit.graph.probe import probe_input_size
 from retrofit.models import (
     ModelInfo,
     create_model,

@@ -1,4 +1,4 @@
-"""The execution oracle (``retrofit.graph.oracle.drop_path_placement``) against models whose drop
+"""The execution oracle (``tools/oracle.py: drop_path_placement``) against models whose drop
 path is known: timm's (cross-checked with the graph oracle), hand-written ones, and the cases it
 must report rather than count."""
 
@@ -8,8 +8,8 @@ import timm
 import torch
 from torch import nn
 
-from retrofit.graph.oracle import drop_path_placement, library_drop_path_owners
 from tests.wild_models import MlpBlock, OwnDropPathMixer, TinyDropPath, image
+from tools.oracle import drop_path_placement, library_drop_path_owners
 
 
 def test_agrees_with_the_graph_oracle_on_timm():

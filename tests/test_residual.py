@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import retrofit
-from retrofit.graph.oracle import library_drop_path_owners
-from retrofit.graph.residual import find_residual_sites
-from retrofit.graph.trace import trace
+from retrofit.analysis.residual import find_residual_sites
+from retrofit.capture.trace import trace
+from tools.oracle import library_drop_path_owners
 
 SD = {"stochastic_depth": {}}
 

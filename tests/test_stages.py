@@ -16,11 +16,11 @@ import torchvision
 from torch import nn
 
 import retrofit
-from retrofit.analysis import stages
+from retrofit.analysis.context import stages
+from retrofit.analysis.stages import NoConvStagesError, Stage
+from retrofit.capture.shapes import SHAPE, ShapePropError, propagate_shapes
+from retrofit.capture.trace import trace_module
 from retrofit.errors import TraceError
-from retrofit.graph.shapes import SHAPE, ShapePropError, propagate_shapes
-from retrofit.graph.stages import NoConvStagesError, Stage
-from retrofit.graph.trace import trace_module
 from tests.user_models import TinyResNet
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import retrofit
+from retrofit.capture.existing import is_existing_regularizer
 from retrofit.edit import Edit
-from retrofit.graph.existing import is_existing_regularizer
 from retrofit.layers import protocol
 from retrofit.plan import planners
 from retrofit.recipe import top_level
@@ -60,6 +60,235 @@ def test_every_technique_has_a_recipe_card():
     cards = (ROOT / "recipes" / "README.md").read_text()
     for name in TECHNIQUES:
         assert re.search(rf"\b{name}\b", cards), f"recipes/README.md has no card for {name}"
+
+
+# --- every registry is derived from the records, in both directions ------------------------
+
+
+def _planned_edits() -> dict[str, list[Edit]]:
+    """Each model-editing technique's edits on a small model that has its sites."""
+    from tests.user_models import dropout_before_bn, tiny_resnet
+
+    recipes = {
+        "stochastic_depth": (tiny_resnet(width=4, depth=3), {}),
+        "shakedrop": (tiny_resnet(width=4, depth=3), {}),
+        "dropblock": (tiny_resnet(width=4, depth=3), {"stages": [1], "block_size": 3}),
+        "uout": (dropout_before_bn(), {}),
+        "dropout_fix": (dropout_before_bn(), "after_last_bn"),
+    }
+    assert set(recipes) == set(model_edits())  # a new technique adds its model here
+    out = {}
+    for name, (model, section) in recipes.items():
+        plan = retrofit.plan(model, {name: section}, example_input=torch.randn(2, 3, 16, 16))
+        out[name] = plan.edits
+    return out
+
+
+def test_each_records_pieces_are_what_the_program_uses():
+    from retrofit.report import _renderer
+
+    edits = _planned_edits()
+    for name, t in TECHNIQUES.items():
+        if t.spec is not None:
+            assert t.parse == t.spec.parse and set(t.spec.field_names()) <= set(t.fields), name
+        # the plan table is the record's own (or the generic one)
+        assert t.table is None or _renderer(name) is t.table, name
+        if not t.edits_model:
+            continue
+        assert edits[name], name
+        for edit in edits[name]:
+            assert edit.kind == name and edit.action in t.actions, (name, edit.action)
+            # typed settings → layer; params are their JSON form
+            assert edit.settings is not None and edit.params == _params(edit.settings)
+            layer = t.layer(edit)
+            assert not list(layer.parameters()), name
+            if t.layer_class is not None:
+                assert isinstance(layer, t.layer_class), name
+        used = {e.action for e in edits[name]}
+        assert used <= set(t.actions), name
+
+
+def _params(settings: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    to_params = getattr(settings, "params", None)
+    return to_params() if callable(to_params) else asdict(settings)
+
+
+def test_every_registry_entry_comes_from_a_record():
+    from retrofit.edit import ACTIONS
+    from retrofit.rewrite import execute
+
+    # rewrite actions: every one is used by some record and implemented by the rewrite
+    used = {a for t in TECHNIQUES.values() for a in t.actions}
+    assert used == set(ACTIONS)
+    graph = {name for name, a in ACTIONS.items() if a.graph}
+    assert graph == {*execute._GRAPH_EDITS, "outline"}
+    assert set(ACTIONS) - graph == set(execute._MODULE_EDITS)
+    # layers: every module class retrofit.layers exports is a record's layer, of its kind
+    exported = {
+        v
+        for v in vars(retrofit.layers).values()
+        if isinstance(v, type) and issubclass(v, nn.Module)
+    }
+    records = {t.layer_class: t for t in TECHNIQUES.values() if t.layer_class is not None}
+    assert exported == set(records)
+    for cls, t in records.items():
+        assert cls.kind == t.name
+    # the figures: what metrics.jsonl logs and the statistics report are the records' own
+    from retrofit.techniques import logged
+
+    assert logged() == {k: v for t in TECHNIQUES.values() for k, v in t.figures.logged.items()}
+    assert set(logged()) == {"sd_kept", "keep_prob", "shakedrop_kept"}
+    # excluded sections name techniques
+    for t in TECHNIQUES.values():
+        assert set(t.excludes) <= set(TECHNIQUES), t.name
+
+
+def test_the_figures_come_from_each_technique():
+    from tests.user_models import tiny_resnet
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    for name, keys, wording in (
+        ("stochastic_depth", {"sd_survival", "sd_planned", "sd_kept"}, r"kept \d\.\d\d \(planned "
+         r"0\.67\), survival 0\.67"),
+        ("shakedrop", {"shakedrop_kept", "shakedrop_planned"}, r"ShakeDrop kept \d\.\d\d "
+         r"\(planned 0\.67\)"),
+    ):  # fmt: skip
+        model = retrofit.apply(tiny_resnet(width=4, depth=3), {name: {}}, example_input=x)
+        model.train()
+        model(x)
+        summary = retrofit.schedule.summary(retrofit.schedule.current_rates(model))
+        assert set(summary) == keys, name
+        from retrofit.techniques import console_parts
+
+        assert re.fullmatch(wording, ", ".join(console_parts(summary))), summary
+
+
+def test_verification_passes_come_from_the_records():
+    from retrofit.layers import StochasticDepthGate
+    from retrofit.techniques import liveness_paths
+    from tests.user_models import tiny_resnet
+
+    x = torch.randn(2, 3, 16, 16)
+    labels = {}
+    for mode in ("row", "batch"):
+        model = tiny_resnet(width=4, depth=2)
+        retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x)
+        paths = liveness_paths(model)
+        labels[mode] = [label for label, _, _ in paths]
+        gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+        assert all(set(layers) == set(gates) for _, layers, _ in paths)
+        if mode == "batch":
+            with paths[1][2]():
+                assert [g.forced for g in gates] == [False, False]
+            assert [g.forced for g in gates] == [None, None]
+    assert labels == {
+        "row": ["every stochastic-depth branch kept"],
+        "batch": ["every stochastic-depth branch kept", "every stochastic-depth branch dropped"],
+    }
+    shaken = retrofit.apply(tiny_resnet(width=4), {"shakedrop": {}}, example_input=x)
+    assert liveness_paths(shaken) == []  # its branches always run: one pass as it draws
+
+
+def test_the_trainer_applies_the_records_input_transforms():
+    from retrofit.layers import cutout
+    from retrofit.train import distributed as D
+    from retrofit.train.loop import _regularizers, _transform
+
+    recipe = retrofit.load_recipe({"cutout": {"n_holes": 2, "length": 4}})
+    hooks = _regularizers(nn.Identity(), recipe, D.DistEnv())
+    assert len(hooks.transforms) == 1 and hooks.cut_gen is not None
+    x = torch.ones(3, 1, 8, 8)
+    hooks.cut_gen.manual_seed(7)
+    got = _transform(hooks, x)
+    expected = cutout(x, 2, 4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, expected) and (got == 0).any()
+    none = _regularizers(nn.Identity(), retrofit.load_recipe({"uout": {}}), D.DistEnv())
+    assert none.transforms == [] and none.cut_gen is None
+
+
+# Technique names that may appear as string literals outside retrofit/techniques/ and the recipe
+# schema, each with why it is not dispatch.
+_ALLOWED_NAMES = {
+    # a name models give their own drop-path modules (torchvision's ``stochastic_depth``
+    # attribute), matched to recognise an existing slot: the model's name, not the technique's
+    ("retrofit/analysis/residual.py", "stochastic_depth"),
+}
+
+
+def _not_dispatch(tree: Any) -> set[int]:
+    """String constants that name without dispatching: docstrings, ``__all__`` entries, the
+    functional forms registered with ``torch.fx.wrap("…")``, a layer's ``kind = "…"`` (which its
+    record reads: checked above)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
+            out.add(id(body[0].value))
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id in ("__all__", "kind") for t in node.targets
+        ):
+            out |= {id(c) for c in ast.walk(node.value)}
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "wrap":
+            out |= {id(c) for c in node.args}
+    return out
+
+
+def test_nothing_outside_the_records_dispatches_on_a_technique_name():
+    import ast
+
+    found = set()
+    for path in (ROOT / "retrofit").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("retrofit/techniques/") or rel == "retrofit/recipe.py":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = _not_dispatch(tree)
+        found |= {
+            (rel, node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in TECHNIQUES and id(node) not in skip
+        }
+    assert found == _ALLOWED_NAMES
+
+
+def test_the_trainer_reaches_layers_only_through_their_protocols():
+    """No module of retrofit/train imports a layer (the gate, ``is_gate``, its counters or seeded
+    draws) or a technique's module: what it needs of layers (seeding under DDP, the counters a
+    checkpoint carries) is typed in ``retrofit.layers.protocol``, what it needs of techniques is
+    read from the records."""
+    import ast
+
+    found = set()
+    for path in sorted((ROOT / "retrofit" / "train").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for m in modules:
+                layer = m.startswith("retrofit.layers") and m not in (
+                    "retrofit.layers.protocol",
+                    *(f"retrofit.layers.protocol.{n}" for n in protocol.__all__),
+                )
+                technique = m.startswith("retrofit.techniques.") and m.split(".")[2] in TECHNIQUES
+                if layer or technique:
+                    found.add((rel, m))
+    assert found == set()
+    assert "is_gate" not in (ROOT / "retrofit/train/loop.py").read_text()
+    assert "is_gate" not in (ROOT / "retrofit/train/distributed.py").read_text()
 
 
 # --- adding a technique: ShakeDrop-style branch noise (Yamada et al. 2019), test-only ----------

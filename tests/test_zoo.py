@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import retrofit
-from retrofit.graph.oracle import library_drop_path_owners
-from retrofit.graph.trace import trace
+from retrofit.capture.trace import trace
 from retrofit.models import create_model
+from tools.oracle import library_drop_path_owners
 
 SD = {"stochastic_depth": {}}
 

@@ -8,7 +8,7 @@ construction: ``CASES`` lists, per model, the number of sites, their owners and 
 would want from ``retrofit.apply`` (instrumented and live, or either that or a clean refusal).
 
 Residual sites here are the adds ``shortcut + branch`` where the branch holds learned maps, the
-definition in ``retrofit/graph/residual.py``; every model's docstring says where they are.
+definition in ``retrofit/analysis/residual.py``; every model's docstring says where they are.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import retrofit  # noqa: E402
 from retrofit.layers import StochasticDepthGate  # noqa: E402
-from retrofit.rewrite import applied_plan  # noqa: E402
+from retrofit.rewrite.execute import applied_plan  # noqa: E402
 
 P_L = 0.5
 

@@ -18,7 +18,7 @@ size fields of the default config shrunk generically, with per-family overrides 
 * ``sites`` / ``blocks`` / ``owners``: ``retrofit.plan(model, {"stochastic_depth": {}},
   example_input=probe)``;
 * the oracle: the same tiny config with ``drop_path_rate=0.1``, HF's drop-path modules followed
-  by execution to the adds they feed (``retrofit.graph.oracle.drop_path_placement``); its owners
+  by execution to the adds they feed (``tools/oracle.py: drop_path_placement``); its owners
   are the HF blocks, compared with the owners of retrofit's sites (``found``, ``missing``,
   ``extra``);
 * ``apply``: ``retrofit.apply(model, {"stochastic_depth": {}}, example_input=probe)`` —
@@ -419,9 +419,9 @@ def analyse(entry: Entry) -> dict[str, Any]:
     """Everything the sweep records for one model (never raises)."""
     _quiet()
     import torch
+    from oracle import drop_path_placement
 
     import retrofit
-    from retrofit.graph.oracle import drop_path_placement
     from tests.checks import (
         dead_modules,
         differences,
@@ -641,7 +641,7 @@ def write_docs(results: Path, docs: Path = DOCS, excluded: list[tuple[str, str]]
         "each built on the CPU with random weights from a tiny config (`tools/hf_zoo.py` "
         "`tiny_config`). **Oracle**: the same tiny config with `drop_path_rate=0.1`; HF's own "
         "drop-path modules are followed by execution to the adds they feed "
-        "(`retrofit.graph.oracle.drop_path_placement`), whose owners are the HF blocks. "
+        "(`tools/oracle.py: drop_path_placement`), whose owners are the HF blocks. "
         "**Apply**: `retrofit.apply(model, {'stochastic_depth': {}}, example_input=probe)`; "
         "*live* = every module it added, replaced or re-rated is called in one training forward "
         "(`tests/checks.py`).",

@@ -10,7 +10,7 @@ For every torchvision classification model and every timm architecture, built on
 * the stage analysis and a ``dropblock`` plan on the last two conv stages (``n/a`` for models
   without conv stages: ``NoConvStagesError``),
 * ``retrofit.lint`` (Dropout → BatchNorm findings),
-* the oracle: ``retrofit.graph.oracle.library_drop_path_owners`` on the model built with
+* the oracle: ``tools/oracle.py: library_drop_path_owners`` on the model built with
   ``drop_path_rate=0.1`` (timm) / ``stochastic_depth_prob=0.1`` (torchvision, where the builder
   accepts it), compared with the owners of retrofit's sites on the model built without: the
   library's count, the blocks retrofit misses, and the extra ones it finds.
@@ -201,7 +201,7 @@ FALSE_POSITIVES: list[tuple[str, str, str]] = [
         r"\.pos_embed$",
         "CSATv2 PosConv, a convolutional position encoding `proj(x) + x`: its depthwise 3×3 "
         "conv runs on a one-channel map, so `groups == in_channels == 1` and it passes "
-        "retrofit's dense-conv rule (graph/residual.py rule 3). A false positive",
+        "retrofit's dense-conv rule (analysis/residual.py rule 3). A false positive",
     ),
 ]
 
@@ -269,10 +269,11 @@ def analyse_arch(spec: str) -> dict[str, Any]:
     a later step that fails (stages, DropBlock plan, lint, oracle) is recorded in ``step_errors``
     and the remaining steps still run.
     """
+    from oracle import library_drop_path_owners
+
     import retrofit
-    from retrofit.analysis import Analysis
-    from retrofit.graph.oracle import library_drop_path_owners
-    from retrofit.graph.stages import NoConvStagesError
+    from retrofit.analysis.context import Analysis
+    from retrofit.analysis.stages import NoConvStagesError
     from retrofit.plan import plan
 
     rec: dict[str, Any] = {"arch": spec, "family": None, "status": "error", "error": None}
@@ -396,7 +397,7 @@ def _input_for(model, spec: str):
     """A small real input where the model accepts one, else its native size."""
     import torch
 
-    from retrofit.graph.probe import fixed_image_size, probe_input_size
+    from retrofit.capture.probe import fixed_image_size, probe_input_size
 
     c, h, w = probe_input_size(model)
     sizes = [(h, w)] if fixed_image_size(model) else [(64, 64), (96, 96), (128, 128), (h, w)]
@@ -641,7 +642,7 @@ def write_docs(results: Path, equiv: Path, docs: Path = DOCS, all_specs: list[st
         "`dropblock` plan on its last two conv stages, and `retrofit.lint`. The **oracle** is the "
         "library's own drop-path placement: the model built with `drop_path_rate=0.1` (timm) / "
         "`stochastic_depth_prob=0.1` (torchvision), traced, every drop-path module feeding an "
-        "add (`retrofit.graph.oracle.library_drop_path_owners`); its owning modules are compared "
+        "add (`tools/oracle.py: library_drop_path_owners`); its owning modules are compared "
         "with the owners of retrofit's sites on the model built without a rate.",
         "",
         "## Totals",

@@ -19,6 +19,7 @@ from typing import Any
 
 from retrofit.compare.variants import CompareError, RunSpec, Settings, Variant, load_variants
 from retrofit.errors import ModelError, RecipeError, TraceError, VerifyError
+from retrofit.techniques import TECHNIQUES
 
 PROG = "retrofit-cli compare"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -123,7 +124,7 @@ def _check_out(out: Path) -> None:
 def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
     """Everything that can be checked before hours of training: model names and kwargs, that
     each recipe plans on the model (a stage index out of range, an untraceable model), the data."""
-    from retrofit.graph.detection import is_detector
+    from retrofit.capture.detection import is_detector
     from retrofit.models import create_model
     from retrofit.recipe import Recipe
     from retrofit.train.prepare import has_model_edits, train_config_of
@@ -161,13 +162,15 @@ def _preflight(variants: list[Variant], settings: Settings, seeds: int) -> None:
             task = get_task(resolve_task(None, model)[0])
             task.build_data(settings.data, model, train_config_of(recipe))
             data_checked = True
-        sd = v.recipe.get("stochastic_depth") or {}
-        if seeds > 1 and sd.get("seed") is not None:
-            print(
-                f"{PROG}: warning: {v.path} fixes stochastic_depth.seed={sd['seed']}: every seed "
-                "of the comparison draws the same gates (remove it to let train.seed decide)",
-                file=sys.stderr,
-            )
+        for name in TECHNIQUES:  # any technique whose section fixes its own seed
+            section = v.recipe.get(name)
+            seed = section.get("seed") if isinstance(section, dict) else None
+            if seeds > 1 and seed is not None:
+                print(
+                    f"{PROG}: warning: {v.path} fixes {name}.seed={seed}: every seed of the "
+                    "comparison draws the same gates (remove it to let train.seed decide)",
+                    file=sys.stderr,
+                )
 
 
 def _warn_unequal_training(variants: list[Variant]) -> None:

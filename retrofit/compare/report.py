@@ -137,25 +137,49 @@ def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        if r["baseline"]:
-            delta, p, word = "reference", "", ""
-        else:
-            vs = r["vs_baseline"]
-            d, h = vs.get("diff"), vs.get("ci95")
-            if d is None or (isinstance(d, float) and math.isnan(d)):
-                delta = "–"
-            elif h is None or (isinstance(h, float) and math.isnan(h)):
-                delta = f"{d * 100:+.1f}"
-            else:
-                delta = f"{d * 100:+.1f} ± {h * 100:.1f}"
-            p = _p(vs.get("p"))
-            word = f"**{r['verdict']}**" if r["verdict"] in ("better", "worse") else r["verdict"]
+        delta, p, word = _versus_baseline(r)
         lines.append(
             f"| `{r['variant']}` | {r['n']} | {r['edits'] if r['edits'] is not None else '–'} | "
             f"{_pm(r['test_acc'])} | {_pm(r['train_acc'])} | {_pm(r['gap'])} | {delta} | {p} | "
             f"{word} | {_num(r['epoch_s'], 2)} | {_num(r['cpu_s'], 1)} |"
         )
-    groups = {"better": [], "worse": [], "no significant difference": [], "n/a": []}
+    n = max((r["n"] for r in rows), default=0)
+    said = _verdicts(rows, baseline)
+    lines += [
+        "",
+        f"± is the half-width of the 95% confidence interval over the seeds (Student t, n − 1 "
+        f"degrees of freedom); the Δ column's interval and p come from Welch's t-test against "
+        f"`{baseline}`, significant at p < {ALPHA}. In words, at p < {ALPHA}: "
+        + ("; ".join(said) if said else "nothing to compare")
+        + "."
+        + _holm_sentence(rows)
+        + f" With {n} seed(s) per variant a 'not significantly different' means this "
+        "comparison cannot tell, not that the technique does nothing.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _versus_baseline(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A row's Δ (± its 95% CI half-width), p and verdict cells (the baseline: "reference")."""
+    if r["baseline"]:
+        return "reference", "", ""
+    vs = r["vs_baseline"]
+    d, h = vs.get("diff"), vs.get("ci95")
+    if d is None or (isinstance(d, float) and math.isnan(d)):
+        delta = "–"
+    elif h is None or (isinstance(h, float) and math.isnan(h)):
+        delta = f"{d * 100:+.1f}"
+    else:
+        delta = f"{d * 100:+.1f} ± {h * 100:.1f}"
+    word = f"**{r['verdict']}**" if r["verdict"] in ("better", "worse") else r["verdict"]
+    return delta, _p(vs.get("p")), word
+
+
+def _verdicts(rows: list[dict[str, Any]], baseline: str) -> list[str]:
+    """The variants grouped by verdict against the baseline, one phrase a non-empty group."""
+    groups: dict[str, list[str]] = {
+        "better": [], "worse": [], "no significant difference": [], "n/a": []
+    }  # fmt: skip
     for r in rows:
         if not r["baseline"]:
             groups[r["verdict"]].append(f"`{r['variant']}`")
@@ -168,35 +192,24 @@ def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
     ):
         if groups[key]:
             said.append(f"{label} `{baseline}`: {', '.join(groups[key])}")
-    n = max((r["n"] for r in rows), default=0)
+    return said
+
+
+def _holm_sentence(rows: list[dict[str, Any]]) -> str:
+    """Which differences stay significant after Holm's correction (only with 2+ comparisons)."""
     tested = [r for r in rows if not r["baseline"] and r["vs_baseline"].get("p_holm") is not None]
+    if len(tested) <= 1:
+        return ""
     holm_sig = [r for r in tested if r["vs_baseline"]["p_holm"] < ALPHA]
-    holm = ""
-    if len(tested) > 1:
-        holm = (
-            f" After Holm's correction for the {len(tested)} comparisons, significant: "
-            + (
-                ", ".join(
-                    f"`{r['variant']}` ({r['verdict']}, p {_p_is(r['vs_baseline']['p_holm'])})"
-                    for r in holm_sig
-                )
-                if holm_sig
-                else "none"
-            )
-            + "."
-        )
-    lines += [
-        "",
-        f"± is the half-width of the 95% confidence interval over the seeds (Student t, n − 1 "
-        f"degrees of freedom); the Δ column's interval and p come from Welch's t-test against "
-        f"`{baseline}`, significant at p < {ALPHA}. In words, at p < {ALPHA}: "
-        + ("; ".join(said) if said else "nothing to compare")
+    names = ", ".join(
+        f"`{r['variant']}` ({r['verdict']}, p {_p_is(r['vs_baseline']['p_holm'])})"
+        for r in holm_sig
+    )
+    return (
+        f" After Holm's correction for the {len(tested)} comparisons, significant: "
+        + (names if holm_sig else "none")
         + "."
-        + holm
-        + f" With {n} seed(s) per variant a 'not significantly different' means this "
-        "comparison cannot tell, not that the technique does nothing.",
-    ]
-    return "\n".join(lines) + "\n"
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:

@@ -120,12 +120,47 @@ def _start_over(spec: RunSpec, fingerprint: str) -> dict[str, Any]:
 
 
 def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool) -> dict[str, Any]:
+    from retrofit.train import loop
+
+    recipe, cfg, model, model_spec, task, bundle = _build(spec)
+    device = _torch_device(spec.settings.device)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    result = loop.fit(
+        model, recipe, bundle, out=spec.dir, device=device, resume=resume, progress=False,
+        config=cfg, model_name=model_spec,
+    )  # fmt: skip
+    attempt = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
+    attempt |= {"resumed": resume, "step": result.step}
+    attempts = [*prior.get("attempts", []), attempt]
+    if not result.completed:
+        prior["attempts"] = attempts
+        write_json(spec.dir / RUN_NAME, prior)
+        raise Interrupted(
+            f"{spec.label} stopped at step {result.step}/{result.total_steps} "
+            f"({result.stop_reason}); run the same command again to resume it"
+        )
+    rec = _record(spec, fingerprint, result, task, bundle, model_spec, attempts)
+    write_json(spec.dir / RESULT_NAME, rec)
+    (spec.dir / "checkpoint.pt").unlink(missing_ok=True)
+    return rec
+
+
+def _torch_device(name: str | None) -> Any:
+    """The settings' device (None: the trainer's default)."""
+    import torch
+
+    return torch.device(name) if name else None
+
+
+def _build(spec: RunSpec) -> tuple[Any, Any, Any, str, Any, Any]:
+    """One run's recipe, train config, model (weights seeded by the run's seed, or loaded), the
+    model's spec, its task and the task's data."""
     import torch
 
     from retrofit.models import create_model
     from retrofit.recipe import Recipe
-    from retrofit.train import loop
     from retrofit.train.prepare import train_config_of
+    from retrofit.train.tasks import get_task, resolve_task
     from retrofit.weights import load_weights
 
     s = spec.settings
@@ -136,37 +171,35 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
     model, info = create_model(s.model, pretrained=s.pretrained, kwargs=spec.model_kwargs())
     if s.weights:
         load_weights(model, s.weights)
-    device = torch.device(s.device) if s.device else None
     # The task (classification, detection, segmentation) decides the data and the compared
     # metric: top-1, COCO mAP or mIoU (retrofit.train.tasks).
-    from retrofit.train.tasks import get_task, resolve_task
-
     task = get_task(resolve_task(None, model)[0])
-    bundle = task.build_data(s.data, model, cfg, device=device or device_type(None))
+    device = _torch_device(s.device) or device_type(None)
+    bundle = task.build_data(s.data, model, cfg, device=device)
+    return recipe, cfg, model, info.spec, task, bundle
 
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    result = loop.fit(
-        model, recipe, bundle, out=spec.dir, device=device, resume=resume, progress=False,
-        config=cfg, model_name=info.spec,
-    )  # fmt: skip
-    attempt = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
-    attempt |= {"resumed": resume, "step": result.step}
-    if not result.completed:
-        prior["attempts"] = [*prior.get("attempts", []), attempt]
-        write_json(spec.dir / RUN_NAME, prior)
-        raise Interrupted(
-            f"{spec.label} stopped at step {result.step}/{result.total_steps} "
-            f"({result.stop_reason}); run the same command again to resume it"
-        )
+
+def _record(
+    spec: RunSpec,
+    fingerprint: str,
+    result: Any,
+    task: Any,
+    bundle: Any,
+    model_spec: str,
+    attempts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The finished run's result.json: the compared metric on the validation and the training
+    data, the run's cost over all its attempts, its edits and where it ran."""
+    import torch
+
     train_acc = train_metric(task, result.model, bundle)
-    attempts = [*prior.get("attempts", []), attempt]
     epochs = [h for h in result.history if h.get("kind") == "epoch"]
     edits = (result.plan or {}).get("edits", [])
     kinds: dict[str, int] = {}
     for e in edits:
         kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
     test_acc = float(result.metrics[task.metric]) / 100.0
-    rec = {
+    return {
         "variant": spec.variant.name,
         "metric": task.metric,
         "seed": spec.seed,
@@ -186,7 +219,7 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
         "data": bundle.source,
         "train_samples": bundle.train.num_samples,
         "val_samples": bundle.val.num_samples,
-        "model": info.spec,
+        "model": model_spec,
         "model_kwargs": spec.model_kwargs(),
         "recipe": spec.variant.recipe_for(spec.seed),
         "device": str(_device_of(result.model)),
@@ -194,9 +227,6 @@ def _train(spec: RunSpec, fingerprint: str, prior: dict[str, Any], resume: bool)
         "torch": torch.__version__,
         "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    write_json(spec.dir / RESULT_NAME, rec)
-    (spec.dir / "checkpoint.pt").unlink(missing_ok=True)
-    return rec
 
 
 METRIC_NAMES = {"val_top1": "accuracy", "val_map": "mAP", "val_miou": "mIoU"}

@@ -5,6 +5,7 @@ See README.md in this folder for a method card per layer (formula, paper, hyper-
 
 from retrofit.layers.cutout import BatchCutout, Cutout, cutout
 from retrofit.layers.dropblock import DropBlock, drop_block, dropblock_gamma, expected_drop_fraction
+from retrofit.layers.shakedrop import ShakeDrop, shake_drop
 from retrofit.layers.stochastic_depth import (
     StochasticDepthGate,
     is_gate,
@@ -17,6 +18,7 @@ __all__ = [
     "BatchCutout",
     "Cutout",
     "DropBlock",
+    "ShakeDrop",
     "StochasticDepthGate",
     "Uout",
     "cutout",
@@ -24,6 +26,7 @@ __all__ = [
     "dropblock_gamma",
     "expected_drop_fraction",
     "is_gate",
+    "shake_drop",
     "stochastic_depth",
     "subset_rows",
     "uout",

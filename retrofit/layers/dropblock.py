@@ -53,7 +53,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from retrofit.layers.ramps import linear_ramp
-from retrofit.layers.tensor_state import TensorState, scalar
+from retrofit.layers.tensor_state import MirroredRate, TensorState, scalar
 
 __all__ = ["DropBlock", "drop_block", "dropblock_gamma", "expected_drop_fraction"]
 
@@ -287,6 +287,10 @@ class DropBlock(nn.Module):
     4-D and 5-D (video) maps alike: the rank of the input decides.
     """
 
+    kind = "dropblock"
+    # The current keep_prob: a float, mirrored in the tensor compiled graphs read.
+    keep_prob = MirroredRate()
+
     def __init__(
         self,
         keep_prob: float = 0.9,
@@ -301,7 +305,7 @@ class DropBlock(nn.Module):
         if not 0.0 < ramp <= 1.0:
             raise ValueError(f"ramp has to be in (0, 1], but got {ramp}")
         self._t = TensorState(keep_prob=scalar(1.0, torch.float32))
-        self._keep_prob = 1.0
+        self.keep_prob = 1.0
         self.target_keep_prob = keep_prob
         self.block_size = block_size
         self.per_channel = per_channel
@@ -314,18 +318,6 @@ class DropBlock(nn.Module):
         super()._apply(fn, recurse)
         self._t.apply(fn)
         return self
-
-    @property
-    def keep_prob(self) -> float:
-        """The current keep_prob (a float; compiled graphs read its tensor copy)."""
-        return self._keep_prob
-
-    @keep_prob.setter
-    def keep_prob(self, value: float) -> None:
-        value = float(value)
-        if value != self._keep_prob:
-            self._t.keep_prob.fill_(value)
-            self._keep_prob = value
 
     def set_progress(self, t: float) -> None:
         """keep_prob = 1 − min(t / ramp, 1) · (1 − target_keep_prob) for training progress t."""
@@ -371,8 +363,6 @@ class DropBlock(nn.Module):
             self.gamma_scale,
             self.scale,
         )
-
-    kind = "dropblock"
 
     def rates(self) -> dict[str, Any]:
         """Settings for logging (``retrofit.layers.protocol.Reporting``)."""

@@ -2,7 +2,7 @@
 
 When a model has its own drop-path slot on a residual branch (timm's ``DropPath``, torchvision's
 ``StochasticDepth``), row-mode stochastic depth sets that module's rate to 1 − p_l instead of
-stacking a gate on it (``retrofit.rewrite``). To report what it kept, :func:`watch_slot` gives the
+stacking a gate on it (``retrofit.rewrite.execute``). To report what it kept, :func:`watch_slot` gives the
 module an instance ``forward`` that computes what both libraries compute in training — one
 Bernoulli(1 − rate) draw per row, divided by 1 − rate, times x (the same draws from the same
 global RNG) — with its mask in hand, and adds the batch size and the kept rows to two counters.
@@ -32,6 +32,7 @@ _CALLS, _KEPT = "retrofit_calls", "retrofit_kept"
 @dataclass(frozen=True)
 class _Slot:
     attr: str  # the attribute holding the drop probability (``drop_prob``, ``p``)
+    kind: str  # the technique that reused it (its record's name, given by the rewrite)
     depth: int | None
     target_survival: float
 
@@ -50,14 +51,15 @@ def _forward(module: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return x * mask
 
 
-def watch_slot(module: nn.Module, attr: str, depth: int | None, survival: float) -> None:
-    """Count ``module``'s kept rows from now on (see the module docstring); idempotent."""
+def watch_slot(module: nn.Module, attr: str, depth: int | None, survival: float, kind: str) -> None:
+    """Count ``module``'s kept rows from now on (see the module docstring), reported as a layer
+    of technique ``kind``; idempotent."""
     if watched(module):
         return
     device = next((b.device for b in module.buffers()), torch.device("cpu"))
     for name in (_CALLS, _KEPT):
         module.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device), False)
-    module.__dict__[_INFO] = _Slot(attr, depth, float(survival))
+    module.__dict__[_INFO] = _Slot(attr, kind, depth, float(survival))
     module.__dict__["forward"] = functools.partial(_forward, module)
 
 
@@ -84,13 +86,15 @@ def reset_slot(module: nn.Module) -> None:
 
 
 def slot_rates(module: nn.Module) -> dict[str, Any] | None:
-    """A watched slot's settings and counters, with the keys of
-    ``StochasticDepthGate.rates()`` (None for a module that is not watched)."""
+    """A watched slot's ``kind`` (as ``retrofit.schedule.current_rates`` gives it), settings and
+    counters, with the keys of ``StochasticDepthGate.rates()`` (None for a module that is not
+    watched)."""
     info: _Slot | None = module.__dict__.get(_INFO)
     if info is None:
         return None
     calls, kept = (int(v) for v in torch.stack([getattr(module, _CALLS), getattr(module, _KEPT)]))
     return {
+        "kind": info.kind,
         "depth": info.depth,
         "survival": 1.0 - float(getattr(module, info.attr)),
         "target_survival": info.target_survival,

@@ -10,7 +10,7 @@ At test time the paper uses the expectation, H_l = ReLU(p_l · f_l + id) (``scal
 The variant used by timm's ``drop_path`` and torchvision's ``StochasticDepth`` divides the kept
 branches by p_l in training and is the identity at test time (``scaling="inverted"``, default);
 both have the same expectation, the inverted one leaves inference untouched, which is what lets
-``retrofit.verify`` prove a rewrite did not change the model.
+``retrofit.verify.checks`` prove a rewrite did not change the model.
 
 Two forms of the gate:
 
@@ -29,35 +29,36 @@ Two forms of the gate:
   statistics from it); layers without cross-sample coupling (LayerNorm, convs, attention within a
   sample) compute exactly what they would on the full batch.
 
-Seeded draws (``seed`` not None): the batch/subset decision of the i-th training call comes from a
-counter-based generator keyed by ``(seed, stream, i)`` — ``stream`` names the site — instead of the
-global RNG. Every data-parallel rank then makes the same decisions (ranks skip the same blocks and
-stay in lock-step), and a run resumed with the gate's ``draws`` counter continues the sequence.
-Row mode always draws from the global RNG (its masks are per sample; ranks need not agree).
+Seeded draws (``seed`` not None) make the batch/subset decisions counter-based
+(:mod:`retrofit.layers.seeded_draws`: the same on every data-parallel rank and after a resumption);
+row mode always draws from the global RNG (its masks are per sample; ranks need not agree). What
+the gate counts lives in :mod:`retrofit.layers.gate_counters`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from retrofit.layers.gate_counters import GateCounters
+from retrofit.layers.protocol import Outline  # the outlined calling convention
 from retrofit.layers.ramps import warmed_up
-from retrofit.layers.tensor_state import TensorState, scalar
+from retrofit.layers.seeded_draws import counter_uniform, draw_key, site_base, unit
+from retrofit.layers.tensor_state import MirroredRate, TensorState, scalar
 
 __all__ = [
     "COMPILED_FORMS",
     "Outline",
     "StochasticDepthGate",
     "compiled_form",
+    "draw_key",
     "forced",
     "is_gate",
     "stochastic_depth",
@@ -176,65 +177,45 @@ def _graph_capture(x: Tensor) -> bool:
     )
 
 
-def draw_key(seed: int, stream: str, draw: int) -> int:
-    """A 63-bit key for draw number ``draw`` of site ``stream`` under ``seed``.
-
-    Counter-based (like Philox: the value is a function of the counter, no state to carry), and
-    from blake2b rather than Python's ``hash``, which is salted per process: two processes, or a
-    run and its resumption, get the same key.
-    """
-    digest = hashlib.blake2b(f"{seed}/{stream}/{draw}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _unit(key: int) -> float:
-    """A uniform float in [0, 1) from a 63-bit key (its top 53 bits)."""
-    return (key >> 10) * 2.0**-53
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(h: Tensor) -> Tensor:
-    """A 32-bit integer hash (two xor-shift-multiply rounds) on int64 tensors in [0, 2³²).
-
-    The multiplier is below 2³¹, so no product leaves int64: the same bits on every device and
-    backend (eager, inductor's C++ and Triton), which a hash with wrapping products would not
-    promise. Used inside compiled graphs, where the host's blake2b (:func:`draw_key`) cannot run.
-    """
-    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
-    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
-    return (h >> 16) ^ h
+def _residual_add(
+    shortcut: Tensor, out: Tensor, alpha: float, index: Tensor | None, spec: Outline
+) -> Tensor:
+    """The outlined residual add ``shortcut + alpha·out`` (rows ``index`` only, in subset mode),
+    with the original add's aliasing and dtype. One kernel: ``add``'s ``alpha`` does the
+    scaling."""
+    if spec.inplace == "shortcut":
+        if index is None:
+            return shortcut.add_(out, alpha=alpha)
+        return shortcut.index_add_(0, index, out.to(shortcut.dtype), alpha=alpha)
+    if index is None:
+        result = torch.add(shortcut, out, alpha=alpha)
+    else:
+        dtype = torch.promote_types(shortcut.dtype, out.dtype)
+        result = shortcut.to(dtype).index_add(0, index, out.to(dtype), alpha=alpha)
+    if spec.inplace == "branch" and result.dtype != out.dtype:
+        result = result.to(out.dtype)  # ``f += shortcut`` keeps f's dtype
+    return result
 
 
-def _counter_uniform(base: int, draw: Tensor, rows: int | None = None) -> Tensor:
-    """Uniforms in [0, 1) (float32, 24 bits) for draw number ``draw`` (an int64 tensor) of the
-    site keyed ``base``: one value, or one per row with ``rows``. Counter-based like
-    :func:`draw_key` (a function of the counter, no generator state), computed in the graph."""
-    h = _mix32((draw + base) & _M32)
-    if rows is not None:
-        index = torch.arange(rows, device=draw.device, dtype=torch.int64)
-        h = _mix32(h ^ (index * 0x9E3779B1 & _M32))
-    return (h >> 8).to(torch.float32) * 2.0**-24
+class _Counted:
+    """A gate attribute that reads and sets the counter of the same name in ``gate.counters``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, gate: Any, owner: type | None = None) -> Any:
+        return self if gate is None else getattr(gate.counters, self.name)
+
+    def __set__(self, gate: Any, value: int) -> None:
+        setattr(gate.counters, self.name, value)
 
 
-@dataclass(frozen=True)
-class Outline:
-    """How the outlined residual add must behave; decided by the rewrite from the owner's graph.
+class _Draw(NamedTuple):
+    """One host-side decision: the factor on the kept branch (0.0: the branch is dropped) and,
+    in subset mode, the kept rows (None: every row)."""
 
-    ``batched[i]``: input i carries the batch dimension (it depends on the module's input), so
-    subset mode feeds the branch only the kept rows of it. ``inplace``: ``"shortcut"`` when the
-    model wrote ``shortcut.add_(f)`` (the gate then adds in place too: the same aliasing as the
-    original), ``"branch"`` for ``f.add_(shortcut)`` (the result keeps f's dtype), else ``""``.
-    ``copy_dropped``: something downstream may mutate the add's result in place, or it leaves the
-    module; a dropped branch then returns a copy of the shortcut, never the shortcut itself
-    (e.g. torchvision's ``relu(out + identity)`` with ``inplace=True`` would otherwise overwrite
-    the block's input, which autograd still needs).
-    """
-
-    batched: tuple[bool, ...] = ()
-    inplace: str = ""
-    copy_dropped: bool = True
+    alpha: float
+    index: Tensor | None
 
 
 class StochasticDepthGate(nn.Module):
@@ -252,21 +233,20 @@ class StochasticDepthGate(nn.Module):
     Called with one tensor it is the mask form (multiplies the branch output). Called as
     ``gate(shortcut, *inputs, branch=f, outline=spec)`` it computes the whole residual add and runs
     the branch only when kept (batch mode) or only on the kept rows (subset mode); see the module
-    docstring. ``seed``/``stream`` make batch and subset draws counter-based; ``draws`` counts
-    training calls (the counter; checkpoints save it with the statistics below).
+    docstring. ``seed``/``stream`` make batch and subset draws counter-based
+    (:mod:`retrofit.layers.seeded_draws`); the trainer seeds them under DDP and checkpoints the
+    counters through the gate's ``SharedDraws`` and ``Resumable`` sides
+    (:mod:`retrofit.layers.protocol`).
 
-    Statistics for logging, updated by every training forward (survival 1.0 included: a block
-    that is never dropped kept all of its samples): ``calls`` is the number of samples that went
-    through the gate, ``kept`` how many of them kept their branch,
-    ``kept_fraction = kept / max(calls, 1)``; ``reset_stats()`` zeroes them. ``history`` holds
-    the kept fraction of each of the last ``HISTORY`` eager calls in batch and subset mode
-    (1.0/0.0 in batch mode: the recorded sequence of kept and dropped steps).
-    Counting adds no work to an eager step: the gate keeps a reference to each step's small mask,
-    counts them on their device in one batch every ``FOLD_EVERY`` steps and reads the count back
-    (the only device sync) when ``kept`` is read. Counting with a reduction each step made the
-    gate ~1.5x slower than timm's drop_path on an H100, where a gate's whole forward+backward is
-    launch-bound at ~0.1 ms; deferred, the hot path is the draw, the multiply and a list append.
-    Batch and subset decisions are made on the host, so they are counted without any mask.
+    Statistics for logging (:class:`~retrofit.layers.gate_counters.GateCounters`, the gate's
+    ``counters``), updated by every training forward (survival 1.0 included: a block that is
+    never dropped kept all of its samples): ``calls`` is the number of samples that went through
+    the gate, ``kept`` how many of them kept their branch, ``kept_fraction = kept / max(calls,
+    1)``, ``draws`` the number of training calls (the key of seeded draws; checkpoints save it with
+    the other two); ``reset_stats()`` zeroes calls and kept. ``history`` holds the kept fraction of
+    each of the last ``HISTORY`` eager calls in batch and subset mode (1.0/0.0 in batch mode: the
+    recorded sequence of kept and dropped steps). Row-mode masks are counted on their device every
+    ``FOLD_EVERY`` steps, and read back only when ``kept`` is read.
 
     **Under torch.compile** the gate reads only tensors (:mod:`retrofit.layers.tensor_state`):
     the survival a warm-up moves is a 0-dim tensor the schedule fills in place, so updates never
@@ -294,6 +274,9 @@ class StochasticDepthGate(nn.Module):
 
     FOLD_EVERY = 64
     HISTORY = 256
+    kind = "stochastic_depth"
+    # The current p_l: a float, mirrored in the tensor compiled graphs read.
+    survival = MirroredRate()
 
     def __init__(
         self,
@@ -311,13 +294,8 @@ class StochasticDepthGate(nn.Module):
             raise ValueError(f"warmup has to be in [0, 1], but got {warmup}")
         # Progress 0 before the first update: a warm-up starts from "never drop".
         p = 1.0 if warmup > 0.0 else float(survival)
-        self._t = TensorState(
-            survival=scalar(p, torch.float32),
-            calls=scalar(0, torch.int64),
-            kept=scalar(0, torch.int64),
-            draws=scalar(0, torch.int64),
-        )
-        self._p = p
+        self._t = TensorState(survival=scalar(p, torch.float32))
+        self.survival = p
         self.target_survival = survival
         self.warmup = warmup
         self._scheduled = warmup == 0.0
@@ -328,33 +306,19 @@ class StochasticDepthGate(nn.Module):
         self.seed = seed
         self.compiled = "skip"
         self.forced: bool | None = None
-        self._draws = 0
-        self._calls = 0
-        self.history: deque[float] = deque(maxlen=self.HISTORY)
-        # Plain attributes, deliberately not buffers: counted on the host, masks not yet
-        # counted (one row each per sample), and a device-side count not yet read back.
-        self._kept = 0
-        self._masks: list[Tensor] = []
-        self._count_on_device: Tensor | None = None
+        self.counters = GateCounters(self.HISTORY)
 
     def _apply(self, fn: Any, recurse: bool = True) -> StochasticDepthGate:
         super()._apply(fn, recurse)
         self._t.apply(fn)
+        self.counters.apply(fn)
         return self
 
     # ------------------------------------------------------------------ rates
 
-    @property
-    def survival(self) -> float:
-        """The current p_l (a float; compiled graphs read its tensor copy)."""
-        return self._p
-
-    @survival.setter
-    def survival(self, value: float) -> None:
-        value = float(value)
-        if value != self._p:
-            self._t.survival.fill_(value)
-            self._p = value
+    def _alpha(self) -> float:
+        """The factor on a kept branch: 1/p_l inverted, 1 with the paper's scaling."""
+        return 1.0 / self.survival if self.scaling == "inverted" else 1.0
 
     # ------------------------------------------------------------------ seeding
 
@@ -366,7 +330,7 @@ class StochasticDepthGate(nn.Module):
     @seed.setter
     def seed(self, value: int | None) -> None:
         self._seed = value
-        self._rekey()
+        self._base = site_base(value, self._stream)
 
     @property
     def stream(self) -> str:
@@ -376,13 +340,16 @@ class StochasticDepthGate(nn.Module):
     @stream.setter
     def stream(self, value: str) -> None:
         self._stream = value
-        self._rekey()
+        self._base = site_base(self._seed, value)
 
-    def _rekey(self) -> None:
-        # The site's 32-bit key for in-graph draws, computed here on the host: a compiled graph
-        # cannot run blake2b, and reads this int as a constant (it changes only with the seed).
-        seed = self.__dict__.get("_seed")
-        self._base = None if seed is None else draw_key(seed, f"{self._stream}/compiled", 0) & _M32
+    def needs_shared_seed(self) -> bool:
+        """Batch mode skips whole branches: under DDP every rank must skip the same ones
+        (``retrofit.layers.protocol.SharedDraws``)."""
+        return self.mode == "batch"
+
+    def restart_draws(self) -> None:
+        """The draw counter, the key of seeded draws, back to 0."""
+        self.draws = 0
 
     # ------------------------------------------------------------------ schedule
 
@@ -414,55 +381,15 @@ class StochasticDepthGate(nn.Module):
 
     # ------------------------------------------------------------------ statistics
 
-    def _fold(self) -> None:
-        """Count the pending masks on their device(s); no host sync unless the device changed."""
-        if not self._masks:
-            return
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for mask in self._masks:
-            by_device.setdefault(mask.device, []).append(mask.reshape(-1))
-        self._masks = []
-        for device, masks in by_device.items():
-            count = torch.cat(masks).count_nonzero()
-            acc = self._count_on_device
-            if acc is not None and acc.device != device:
-                self._kept += int(acc.item())
-                acc = None
-            self._count_on_device = count if acc is None else acc + count
+    # Training samples seen, samples kept, training calls made (eager and compiled; seeded draws
+    # are keyed by ``draws``): the counters' own, readable and settable on the gate.
+    calls = _Counted()
+    kept = _Counted()
+    draws = _Counted()
 
     @property
-    def calls(self) -> int:
-        return self._calls + int(self._t.calls)
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self._t.calls.zero_()
-        self._calls = int(value)
-
-    @property
-    def kept(self) -> int:
-        self._fold()
-        if self._count_on_device is not None:
-            self._kept += int(self._count_on_device.item())
-            self._count_on_device = None
-        return self._kept + int(self._t.kept)
-
-    @kept.setter
-    def kept(self, value: int) -> None:
-        self._masks = []
-        self._count_on_device = None
-        self._t.kept.zero_()
-        self._kept = int(value)
-
-    @property
-    def draws(self) -> int:
-        """Training calls made (eager and compiled); seeded draws are keyed by it."""
-        return self._draws + int(self._t.draws)
-
-    @draws.setter
-    def draws(self, value: int) -> None:
-        self._t.draws.zero_()
-        self._draws = int(value)
+    def history(self) -> deque[float]:
+        return self.counters.history
 
     @property
     def kept_fraction(self) -> float:
@@ -470,21 +397,31 @@ class StochasticDepthGate(nn.Module):
 
     def reset_stats(self) -> None:
         """Zero ``calls``/``kept``/``history``; ``draws`` is the RNG counter and stays."""
-        self.calls = 0
-        self.kept = 0
-        self.history.clear()
+        self.counters.reset()
+
+    def checkpoint_counters(self) -> list[int]:
+        """``[calls, kept, draws]`` (``retrofit.layers.protocol.Resumable``)."""
+        return self.counters.saved()
+
+    def restore_counters(self, saved: Sequence[int], *, own: bool) -> None:
+        """Put back :meth:`checkpoint_counters`' list (``[calls, kept]`` from older checkpoints)."""
+        self.counters.restore(saved, own=own)
+
+    # The row-mode masks not yet counted and the device-side count not yet read back
+    # (tests/test_layers.py checks that counting on CUDA defers its sync).
+    @property
+    def _masks(self) -> list[Tensor]:
+        return self.counters.masks
+
+    @property
+    def _count_on_device(self) -> Tensor | None:
+        return self.counters.count_on_device
 
     # ------------------------------------------------------------------ draws
 
-    def _next_key(self) -> int | None:
-        """Advance the draw counter; the counter-based key of this draw, or None (global RNG)."""
-        draw = self.draws
-        self._draws += 1
-        return None if self.seed is None else draw_key(self.seed, self.stream, draw)
-
     def _keep_batch(self, key: int | None) -> bool:
         """One Bernoulli(p_l) decision for the whole batch, made on the host: no device sync."""
-        u = float(torch.rand(())) if key is None else _unit(key)
+        u = float(torch.rand(())) if key is None else unit(key)
         return u < self.survival
 
     def _subset(self, n: int, device: torch.device, key: int | None) -> tuple[Tensor, float]:
@@ -494,105 +431,105 @@ class StochasticDepthGate(nn.Module):
         index, scale = subset_rows(n, self.survival, "cpu", torch.Generator().manual_seed(key))
         return index.sort().values.to(device, non_blocking=True), scale
 
+    def _host_draw(self, n: int, device: torch.device) -> _Draw:
+        """Draw and count one training call on ``n`` rows, decided on the host: batch and
+        subset mode, and every mode at survival 1. The one place both forms (mask and
+        outlined) make these decisions."""
+        draw = self.counters.next_draw()
+        key = None if self.seed is None else draw_key(self.seed, self.stream, draw)
+        history = self.mode != "row"  # row mode records no per-call outcome
+        if self.survival == 1.0:
+            self.counters.count(n, n, 1.0 if history else None)
+            return _Draw(1.0, None)
+        if self.mode == "batch":
+            keep = self._keep_batch(key)
+            self.counters.count(n, n if keep else 0, 1.0 if keep else 0.0)
+            return _Draw(self._alpha() if keep else 0.0, None)
+        index, scale = self._subset(n, device, key)
+        k = index.numel()
+        self.counters.count(n, k, k / n)  # known without reading a mask
+        alpha = scale if self.scaling == "inverted" else 1.0
+        return _Draw(alpha, None if k == n else index)
+
+    def _row_mask(self, x: Tensor) -> Tensor:
+        """Row mode in eager training: a Bernoulli mask per sample, counted later on its device."""
+        self.counters.next_draw()
+        mask, keep_p = _keep_mask(x, self.survival, "row", None)
+        self.counters.count_mask(mask, self.FOLD_EVERY)  # only a reference on the hot path
+        if self.scaling == "inverted":
+            mask.div_(keep_p)  # in place: the pending reference sees 1/p or 0, still countable
+        return x * mask
+
     # ------------------------------------------------------------------ forward
 
     def forward(
         self, x: Tensor, *inputs: Any, branch: Any = None, outline: Outline | None = None
     ) -> Tensor:
+        if branch is None and inputs:
+            raise TypeError("StochasticDepthGate: inputs for a branch were given, but no branch")
+        spec = outline or Outline()
         if torch.compiler.is_compiling():
-            if branch is not None and (self.compiled == "mask" or self.mode == "row"):
-                return self._outlined_compiled(x, inputs, branch, outline or Outline())
             if branch is None:
-                if inputs:
-                    raise TypeError(
-                        "StochasticDepthGate: inputs for a branch were given, no branch"
-                    )
                 return x * self._compiled_scale(x) if self.training else self._compiled_eval(x)
-        # Under no_grad it is a check (retrofit.verify's liveness forward), not training.
+            if self.compiled == "mask" or self.mode == "row":
+                return self._outlined_compiled(x, inputs, branch, spec)
+        # Under no_grad it is a check (retrofit.verify.checks's liveness forward), not training.
         unscheduled = not self._scheduled and self.training and torch.is_grad_enabled()
         if unscheduled and not _graph_capture(x):
             self._warn_unscheduled()
         if branch is not None:
-            return self._outlined(x, inputs, branch, outline or Outline())
-        if inputs:
-            raise TypeError("StochasticDepthGate: inputs for a branch were given, but no branch")
+            return self._outlined(x, inputs, branch, spec)
+        return self._mask_form(x)
+
+    def _mask_form(self, x: Tensor) -> Tensor:
+        """``gate(f_out)`` outside a compiled graph: f_out times its draw."""
         if not self.training or _graph_capture(x):
             # Through the wrapped functional, so a tracer records one node.
             return stochastic_depth(x, self.survival, self.mode, self.training, self.scaling)
         if self.forced is not None:
             return x if self.forced else x * 0.0
         _check(self.survival, self.mode, self.scaling)
-        key = self._next_key()
-        n_rows = x.shape[0]
-        self._calls += n_rows
-        if self.survival == 1.0:
-            self._kept += n_rows
-            if self.mode != "row":
-                self.history.append(1.0)
-            return x
-        if self.mode == "batch":
-            # Decided on the host, as in the outlined form: no mask to count, no device sync.
-            keep = self._keep_batch(key)
-            self._kept += n_rows if keep else 0
-            self.history.append(1.0 if keep else 0.0)
-            scale = (1.0 / self.survival if self.scaling == "inverted" else 1.0) if keep else 0.0
-            return x * scale
-        if self.mode == "subset":
-            index, scale = self._subset(n_rows, x.device, key)
-            k = index.numel()
-            mask = x.new_zeros((n_rows,) + (1,) * (x.ndim - 1))
-            mask.index_fill_(0, index, scale if self.scaling == "inverted" else 1.0)
-            self._kept += k  # known without reading the mask
-            self.history.append(k / n_rows)
-            return x * mask
-        mask, keep_p = _keep_mask(x, self.survival, self.mode, None)
-        self._masks.append(mask)  # only a reference on the hot path
-        if len(self._masks) >= self.FOLD_EVERY:
-            self._fold()
-        if self.scaling == "inverted":
-            mask.div_(keep_p)  # in place: the pending reference sees 1/p or 0, still countable
-        return x * mask
+        if self.mode == "row" and self.survival != 1.0:
+            return self._row_mask(x)
+        alpha, index = self._host_draw(x.shape[0], x.device)
+        if index is not None:
+            mask = x.new_zeros((x.shape[0],) + (1,) * (x.ndim - 1))
+            return x * mask.index_fill_(0, index, alpha)
+        return x if self.survival == 1.0 else x * alpha
 
     # ------------------------------------------------------------------ compiled forms
 
     def _compiled_eval(self, x: Tensor) -> Tensor:
         return x if self.scaling == "inverted" else x * self._t.survival.to(x.dtype)
 
+    def _compiled_uniform(self, shape: tuple[int, ...], x: Tensor, rows: int | None) -> Tensor:
+        """In-graph uniforms: seeded (batch/subset with a seed) from the counter, else torch's."""
+        if self._base is None or self.mode == "row":
+            return torch.rand(shape, device=x.device)
+        u = counter_uniform(self._base, self.counters.graph_draw(), rows=rows)
+        return u.reshape(shape)
+
     def _compiled_scale(self, x: Tensor) -> Tensor:
         """The training factor for x in a compiled graph: 0 or the scale, shaped (N, 1, …, 1)
         (one value (1, …, 1) in batch mode), drawn and counted in the graph from tensors only."""
-        t, n = self._t, x.shape[0]
-        shape = (n,) + (1,) * (x.ndim - 1)
+        n = x.shape[0]
         if self.forced is not None:
             return x.new_full((1,) * x.ndim, 1.0 if self.forced else 0.0)
-        p = t.survival
-        base = self._base
+        p = self._t.survival
+        inverted = self.scaling == "inverted"
         if self.mode == "subset":
-            u = (
-                torch.rand(n, device=x.device)
-                if base is None
-                else _counter_uniform(base, t.draws + self._draws, rows=n)
-            )
+            u = self._compiled_uniform((n,), x, rows=n)
             k = torch.round(p * n).clamp(1, n)
-            keep = (u.argsort().argsort() < k).to(torch.float32).reshape(shape)
+            keep = (u.argsort().argsort() < k).to(torch.float32)
+            keep = keep.reshape((n,) + (1,) * (x.ndim - 1))
             kept = k
-            scale = keep * (n / k) if self.scaling == "inverted" else keep
+            scale = keep * (n / k) if inverted else keep
         else:
-            if self.mode == "batch":
-                shape = (1,) * x.ndim
-                u = (
-                    torch.rand(shape, device=x.device)
-                    if base is None
-                    else _counter_uniform(base, t.draws + self._draws).reshape(shape)
-                )
-            else:
-                u = torch.rand(shape, device=x.device)
-            keep = (u < p).to(torch.float32)
+            shape = (n,) + (1,) * (x.ndim - 1) if self.mode == "row" else (1,) * x.ndim
+            keep = (self._compiled_uniform(shape, x, rows=None) < p).to(torch.float32)
             kept = keep.sum() * (n if self.mode == "batch" else 1)
-            scale = keep / p if self.scaling == "inverted" else keep
-        t.calls.add_(n)
-        t.kept.add_(kept.to(torch.int64))
-        t.draws.add_(1)
+            scale = keep / p if inverted else keep
+        self.counters.count_in_graph(n, kept)
         return scale.to(x.dtype)
 
     def _outlined_compiled(
@@ -603,12 +540,7 @@ class StochasticDepthGate(nn.Module):
         out = branch(*inputs)
         self._check_shapes(shortcut, out)
         out = out * self._compiled_scale(out) if self.training else self._compiled_eval(out)
-        if spec.inplace == "shortcut":
-            return shortcut.add_(out)
-        result = shortcut + out
-        if spec.inplace == "branch" and result.dtype != out.dtype:
-            result = result.to(out.dtype)  # ``f += shortcut`` keeps f's dtype
-        return result
+        return _residual_add(shortcut, out, 1.0, None, spec)
 
     def _check_shapes(self, shortcut: Tensor, out: Tensor) -> None:
         if (
@@ -645,25 +577,11 @@ class StochasticDepthGate(nn.Module):
             # The mode was changed after the rewrite: every row needs the branch; the mask form
             # (called on its output) draws and counts.
             return "mask", 1.0, None, inputs
-        key = self._next_key()
         n = shortcut.shape[0]
-        self._calls += n
-        if p == 1.0:
-            self._kept += n
-            self.history.append(1.0)
-            return "run", 1.0, None, inputs
-        alpha = 1.0 / p if self.scaling == "inverted" else 1.0
-        if self.mode == "batch":
-            keep = self._keep_batch(key)
-            self._kept += n if keep else 0
-            self.history.append(1.0 if keep else 0.0)
-            return ("run" if keep else "drop"), alpha, None, inputs
-        index, scale = self._subset(n, shortcut.device, key)
-        k = index.numel()
-        self._kept += k
-        self.history.append(k / n)
-        alpha = scale if self.scaling == "inverted" else 1.0
-        if k == n:
+        alpha, index = self._host_draw(n, shortcut.device)
+        if alpha == 0.0:
+            return "drop", alpha, None, inputs
+        if index is None:
             return "run", alpha, None, inputs
         batched = spec.batched or (True,) * len(inputs)
         rows = tuple(
@@ -678,22 +596,9 @@ class StochasticDepthGate(nn.Module):
     def _join(
         self, shortcut: Tensor, out: Tensor, alpha: float, index: Tensor | None, spec: Outline
     ) -> Tensor:
-        """The residual add ``shortcut + alpha·out`` (rows ``index`` only, in subset mode), with
-        the original add's aliasing and dtype. One kernel: ``add``'s ``alpha`` does the scaling."""
         if index is None:
             self._check_shapes(shortcut, out)
-        if spec.inplace == "shortcut":
-            if index is None:
-                return shortcut.add_(out, alpha=alpha)
-            return shortcut.index_add_(0, index, out.to(shortcut.dtype), alpha=alpha)
-        if index is None:
-            result = torch.add(shortcut, out, alpha=alpha)
-        else:
-            dtype = torch.promote_types(shortcut.dtype, out.dtype)
-            result = shortcut.to(dtype).index_add(0, index, out.to(dtype), alpha=alpha)
-        if spec.inplace == "branch" and result.dtype != out.dtype:
-            result = result.to(out.dtype)  # ``f += shortcut`` keeps f's dtype
-        return result
+        return _residual_add(shortcut, out, alpha, index, spec)
 
     @torch.compiler.disable
     def _dropped(self, shortcut: Tensor, spec: Outline) -> Tensor:
@@ -717,8 +622,6 @@ class StochasticDepthGate(nn.Module):
         return self._join(shortcut, out, alpha, index, spec)
 
     _outlined = torch.compiler.disable(_outlined, recursive=False)
-
-    kind = "stochastic_depth"
 
     def rates(self) -> dict[str, Any]:
         """Settings and counters for logging (``retrofit.layers.protocol.Reporting``);

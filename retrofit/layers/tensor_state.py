@@ -11,7 +11,7 @@ keeps its ``state_dict`` keys, and ``module.buffers()`` stays the user's own, so
 broadcast and BatchNorm syncing do not see them). So the tensors live in this holder, which a
 layer's ``_apply`` moves along with the module (``.to(device)``, ``.cuda()``) without changing
 their dtypes (``.half()`` must not round a survival or an integer counter), and which copies
-deeply on ``copy.copy`` too: ``retrofit.verify``'s checks save a layer's attributes with
+deeply on ``copy.copy`` too: ``retrofit.verify.checks``'s checks save a layer's attributes with
 ``copy.copy`` and put them back afterwards, so the saved copy must not alias the live tensors.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TensorState"]
+__all__ = ["MirroredRate", "TensorState", "scalar"]
 
 
 class TensorState:
@@ -52,3 +52,23 @@ class TensorState:
 def scalar(value: float | int, dtype: torch.dtype) -> Tensor:
     """A 0-dim CPU tensor (layers are built on the CPU; ``_apply`` moves them)."""
     return torch.tensor(value, dtype=dtype)
+
+
+class MirroredRate:
+    """A layer's rate as a float attribute mirrored in the 0-dim tensor of the same name in the
+    layer's ``_t`` (:class:`TensorState`): reading gives the float (eager code, reprs, logs),
+    setting fills the tensor in place (what a compiled graph reads, so a change never
+    recompiles). The float lives in the layer's ``__dict__`` as ``_<name>``, so saving and
+    restoring a layer's ``__dict__`` (``retrofit.verify.checks``) covers it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else layer.__dict__[self.slot]
+
+    def __set__(self, layer: Any, value: float) -> None:
+        value = float(value)
+        if value != layer.__dict__.get(self.slot):
+            getattr(layer._t, self.name).fill_(value)
+            layer.__dict__[self.slot] = value

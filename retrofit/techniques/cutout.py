@@ -1,18 +1,23 @@
 """Cutout (DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural Networks with
 Cutout"): the ``cutout:`` section. It acts on the input images, not on the model: no planner;
-the trainer (or your loop, with ``retrofit.layers.BatchCutout``) applies it to each batch."""
+its record's input transform is what the trainer applies to each training batch (your own loop
+uses ``retrofit.layers.BatchCutout``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from retrofit.errors import RecipeError
+from retrofit.layers.cutout import BatchCutout, cutout
 from retrofit.spec import Spec, boolean, check_keys, integer, numeric_string
 from retrofit.techniques.record import Technique
 
-__all__ = ["CutoutSpec", "TECHNIQUE"]
+__all__ = ["CutoutSpec", "TECHNIQUE", "batch_transform"]
 
 
 @dataclass(frozen=True)
@@ -75,4 +80,31 @@ class CutoutSpec(Spec):
         return integer(field, value, low=1)  # pixels: an int64, like every integer of a recipe
 
 
-TECHNIQUE = Technique(name="cutout", parse=CutoutSpec.parse, fields=CutoutSpec.field_names())
+def batch_transform(spec: CutoutSpec) -> Callable[[Tensor, torch.Generator | None], Tensor]:
+    """The spec as ``f(images, generator)`` on an (N, C, H, W) training batch (the trainer draws
+    the holes from a generator it seeds per step and rank)."""
+
+    def apply_cutout(images: Tensor, generator: torch.Generator | None) -> Tensor:
+        return cutout(images, spec.n_holes, spec.length, generator=generator,
+                      uniform_sampling=spec.uniform_sampling, per_batch=spec.per_batch)  # fmt: skip
+
+    return apply_cutout
+
+
+def plan_note(spec: CutoutSpec) -> str:
+    """Cutout acts on the input images, not on the graph: nothing to rewrite."""
+    return (
+        f"cutout: n_holes={spec.n_holes}, length={spec.length} is applied to each training batch "
+        "by the trainer (retrofit.layers.BatchCutout in your own loop)"
+    )
+
+
+TECHNIQUE = Technique(
+    name="cutout",
+    parse=CutoutSpec.parse,
+    spec=CutoutSpec,
+    fields=CutoutSpec.field_names(),
+    layer_class=BatchCutout,
+    note=plan_note,
+    input_transform=batch_transform,
+)

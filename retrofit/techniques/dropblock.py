@@ -1,7 +1,7 @@
 """DropBlock (Ghiasi et al. 2018, "DropBlock: A regularization method for convolutional
 networks", NeurIPS): the ``dropblock:`` section, its placement and its layer.
 
-Placement: stages (graph/stages.py) + a ``dropblock:`` recipe section → edits.
+Placement: stages (analysis/stages.py) + a ``dropblock:`` recipe section → edits.
 
 Ghiasi et al. 2018 ("DropBlock: A regularization method for convolutional networks", NeurIPS)
 apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped linearly from 1 to
@@ -9,7 +9,7 @@ apply DropBlock to ResNet-50's groups 3 and 4, block_size 7, keep_prob ramped li
 
 * ``placement: stages`` (default): one DropBlock on each chosen stage's output. The edit is an
   ``insert_after`` on the call that ends the stage, in the nearest module with a ``forward`` of
-  its own (``graph/stages.py:StageAnalysis.call_site``). A pass-through container
+  its own (``analysis/stages.py:StageAnalysis.call_site``). A pass-through container
   (``nn.Sequential``) owns no code, so for torchvision's ResNet-50 "after ``layer3``" is the root
   ``ResNet``'s call of ``layer3.5`` (``layer3``'s last block), and for torchvision ConvNeXt
   "after ``features.5``" the root's call of ``features.5.8``. A Sequential never gains a child
@@ -31,7 +31,7 @@ A model that is itself a pass-through container (a bare ``nn.Sequential`` CNN) h
 insert into: the only way would add a child to the Sequential, so planning raises
 :class:`SequentialOwnerError` instead.
 
-"The residual blocks of a stage" are the residual sites (graph/residual.py) whose block output is
+"The residual blocks of a stage" are the residual sites (analysis/residual.py) whose block output is
 an NCHW map at the stage's reduction, computed after the previous stage's end and no later than
 this stage's end. So for ResNet-50, stages [3, 4] give 6 + 3 DropBlocks.
 
@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,20 +61,22 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from retrofit.analysis.residual import ResidualSite
+from retrofit.analysis.stages import CallSite, Stage, StageAnalysis
+from retrofit.capture.shapes import shape_of
+from retrofit.capture.trace import is_passthrough
 from retrofit.edit import Edit
 from retrofit.errors import RecipeError, RewriteError, TraceError
-from retrofit.graph.residual import ResidualSite
-from retrofit.graph.shapes import shape_of
-from retrofit.graph.stages import CallSite, Stage, StageAnalysis
-from retrofit.graph.trace import is_passthrough
 from retrofit.layers import DropBlock
 from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
-from retrofit.techniques.record import Technique
+from retrofit.techniques.record import Figures, Technique
+from retrofit.techniques.table import mean, num, short_source, table, where
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
 __all__ = [
+    "DropBlockSettings",
     "DropBlockSpec",
     "SequentialOwnerError",
     "TECHNIQUE",
@@ -196,6 +199,34 @@ class DropBlockSpec(Spec):
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class DropBlockSettings:
+    """The typed arguments of the DropBlock a ``dropblock`` edit inserts: the spec's, with this
+    stage's ``block_size`` (clamped to its map) and ``gamma_scale``."""
+
+    block_size: int
+    keep_prob: float
+    per_channel: bool = False
+    ramp: float = 1.0
+    gamma_scale: float = 1.0
+    scale: bool = True
+
+    def params(self) -> dict[str, Any]:
+        """The plan's JSON form: gamma_scale and scale only when they differ from the paper's,
+        so existing plans read as before."""
+        out: dict[str, Any] = {
+            "block_size": self.block_size,
+            "keep_prob": self.keep_prob,
+            "per_channel": self.per_channel,
+            "ramp": self.ramp,
+        }
+        if self.gamma_scale != 1.0:
+            out["gamma_scale"] = self.gamma_scale
+        if not self.scale:
+            out["scale"] = False
+        return out
+
+
 _FIELD = "dropblock.stages"
 
 
@@ -265,24 +296,21 @@ def _edit(
         )
     if extra_note:
         notes.append(extra_note)
-    params: dict[str, Any] = {
-        "block_size": block_size,
-        "keep_prob": spec.keep_prob,
-        "per_channel": spec.per_channel,
-        "ramp": spec.ramp,
-    }
-    # Only when they differ from the paper's, so existing plans read as before.
-    if gamma_scale != 1.0:
-        params["gamma_scale"] = gamma_scale
-    if not spec.scale:
-        params["scale"] = False
+    settings = DropBlockSettings(
+        block_size=block_size,
+        keep_prob=spec.keep_prob,
+        per_channel=spec.per_channel,
+        ramp=spec.ramp,
+        gamma_scale=gamma_scale,
+        scale=spec.scale,
+    )
     return Edit.at(
         site,
-        kind="dropblock",
+        kind=TECHNIQUE.name,
         action="insert_after",
         target=target or None,
         block=block,
-        params=params,
+        settings=settings,
         note="; ".join(notes),
     )
 
@@ -551,24 +579,82 @@ def plan_fpn(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
 def dropblock_layer(edit: Edit) -> DropBlock:
     """The layer a ``dropblock`` edit inserts (its technique record's layer).
 
-    It starts at keep_prob 1.0; ``retrofit.schedule.update(model, t)`` ramps it to
-    ``params["keep_prob"]``.
+    It starts at keep_prob 1.0; ``retrofit.schedule.update(model, t)`` ramps it to the
+    settings' ``keep_prob``.
     """
-    params: dict[str, Any] = edit.params
+    s: DropBlockSettings = edit.settings
     return DropBlock(
-        keep_prob=params["keep_prob"],
-        block_size=params["block_size"],
-        per_channel=params.get("per_channel", False),
-        ramp=params.get("ramp", 1.0),
-        gamma_scale=params.get("gamma_scale", 1.0),
-        scale=params.get("scale", True),
+        keep_prob=s.keep_prob,
+        block_size=s.block_size,
+        per_channel=s.per_channel,
+        ramp=s.ramp,
+        gamma_scale=s.gamma_scale,
+        scale=s.scale,
     )
+
+
+# --- what it reports ---------------------------------------------------------------------------
+
+_STAGE = re.compile(r"\bstage (\d+)")
+
+
+def plan_table(edits: Sequence[Edit], model: str) -> list[str]:
+    """The stage, block_size and keep_prob of each DropBlock (Ghiasi et al. 2018)."""
+    first: DropBlockSettings = edits[0].settings
+    head = f"DropBlock (Ghiasi et al. 2018): {len(edits)} layer(s)"
+    targets = {e.settings.keep_prob for e in edits}
+    if len(targets) == 1:
+        head += f", keep_prob ramps from 1 to {num(targets.pop())}"
+        head += f" over the first {first.ramp:.0%} of training"
+    if first.per_channel:
+        head += ", a mask per channel"
+    rows = []
+    for e in edits:
+        # The stage index is in the planner's note ("after stage 3 (layer3, reduction 16)"); the
+        # rest of the note (a clamped block_size, a stage without blocks) stays in the last column.
+        note = e.note or ""
+        stage = _STAGE.search(note)
+        rest = "; ".join(part for part in note.split("; ") if not part.startswith("after "))
+        rows.append(
+            (
+                stage.group(1) if stage else "",
+                e.target or e.node,
+                num(e.settings.block_size),
+                num(e.settings.keep_prob),
+                where(e, model),
+                short_source(e.source),
+                rest,
+            )
+        )
+    header = ("stage", "after", "block_size", "keep_prob", "inserted in", "source", "note")
+    return [head, *table(header, rows)]
+
+
+def _means(rates: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    keep_prob = mean([float(r["keep_prob"]) for r in rates])
+    return {} if keep_prob is None else {"keep_prob": keep_prob}
+
+
+def _parts(values: Mapping[str, Any]) -> list[str]:
+    if values.get("keep_prob") is None:
+        return []
+    return [f"DropBlock keep_prob {values['keep_prob']:.3f}"]
+
+
+def _plot(rate: Mapping[str, Any]) -> dict[str, Any]:
+    return {"kind": rate["kind"], "target": rate.get("target_keep_prob")}
 
 
 TECHNIQUE = Technique(
     name="dropblock",
     parse=DropBlockSpec.parse,
+    spec=DropBlockSpec,
     fields=DropBlockSpec.field_names(),
     planner=plan_dropblock,
     layer=dropblock_layer,
+    layer_class=DropBlock,
+    actions=("insert_after",),
+    table=plan_table,
+    # An epoch record carries the keep_prob its last step ran at (the ramp moves it).
+    figures=Figures(means=_means, parts=_parts, logged={"keep_prob": "last"}, plot=_plot),
 )

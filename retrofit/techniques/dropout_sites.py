@@ -2,7 +2,7 @@
 
 Li, Chen, Hu & Yang, "Understanding the Disharmony between Dropout and Batch Normalization by
 Variance Shift", CVPR 2019. ``uout`` replaces each flagged dropout, ``dropout_fix`` removes it;
-both read the training-mode Dropout→BN analysis (``graph/dropout_bn.py``, owned by the
+both read the training-mode Dropout→BN analysis (``analysis/dropout_bn.py``, owned by the
 :class:`~retrofit.analysis.Analysis`) and build their edits here.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from retrofit.analysis.dropout_bn import DropoutBNAnalysis, DropoutSite
 from retrofit.edit import Edit
-from retrofit.graph.dropout_bn import DropoutBNAnalysis, DropoutSite
 
-__all__ = ["replace", "victims", "why"]
+__all__ = ["replace", "replaced", "victims", "why"]
 
 
 def victims(result: DropoutBNAnalysis, site: DropoutSite) -> list[str]:
@@ -26,12 +26,11 @@ def why(result: DropoutBNAnalysis, site: DropoutSite) -> str:
     return f"reaches {norms[0]}{more}"
 
 
-def replace(
-    site: DropoutSite, kind: str, params: dict[str, Any], note: str, done: set[str]
-) -> Edit | None:
-    """The edit that swaps one flagged dropout for a new layer, or None when it cannot be made."""
+def replace(site: DropoutSite, kind: str, settings: Any, note: str, done: set[str]) -> Edit | None:
+    """The edit that swaps one flagged dropout for a new layer (its typed ``settings``), or None
+    when it cannot be made."""
 
-    common = dict(kind=kind, params=params, note=note)
+    common = dict(kind=kind, settings=settings, note=note)
     if not site.fixable:
         return None
     if site.kind in ("module", "inside") and site.module:
@@ -42,3 +41,10 @@ def replace(
     if site.kind == "function":
         return Edit.at(site, **common, action="replace_call")
     return None
+
+
+def replaced(edit: Edit) -> str:
+    """What a replacing edit replaced, for a plan table: the module, or ``owner:node``."""
+    if edit.action == "replace_module":
+        return edit.target or edit.node
+    return f"{edit.module or '<root>'}:{edit.node}"

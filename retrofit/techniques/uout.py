@@ -6,7 +6,7 @@ variance ratio is 1 + β²/3 instead of 1/q for keep rate q (``retrofit.layers.U
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,13 +15,14 @@ from torch import nn
 from retrofit.edit import Edit
 from retrofit.layers import Uout
 from retrofit.spec import Spec, check_keys, number
-from retrofit.techniques.dropout_sites import replace, why
+from retrofit.techniques.dropout_sites import replace, replaced, why
 from retrofit.techniques.record import Technique
+from retrofit.techniques.table import num, short_source, table
 
 if TYPE_CHECKING:
-    from retrofit.analysis import Analysis
+    from retrofit.analysis.context import Analysis
 
-__all__ = ["TECHNIQUE", "UoutSpec", "plan_uout", "uout_layer"]
+__all__ = ["TECHNIQUE", "UoutSettings", "UoutSpec", "plan_uout", "uout_layer"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class UoutSpec(Spec):
         return cls(beta=number(f"{cls.section}.beta", d.get("beta", cls.beta), low=0, high=1))
 
 
+@dataclass(frozen=True)
+class UoutSettings:
+    """The typed arguments of the Uout an ``uout`` edit inserts."""
+
+    beta: float = 0.1
+
+
 def plan_uout(analysis: Analysis, spec: UoutSpec) -> list[Edit]:
     """Replace every dropout that reaches a BatchNorm with ``Uout(beta)`` (Li et al. 2019).
 
@@ -58,7 +66,11 @@ def plan_uout(analysis: Analysis, spec: UoutSpec) -> list[Edit]:
     done: set[str] = set()
     for site in result.flagged():
         edit = replace(
-            site, "uout", {"beta": spec.beta}, f"{site.op}(p={site.p}) {why(result, site)}", done
+            site,
+            TECHNIQUE.name,
+            UoutSettings(spec.beta),
+            f"{site.op}(p={site.p}) {why(result, site)}",
+            done,
         )
         if edit is not None:
             edits.append(edit)
@@ -67,13 +79,31 @@ def plan_uout(analysis: Analysis, spec: UoutSpec) -> list[Edit]:
 
 def uout_layer(edit: Edit) -> nn.Module:
     """The layer a ``uout`` edit inserts: the Uout that replaces a flagged dropout."""
-    return Uout(beta=float(edit.params.get("beta", 0.1)))
+    s: UoutSettings = edit.settings
+    return Uout(beta=s.beta)
+
+
+def plan_table(edits: Sequence[Edit], model: str) -> list[str]:
+    """What each Uout replaces, its beta and why (Li et al. 2019)."""
+    betas = {e.settings.beta for e in edits}
+    head = f"Uout (Li et al. 2019): replaces {len(edits)} dropout(s) that reach a BatchNorm"
+    if len(betas) == 1:
+        beta = num(next(iter(betas)))
+        head += f", y = x + x·r with r ~ U(−{beta}, {beta})"
+    rows = [
+        (replaced(e), num(e.settings.beta), short_source(e.source), e.note or "") for e in edits
+    ]
+    return [head, *table(("replaces", "beta", "source", "why"), rows)]
 
 
 TECHNIQUE = Technique(
     name="uout",
     parse=UoutSpec.parse,
+    spec=UoutSpec,
     fields=UoutSpec.field_names(),
     planner=plan_uout,
     layer=uout_layer,
+    layer_class=Uout,
+    actions=("replace_module", "replace_call"),
+    table=plan_table,
 )

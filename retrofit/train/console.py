@@ -27,6 +27,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+from retrofit.techniques import console_parts
+
 log = logging.getLogger("retrofit.train")
 
 MODES = ("text", "json", "quiet", "silent", "log")
@@ -237,14 +239,7 @@ def epoch_line(rec: Mapping[str, Any], *, epochs: int) -> str:
     parts.append(f"lr {rec['lr']:.2e}")
     if rec.get("images_per_s"):
         parts.append(f"{_rate(rec['images_per_s'])} img/s")
-    if rec.get("sd_kept") is not None:
-        planned = rec.get("sd_planned")
-        parts.append(
-            f"kept {rec['sd_kept']:.2f}"
-            + (f" (planned {planned:.2f})" if planned is not None else "")
-        )
-    if rec.get("keep_prob") is not None:
-        parts.append(f"DropBlock keep_prob {rec['keep_prob']:.3f}")
+    parts += console_parts(rec)  # each technique's figures, in its own words
     seconds = f"{_duration(rec.get('epoch_time') or 0.0)}"
     if rec.get("eval_time"):
         seconds += f" + {_duration(rec['eval_time'])} eval"

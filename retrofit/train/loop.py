@@ -31,7 +31,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,8 @@ from torch import nn
 from retrofit import schedule
 from retrofit.errors import ModelError
 from retrofit.finetune_config import TrainConfig
-from retrofit.layers import cutout, is_gate
+from retrofit.layers.protocol import Resumable, SharedDraws
+from retrofit.techniques import TECHNIQUES, epoch_figures, logged, planned_figures
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -259,14 +260,14 @@ def _to_device(
     return x, y.to(device, non_blocking=True)
 
 
-def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
-    """Calls/kept counters of the stochastic-depth gates (they feed ``kept_fraction``), and the
-    draw counter of gates that have one (seeded gates derive draw i from it: resuming continues
-    the sequence)."""
+def _layer_counters(model: nn.Module) -> dict[str, list[int]]:
+    """The counters of every ``Resumable`` layer (a stochastic-depth gate's ``[calls, kept,
+    draws]``: kept fractions, and the draw counter seeded draws are keyed by, so resuming
+    continues the sequence), by module name."""
     return {
-        name: [int(m.calls), int(m.kept), int(m.draws)]
+        name: [int(v) for v in m.checkpoint_counters()]
         for name, m in model.named_modules()
-        if is_gate(m)
+        if isinstance(m, Resumable)
     }
 
 
@@ -288,8 +289,11 @@ class _Regularizers:
     ``retrofit.schedule`` drives): the inserted layers for the plots, and Cutout on the batch."""
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the plots
-    cutout: Any = None  # retrofit.layers.cutout(x, n_holes, length, generator=)
-    cutout_cfg: Any = None
+    # The recipe's input transforms (each technique record's ``input_transform``: Cutout),
+    # applied in recipe order, all drawing from ``cut_gen``.
+    transforms: list[Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = field(
+        default_factory=list
+    )
     cut_gen: torch.Generator | None = None
 
 
@@ -381,14 +385,7 @@ def _setup(
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # --- tasks: which task, and its data (the loop below is the same for every task).
-    from retrofit.train.tasks import get_task, resolve_task
-
-    if task is None and isinstance(data, DataBundle):
-        task = data.task
-    task_name, task_note = resolve_task(task, model)
-    the_task = get_task(task_name)
-    # --- end tasks
+    the_task, task_note = _task(task, data, model)
     arch, bundle, prep = _prepare(
         model, recipe, data, cfg, env, out=out if writes else None, strict_lint=strict_lint,
         apply=apply, allow_partial=allow_partial, model_name=model_name, task=the_task,
@@ -404,25 +401,13 @@ def _setup(
     if ckpt is not None:
         _check_resume_world(ckpt, ckpt_path, cfg, env, steps_per_epoch)
         _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg, env)
-        state.step, state.epoch = int(ckpt["step"]), int(ckpt["epoch"])
-        # Micro-batches of this epoch consumed per process: the same optimizer steps, counted
-        # in this run's micro-batches (grad_accum may differ when the world size changed).
-        saved_accum = int(ckpt.get("config", {}).get("grad_accum", cfg.grad_accum) or 1)
-        state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
-    # Batch-mode stochastic depth under DDP: every rank must skip the same blocks.
-    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
-        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
-    if ckpt is not None:
-        _restore_gate_draws(ckpt, model, env)
+        _resume_position(state, ckpt, cfg)
+    _seed_draws(model, ckpt, cfg, env)
 
     train_model = _training_wrapper(model, recipe, cfg, env)
     regularizers = _regularizers(model, recipe, env)
     criterion = the_task.criterion(cfg)
-    metrics = MetricsLog(
-        out / "metrics.jsonl" if writes else None,
-        resume_step=state.step if ckpt is not None else None,
-        tensorboard_dir=out / "tensorboard" if writes and cfg.tensorboard else None,
-    )
+    metrics = _metrics_log(out if writes else None, cfg, state.step if ckpt is not None else None)
     run = _Run(model=model, train_model=train_model, recipe=recipe, cfg=cfg, env=env, bundle=bundle,
                prep=prep, precision=precision, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                ema=ema, criterion=criterion, regularizers=regularizers, metrics=metrics, arch=arch,
@@ -432,15 +417,66 @@ def _setup(
                task_note=task_note)  # fmt: skip
     _announce(run, resumed_at=state.step if ckpt is not None else None)
 
-    # The RNG stream of training starts here, identically for fresh and resumed runs.
-    if ckpt is not None:
-        _restore_rank_state(ckpt, state.meters, model, env)
-    else:
-        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
+    _start_training_rng(ckpt, state, model, cfg, env)
     # A resumed run reports the last evaluation even if it ends before evaluating again.
     state.last_eval = next((r for r in reversed(metrics.records) if r.get("kind") == "epoch"), {})
     state.window_t0 = time.perf_counter()
     return run, state
+
+
+def _metrics_log(out: Path | None, cfg: TrainConfig, resume_step: int | None) -> MetricsLog:
+    """metrics.jsonl (and TensorBoard's event files when asked) in ``out``; None writes nothing
+    (a process that is not the main one, or a run without a directory)."""
+    return MetricsLog(
+        out / "metrics.jsonl" if out is not None else None,
+        resume_step=resume_step,
+        tensorboard_dir=out / "tensorboard" if out is not None and cfg.tensorboard else None,
+    )
+
+
+def _task(task: str | None, data: Any, model: nn.Module) -> tuple[Any, str | None]:
+    """Which task trains (named, carried by the data bundle, or recognised from the model), and
+    the note that says how it was chosen; the loop is the same for every task."""
+    from retrofit.train.tasks import get_task, resolve_task
+
+    if task is None and isinstance(data, DataBundle):
+        task = data.task
+    task_name, task_note = resolve_task(task, model)
+    return get_task(task_name), task_note
+
+
+def _resume_position(state: RunState, ckpt: dict[str, Any], cfg: TrainConfig) -> None:
+    """Where a resumed run continues: the checkpoint's step and epoch, and the micro-batches of
+    this epoch each process consumed — the same optimizer steps, counted in this run's
+    micro-batches (grad_accum may differ when the world size changed)."""
+    state.step, state.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    saved_accum = int(ckpt.get("config", {}).get("grad_accum", cfg.grad_accum) or 1)
+    state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
+
+
+def _seed_draws(
+    model: nn.Module, ckpt: dict[str, Any] | None, cfg: TrainConfig, env: D.DistEnv
+) -> None:
+    """Layers whose draws must agree under DDP (batch-mode stochastic depth: every rank must skip
+    the same blocks) draw from train.seed, salted by their kind (``_mix(seed, "stochastic_depth")``
+    for the gates, the value runs always had); a resumed run then continues the layers' counters
+    (after the seeding restarted the draw counters)."""
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, SharedDraws)})
+    for kind in kinds:
+        if D.seed_shared_draws(model, _mix(cfg.seed, kind) % 2**31, env, kind=kind) is not None:
+            log.info("%s: layers seeded from train.seed so that all ranks draw alike", kind)
+    if ckpt is not None:
+        _restore_layer_counters(ckpt, model, env)
+
+
+def _start_training_rng(
+    ckpt: dict[str, Any] | None, state: RunState, model: nn.Module, cfg: TrainConfig, env: D.DistEnv
+) -> None:
+    """The RNG stream of training starts here, identically for fresh and resumed runs."""
+    if ckpt is not None:
+        _restore_rank_state(ckpt, state.meters, model, env)
+    else:
+        seed_all(_mix(cfg.seed, env.rank, "train") % 2**31)
 
 
 def _prepare(
@@ -576,12 +612,17 @@ def _new_meters(device: torch.device) -> dict[str, Any]:
 
 
 def _regularizers(model: nn.Module, recipe: Any, env: D.DistEnv) -> _Regularizers:
+    specs = {name: getattr(recipe, name, None) if recipe is not None else None
+             for name in TECHNIQUES}  # fmt: skip
     hooks = _Regularizers(
         layers=regularizer_layers(schedule.current_rates(model)),
-        cutout_cfg=recipe.cutout if recipe is not None else None,
+        transforms=[
+            t.input_transform(specs[name])
+            for name, t in TECHNIQUES.items()
+            if t.input_transform is not None and specs[name] is not None
+        ],
     )
-    if hooks.cutout_cfg is not None:
-        hooks.cutout = cutout
+    if hooks.transforms:
         hooks.cut_gen = torch.Generator(device=env.device)
     return hooks
 
@@ -789,9 +830,9 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     for micro in range(cfg.grad_accum):
         x, y = next(batches)
         x, y = run.task.to_device(x, y, env.device, precision)
-        if hooks.cutout is not None:
+        if hooks.transforms:
             hooks.cut_gen.manual_seed(_mix(cfg.seed, env.rank, step, micro))
-            x = run.task.map_images(x, functools.partial(_cutout, hooks))
+            x = run.task.map_images(x, functools.partial(_transform, hooks))
         # DDP all-reduces gradients in backward; skip it on all but the last micro-batch.
         last = micro == cfg.grad_accum - 1
         sync = (
@@ -817,10 +858,10 @@ def _train_step(run: _Run, batches: Iterator, step: int) -> torch.Tensor:
     return loss_sum / cfg.grad_accum if cfg.grad_accum > 1 else loss_sum
 
 
-def _cutout(hooks: _Regularizers, x: torch.Tensor) -> torch.Tensor:
-    c = hooks.cutout_cfg
-    return hooks.cutout(x, c.n_holes, c.length, generator=hooks.cut_gen,
-                        uniform_sampling=c.uniform_sampling, per_batch=c.per_batch)  # fmt: skip
+def _transform(hooks: _Regularizers, x: torch.Tensor) -> torch.Tensor:
+    for transform in hooks.transforms:
+        x = transform(x, hooks.cut_gen)
+    return x
 
 
 def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
@@ -843,11 +884,8 @@ def _log_step(run: _Run, state: RunState) -> dict[str, Any]:
     # retrofit.lifecycle, step 3: kept_fraction is per log window (since the previous log step).
     report = run.prep.lifecycle.report()
     if report is not None and report.layers:
-        rec.update(
-            sd_kept=report.means.get("sd_kept"),
-            keep_prob=report.means.get("keep_prob"),
-            rates=report.blocks,
-        )
+        # Every technique's logged scalars (sd_kept, keep_prob …), None where it has no layers.
+        rec.update({key: report.means.get(key) for key in logged()}, rates=report.blocks)
     return run.metrics.write(rec)
 
 
@@ -891,28 +929,16 @@ def _evaluate(run: _Run, model: nn.Module) -> dict[str, float]:
 
 
 def _epoch_rates(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    """The epoch's mean stochastic-depth kept fraction (over its log windows) and the DropBlock
-    keep_prob at its end, from the step records written since the previous epoch record."""
+    """An epoch's figures from the step records written since the previous epoch record: each
+    technique's logged scalars (the mean kept fraction, DropBlock's keep_prob at its end …)."""
     since = next((r["step"] for r in reversed(records) if r.get("kind") == "epoch"), 0)
     steps = [r for r in records if r.get("kind") == "step" and since < r["step"] <= step]
-    kept = [r["sd_kept"] for r in steps if r.get("sd_kept") is not None]
-    keep_prob = [r["keep_prob"] for r in steps if r.get("keep_prob") is not None]
-    out: dict[str, Any] = {}
-    if kept:
-        out["sd_kept"] = sum(kept) / len(kept)
-    if keep_prob:
-        out["keep_prob"] = keep_prob[-1]
-    return out
+    return epoch_figures(steps)
 
 
 def _planned(run: _Run) -> dict[str, Any]:
-    """The plan's mean survival p_l, to read the measured kept fraction against."""
-    survival = [
-        e["survival"]
-        for e in (run.prep.plan or {}).get("edits", [])
-        if e.get("kind") == "stochastic_depth" and e.get("survival") is not None
-    ]
-    return {"sd_planned": sum(survival) / len(survival)} if survival else {}
+    """The plan's planned figures (mean survival p_l …), to read the measured ones against."""
+    return planned_figures((run.prep.plan or {}).get("edits", []))
 
 
 def _written(path: Path | None, writes: bool) -> str | None:
@@ -931,7 +957,7 @@ def _checkpoint(run: _Run, state: RunState, batch_in_epoch: int) -> None:
                 k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
                 for k, v in state.meters.items()
             },
-            "gates": _gate_counters(model),
+            "gates": _layer_counters(model),  # the key of old checkpoints
             "generators": {k: g.get_state() for k, g in _private_generators(model).items()},
         },
         env,
@@ -1100,15 +1126,21 @@ def _restore_rank_state(
     for key, state in mine.get("generators", {}).items():
         if key in generators:
             generators[key].set_state(state)
-    for name, (calls, kept, *_) in mine.get("gates", {}).items():
-        gate = model.get_submodule(name)
-        gate.calls, gate.kept = calls, kept
 
 
-def _restore_gate_draws(ckpt: dict[str, Any], model: nn.Module, env: D.DistEnv) -> None:
-    """Put back the gates' draw counters (after :func:`D.seed_gates` reset them to 0)."""
+def _restore_layer_counters(ckpt: dict[str, Any], model: nn.Module, env: D.DistEnv) -> None:
+    """Put back the ``Resumable`` layers' counters (after :func:`D.seed_shared_draws` restarted
+    the draw counters): this rank's record, or rank 0's when the world size changed (``own``
+    False: only counters the ranks share come back). The key stays ``"gates"``, so checkpoints
+    of earlier versions resume and earlier versions resume these."""
     per_rank = ckpt.get("per_rank") or []
-    mine = per_rank[env.rank] if len(per_rank) == env.world_size else (per_rank or [{}])[0]
+    own = len(per_rank) == env.world_size
+    mine = per_rank[env.rank] if own else (per_rank or [{}])[0]
     for name, counters in mine.get("gates", {}).items():
-        if len(counters) > 2:
-            model.get_submodule(name).draws = int(counters[2])
+        layer = model.get_submodule(name)
+        if not isinstance(layer, Resumable):
+            raise ModelError(
+                f"the checkpoint holds counters for {name}, but this model's "
+                f"{type(layer).__name__} keeps none: it was written with another recipe"
+            )
+        layer.restore_counters(counters, own=own)

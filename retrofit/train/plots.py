@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from retrofit.techniques import TECHNIQUES
+
 DPI = 100
 WIDTH_IN = 11.0  # 1100 px
 
@@ -31,17 +33,15 @@ def _pyplot():
 
 
 def regularizer_layers(rates: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The static facts the plots need, from ``retrofit.schedule.current_rates(model)``:
-    ``{name: {"kind", "depth", "survival"}}`` for gates, ``{name: {"kind", "target"}}`` for
-    DropBlock layers."""
+    """The static facts the plots need, from ``retrofit.schedule.current_rates(model)``, as
+    each layer's technique states them (its record's ``figures.plot``): ``{name: {"kind",
+    "depth", "survival"}}`` for gates, ``{name: {"kind", "target"}}`` for DropBlock layers."""
     out: dict[str, dict[str, Any]] = {}
     for name, r in rates.items():
-        if r.get("kind") == "stochastic_depth":
-            # The planned p_l: under a warm-up the current survival starts at 1.
-            planned = r.get("target_survival", r.get("survival"))
-            out[name] = {"kind": r["kind"], "depth": r.get("depth"), "survival": planned}
-        elif r.get("kind") == "dropblock":
-            out[name] = {"kind": r["kind"], "target": r.get("target_keep_prob")}
+        technique = TECHNIQUES.get(r.get("kind", ""))
+        facts = technique.figures.plot(r) if technique is not None else None
+        if facts is not None:
+            out[name] = facts
     return out
 
 
@@ -292,10 +292,12 @@ def plot_survival(
     """Survival probability p_l of each block (Huang et al. 2016: p_l = 1 − (l/L)(1 − p_L)),
     as horizontal bars with block l = 1 on top; with ``records``, the fraction each block kept
     over the run as dots beside it."""
+    # The techniques whose layers report per block depth (stochastic depth's gates).
+    per_depth = {name for name, t in TECHNIQUES.items() if t.figures.per_depth}
     edits = [
         e
         for e in (plan or {}).get("edits", [])
-        if e.get("kind") == "stochastic_depth" and e.get("survival") is not None
+        if e.get("kind") in per_depth and e.get("survival") is not None
     ]
     if not edits:
         return None

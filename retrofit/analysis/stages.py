@@ -8,7 +8,7 @@ ending at the last node before the next downsampling. Stage ``i`` (1-based) is w
 
 How stages are found (one pure analysis over the traced graph; nothing is rewritten here):
 
-1. Every node's output shape, by shape propagation on the meta device (``graph/shapes.py``) for
+1. Every node's output shape, by shape propagation on the meta device (``capture/shapes.py``) for
    a probe input: ``example_input``, else (1, *timm's ``pretrained_cfg["input_size"]``), else
    1×3×224×224.
 2. *Main-path* nodes: nodes no data edge jumps over (every value computed before them is used by
@@ -46,7 +46,7 @@ output is an NCHW map with the listed channel count (a ViT's or Swin's are not).
 
 Each stage also carries where a rewrite inserts a layer after it: the nearest module with a
 ``forward`` of its own that runs the stage's last call, and the locator (``key``, ``ordinal``,
-see ``graph/dataflow.py``) of that call in the owner's own graph. Pass-through containers
+see ``analysis/dataflow.py``) of that call in the owner's own graph. Pass-through containers
 (``nn.Sequential``, ``trace.is_passthrough``) own no code and are inlined into their owner's
 graph, so "after ``layer3``" of torchvision's ResNet-50 is the root ``ResNet``'s call of
 ``layer3.5`` (the Sequential's last child), and "after ``features.16``" of MobileNetV3 (a
@@ -68,17 +68,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from retrofit.errors import ModelError, TraceError
-from retrofit.graph.dataflow import DataFlow, node_key
-from retrofit.graph.existing import regularizer_types
-from retrofit.graph.probe import probe_input_size
-from retrofit.graph.shapes import meta_like, propagate_shapes, shape_of
-from retrofit.graph.trace import (
+from retrofit.analysis.dataflow import DataFlow, node_key
+from retrofit.capture.existing import regularizer_types
+from retrofit.capture.probe import probe_input_size
+from retrofit.capture.shapes import meta_like, propagate_shapes, shape_of
+from retrofit.capture.trace import (
     TraceResult,
     is_passthrough,
     trace,
     trace_module,
 )
+from retrofit.errors import ModelError, TraceError
 
 __all__ = [
     "CallSite",
@@ -172,7 +172,7 @@ class StageAnalysis:
     probe_shape: tuple[int, ...]
     position: dict[fx.Node, int]
     module_output: dict[str, fx.Node]  # module qualified name → last node computed inside it
-    calls: Any = None  # module name → its recorded Call (graph/capture.py), or None
+    calls: Any = None  # module name → its recorded Call (capture/calls.py), or None
     # Stages read part by part, all from one part (a detector's backbone): that part's prefix
     # and its own analysis (local names), where DropBlock can be placed after blocks.
     part: tuple[str, StageAnalysis] | None = None
@@ -624,21 +624,7 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     read from the parts the trace could read, each propagated on its recorded call, with
     reductions relative to the model's input; per reduction the last level in execution order.
     Enough to list stages and place DropBlock on stage outputs (not after every block)."""
-    root = _recorded(calls, "")
-    image = (
-        next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
-    )
-    if image is not None and image.ndim not in (4, 5):
-        # The model takes its images otherwise (a detector: a list of 3×H×W images, resized and
-        # batched by its own transform): reductions are relative to the first image batch one
-        # of its parts computes on (the detector's backbone input).
-        image = _first_batch(traced, calls)
-    if image is None or image.ndim not in (4, 5):
-        reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
-        raise TraceError(
-            f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
-            "no recorded input tells the size of its maps"
-        )
+    image = _image_batch(model, traced, calls)
     size, batch, rank = (
         (int(image.shape[-2]), int(image.shape[-1])),
         int(image.shape[0]),
@@ -659,19 +645,9 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
     for index, r in enumerate(reductions, start=1):
         prefix, node, local, sa = by_reduction[r]
         local_stages.append(Stage(index, local, shape_of(node), r, node.name, None, "parts"))
-        try:
-            site = (
-                sa.call_site(local)
-                if local and sa.module_output.get(local) is node
-                else sa.functional_site(node)
-            )
-            site = CallSite(
-                _join(prefix, site.owner), site.node, site.key, site.ordinal, site.source
-            )
-        except Exception:  # listing stages must not fail on a caller fx cannot re-trace alone
-            site = None
         shape = shape_of(node)
         assert shape is not None
+        site = _part_site(prefix, node, local, sa)
         found.append(Stage(index, _join(prefix, local), shape, r, node.name, site, "parts"))
     parts = {by_reduction[r][0]: by_reduction[r][3] for r in reductions}
     part = None
@@ -689,6 +665,40 @@ def _by_parts(model: nn.Module, traced: TraceResult, calls: Any) -> StageAnalysi
         calls=calls,
         part=part,
     )
+
+
+def _image_batch(model: nn.Module, traced: TraceResult, calls: Any) -> torch.Tensor:
+    """The image batch (4-D, or 5-D video) the stages' reductions are relative to."""
+    root = _recorded(calls, "")
+    image = (
+        next((v for v in root.flatten()[0] if isinstance(v, torch.Tensor)), None) if root else None
+    )
+    if image is not None and image.ndim not in (4, 5):
+        # The model takes its images otherwise (a detector: a list of 3×H×W images, resized and
+        # batched by its own transform): reductions are relative to the first image batch one
+        # of its parts computes on (the detector's backbone input).
+        image = _first_batch(traced, calls)
+    if image is None or image.ndim not in (4, 5):
+        reason = traced.skipped[0].reason if traced.skipped else "no traced graph"
+        raise TraceError(
+            f"stages of {type(model).__name__}: its forward could not be read ({reason}) and "
+            "no recorded input tells the size of its maps"
+        )
+    return image
+
+
+def _part_site(prefix: str, node: fx.Node, local: str, sa: StageAnalysis) -> CallSite | None:
+    """Where a stage found in a part is called, named from the model (None when the part's
+    caller cannot be re-traced alone: listing stages must not fail on it)."""
+    try:
+        site = (
+            sa.call_site(local)
+            if local and sa.module_output.get(local) is node
+            else sa.functional_site(node)
+        )
+        return CallSite(_join(prefix, site.owner), site.node, site.key, site.ordinal, site.source)
+    except Exception:
+        return None
 
 
 def _first_batch(traced: TraceResult, calls: Any) -> torch.Tensor | None:

@@ -3,28 +3,26 @@
 House rules: never hand back a model whose inference output silently differs from the original
 (``apply`` records the original's eval output on a probe input before rewriting and compares
 after: :func:`compare`), nor one whose inserted regularizers silently never run (a training step on
-the probe, forward and backward, with every stochastic-depth gate forced onto its kept path must
-call every inserted layer and every reused slot, and the same step with every gate dropped must
-work too: :func:`check_live`).
+the probe, forward and backward, under the passes the techniques ask for — stochastic depth's
+gates forced onto their kept path — must call every inserted layer and every reused slot, and
+the further passes, every gate dropped, must work too: :func:`check_live`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from retrofit.capture.sandbox import mode
 from retrofit.errors import VerifyError
-from retrofit.graph.probe import probe_input_size
-from retrofit.graph.sandbox import mode
-from retrofit.layers.stochastic_depth import is_gate
-from retrofit.training_call import TrainingCall, as_training_call
+from retrofit.verify.training_call import TrainingCall, as_training_call
 
 __all__ = [
     "TrainingStepError",
@@ -32,36 +30,9 @@ __all__ = [
     "compare",
     "eval_output",
     "output_tensors",
-    "forced_gates",
-    "paper_gates_neutral",
-    "probe_input",
-    "probe_size",
+    "Path",
     "training_step_error",
 ]
-
-
-def probe_size(model: nn.Module) -> tuple[int, ...]:
-    """Input size (C, H, W) the model expects (timm's config, a ViT's image size, else 224²)."""
-    return probe_input_size(model)
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def probe_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    device, dtype = _device_dtype(model)
-    if device.type == "meta":
-        raise VerifyError(
-            "verify=True needs real weights, but the model is on the meta device "
-            "(use retrofit.plan for a dry run, or apply(..., verify=False))"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *probe_size(model), generator=generator)
-    return x.to(device=device, dtype=dtype)
 
 
 def run(model: nn.Module, x: Any) -> Any:
@@ -76,7 +47,7 @@ def run(model: nn.Module, x: Any) -> Any:
 def eval_output(model: nn.Module, x: Any, *, watch: Sequence[str] = ()) -> list[torch.Tensor]:
     """The model's eval-mode output on ``x`` as a flat list of tensors (train flags restored),
     followed by the outputs of the submodules named in ``watch`` (a detector's backbone and
-    heads: see ``graph/detection.py``), in call order."""
+    heads: see ``capture/detection.py``), in call order."""
     seen: list[Any] = []
     handles = [
         model.get_submodule(name).register_forward_hook(lambda _m, _i, o: seen.append(o))
@@ -95,22 +66,6 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     """A forward's output as a flat list of its tensors (copies)."""
     leaves, _ = tree_flatten(out)
     return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
-
-
-@contextmanager
-def paper_gates_neutral(model: nn.Module) -> Iterator[None]:
-    """Gates with ``scaling="paper"`` scale the branch by p_l in eval *by design*
-    (H = ReLU(p_l·f_l + id)); verification checks the rewrite with them at p_l = 1."""
-    saved = []
-    for m in model.modules():
-        if getattr(m, "scaling", None) == "paper" and hasattr(m, "survival"):
-            saved.append((m, m.survival))
-            m.survival = 1.0
-    try:
-        yield
-    finally:
-        for m, p in saved:
-            m.survival = p
 
 
 def compare(
@@ -141,36 +96,10 @@ def compare(
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
-@contextmanager
-def forced_gates(gates: list[nn.Module], keep: bool) -> Iterator[None]:
-    """Every batch-mode stochastic-depth gate in ``gates`` takes its kept (``keep=True``) or
-    dropped path on each training call, whatever its draw, through the gate's own ``forced``
-    attribute (``retrofit.layers.stochastic_depth``: eager and compiled alike). Row- and
-    subset-mode gates decide per row: at p_l = ½ on the kept
-    pass one step takes both paths on a batch of two or more (the branch runs on every row in
-    row mode, on at least one in subset mode, so whatever it calls is called); on the dropped
-    pass they keep every row.
-    """
-    saved = [(g, g.survival, g.forced) for g in gates]
-    try:
-        for g in gates:
-            if g.mode == "batch":
-                g.forced = keep
-            else:
-                _set_survival(g, 0.5 if keep else 1.0)
-        yield
-    finally:
-        for g, survival, forced in saved:
-            g.forced = forced
-            g.survival = survival
-
-
-def _set_survival(gate: nn.Module, value: float) -> None:
-    if isinstance(gate.survival, torch.Tensor):
-        with torch.no_grad():
-            gate.survival.fill_(value)
-    else:
-        gate.survival = value
+# One training pass of the liveness check: what it forces (for the message), the layers whose
+# state it changes (put back afterwards), and a context that forces it. The techniques' records
+# say which passes their layers need (``retrofit.techniques.liveness_paths``).
+Path = tuple[str, Sequence[nn.Module], Callable[[], AbstractContextManager[None]]]
 
 
 @contextmanager
@@ -263,15 +192,16 @@ def check_live(
     modules: dict[str, str],
     *,
     backward: bool = True,
+    paths: Sequence[Path] = (),
 ) -> None:
     """What training does must work on the rewritten model: a training-mode forward **and
-    backward** — ``call``, a :class:`~retrofit.training_call.TrainingCall` (arguments and
-    loss), or an input, as ``example_input`` (its loss: ``default_loss``) — with
-    every batch-mode stochastic-depth gate forced onto its kept path and the per-row ones
-    drawing both paths (:func:`forced_gates`), which must call every module named in
-    ``modules`` (name → what it is, for the message): the inserted layers and the reused
-    drop-path slots; then, if there are batch-mode gates, the same step with them forced onto
-    their dropped path. A rewrite
+    backward** — ``call``, a :class:`~retrofit.verify.training_call.TrainingCall` (arguments and
+    loss), or an input, as ``example_input`` (its loss: ``default_loss``) — under each of
+    ``paths`` in turn (:data:`Path`: the techniques' forced passes; stochastic depth's first
+    forces every batch-mode gate onto its kept path and lets the per-row ones draw both, its
+    second forces the dropped path). The first pass (or the only one, without ``paths``) must
+    call every module named in ``modules`` (name → what it is, for the message): the inserted
+    layers and the reused drop-path slots. A rewrite
     that cannot train (a dropped branch hands back a shortcut that the model then overwrites in
     place, which autograd still needs) fails there instead of in the user's first step.
 
@@ -293,17 +223,13 @@ def check_live(
             calls[name] += 1
 
         handles.append(module.register_forward_pre_hook(count))
-    gates = [m for m in model.modules() if is_gate(m)]
-    layers += [g for g in gates if g not in layers]
+    passes = list(paths) or [("", (), nullcontext)]
+    layers += [m for _, forced, _ in passes for m in forced if m not in layers]
     try:
         with _checking_only(model, layers):
-            # Kept first: it runs every branch, so gates nested in a branch are reached. Only
-            # a batch-mode gate has a dropped path the kept pass does not take (and there the
-            # dropped pass is cheap: no branch runs).
-            dropped = any(g.mode == "batch" for g in gates)
-            for keep in (True, False) if dropped else (True,):
-                path = "kept" if keep else "dropped"
-                with forced_gates(gates, keep):
+            for i, (label, _, forcing) in enumerate(passes):
+                keep = i == 0  # the liveness count is the first pass's
+                with forcing():
                     try:
                         if backward:
                             _training_step(model, call)
@@ -311,9 +237,9 @@ def check_live(
                             with torch.no_grad():
                                 call.run(model)
                     except RuntimeError as exc:
+                        step = f"a training step with {label}" if label else "a training step"
                         raise TrainingStepError(
-                            f"the rewritten model cannot train: a training step with every "
-                            f"stochastic-depth branch {path} failed ({_first_line(exc)})"
+                            f"the rewritten model cannot train: {step} failed ({_first_line(exc)})"
                         ) from exc
                 if keep:
                     for handle in handles:

@@ -8,10 +8,13 @@ Read from what the model says about itself — timm's ``pretrained_cfg``, a ViT'
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
-__all__ = ["VIDEO_PROBE", "fixed_image_size", "probe_input_size"]
+from retrofit.capture import detection
+
+__all__ = ["VIDEO_PROBE", "default_example_input", "fixed_image_size", "probe_input_size"]
 
 # Clip size of torchvision's video classifiers (r3d_18, mc3_18, r2plus1d_18, s3d): 16 frames of
 # 112×112 in their weights' transforms.
@@ -98,3 +101,11 @@ def fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
         size = getattr(model, "image_size", None)
     found = _size(size)
     return found if found is not None else _size(_hf_config(model, "image_size"))
+
+
+def default_example_input(model: nn.Module) -> Any | None:
+    """The eval probe the model's own API asks for, when it is not one image batch: a
+    torchvision detector's list of images (as positional arguments); else None."""
+    if detection.is_detector(model):
+        return detection.probe_images(model)
+    return None

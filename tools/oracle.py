@@ -23,10 +23,10 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from retrofit.graph.dataflow import is_add
-from retrofit.graph.residual import existing_drop_path
-from retrofit.graph.sandbox import mode
-from retrofit.graph.trace import TraceResult, trace
+from retrofit.analysis.dataflow import is_add
+from retrofit.analysis.residual import existing_drop_path
+from retrofit.capture.sandbox import mode
+from retrofit.capture.trace import TraceResult, trace
 
 __all__ = [
     "DropPathPlacement",

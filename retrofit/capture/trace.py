@@ -36,11 +36,11 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from retrofit.graph.capture import Call, CallKey, NoCall
-from retrofit.graph.concrete import Concretizer, concrete_dunders
-from retrofit.graph.detection import PLUMBING_REASON, is_plumbing
-from retrofit.graph.existing import is_existing_regularizer, regularizer_types
-from retrofit.graph.sandbox import preserved
+from retrofit.capture.calls import Call, CallKey, NoCall
+from retrofit.capture.concrete import Concretizer, concrete_dunders
+from retrofit.capture.detection import PLUMBING_REASON, is_plumbing
+from retrofit.capture.existing import is_existing_regularizer, regularizer_types
+from retrofit.capture.sandbox import preserved
 
 __all__ = [
     "RetrofitTracer",
@@ -48,7 +48,6 @@ __all__ = [
     "Traced",
     "TraceResult",
     "TracedPart",
-    "leaf_types",
     "owner_of",
     "trace",
     "trace_module",
@@ -96,12 +95,6 @@ def _einops_ops() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     return modules, functions
 
 
-def leaf_types() -> tuple[type, ...]:
-    """Module classes every retrofit trace keeps as leaves (timm no-trace, einops layers,
-    regularizers)."""
-    return _library_notrace()[0] + regularizer_types()
-
-
 class RetrofitTracer(fx.Tracer):
     """An fx tracer that honours timm's no-trace registry and keeps regularizers as leaves.
 
@@ -109,12 +102,12 @@ class RetrofitTracer(fx.Tracer):
     root's own ``forward`` body. That is what a rewrite needs (it edits one module's code and
     leaves its children, their classes and hooks, untouched).
 
-    With ``call`` (a :class:`~retrofit.graph.capture.Call` recorded from a real forward), the
+    With ``call`` (a :class:`~retrofit.capture.calls.Call` recorded from a real forward), the
     trace is *specialised* on that call instead of freezing arguments at their defaults: its
     tensors become placeholders (any nesting: tuples, dicts, ``*args``/``**kwargs``), other
     values are baked in as given, the output is flattened to its pytree leaves (``out_spec``
     rebuilds it), and Python's questions about proxies (``if x.ndim == 4``, ``h, _ =
-    self.attn(x)``, ``math.ceil(H / 7)``) get concrete answers (``graph/concrete.py``), recorded
+    self.attn(x)``, ``math.ceil(H / 7)``) get concrete answers (``capture/concrete.py``), recorded
     as the ``guard`` a later call must satisfy.
 
     Every node gets ``meta["source"]`` ("file:line" of the model code that created it); fx's own
@@ -347,7 +340,7 @@ def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None =
 
     Without ``call`` the forward's parameters with plain defaults are traced as those defaults
     (:func:`default_args`); with it, the trace is specialised on that call (RetrofitTracer).
-    Nothing the forward writes to the model while being traced survives (graph/sandbox.py).
+    Nothing the forward writes to the model while being traced survives (capture/sandbox.py).
     """
     TRACES["shallow" if shallow else "deep"] += 1
     tracer = RetrofitTracer(shallow=shallow, call=call)
@@ -487,7 +480,7 @@ def _short(exc: BaseException) -> str:
 def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -> TraceResult:
     """Trace ``model``; where a forward cannot be traced, trace its children instead.
 
-    ``calls(name)`` gives the recorded call of a module (``graph/capture.py``), or None. The root
+    ``calls(name)`` gives the recorded call of a module (``capture/calls.py``), or None. The root
     is traced symbolically first (its probe call is the user's ``model(x)``), then specialised
     on its recorded call; any other part is specialised on its own call first, as its caller
     really makes it (``block(x, drop_connect_rate=0.2)``), and traced with defaults only when
@@ -538,7 +531,7 @@ def trace(model: nn.Module, calls: Callable[[str], Call | None] | None = None) -
                 or not leaf.is_leaf_module(child, _join(prefix, name))
             ]
             what = "traced its children instead" if children else "nothing below it to trace"
-            # A library forward known to hold no site of its own (graph/detection.py) is still
+            # A library forward known to hold no site of its own (capture/detection.py) is still
             # listed, with that knowledge: it does not make the read partial.
             known = PLUMBING_REASON if is_plumbing(module) else None
             result.skipped.append(Skipped(prefix or "<root>", f"{gm}; {what}", known))

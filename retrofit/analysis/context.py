@@ -4,10 +4,10 @@ Planners, the rewrite, the stage and Dropout→BN analyses and the trainer all r
 model; each used to trace it again. An :class:`Analysis` makes each trace once, when first
 needed, and hands it out:
 
-* ``calls``: what one real forward passes to every module (``graph/capture.py``), recorded only
+* ``calls``: what one real forward passes to every module (``capture/calls.py``), recorded only
   if some module cannot be traced with its arguments at their defaults;
 * ``traced``: the model's graphs as it is (hierarchical: a forward that cannot be read is
-  replaced by its children, ``graph/trace.py``); ``traced_training``: the same with every module
+  replaced by its children, ``capture/trace.py``); ``traced_training``: the same with every module
   in training mode (the Dropout→BN rule needs ``F.dropout(x, p, self.training)`` live);
 * ``residual_sites``, ``stages``, ``dropout_bn``: the findings;
 * ``owner_trace(owner)``: an owner's own forward with its children as leaves, specialised on
@@ -27,16 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.graph.capture import Call, NoCall, record_calls
-from retrofit.graph.dataflow import locate
-from retrofit.graph.dropout_bn import DropoutBNAnalysis, find_dropout_bn, training_mode
-from retrofit.graph.outline import NotOutlinable, branch_region
-from retrofit.graph.probe import probe_input_size
-from retrofit.graph.residual import ResidualSite, find_residual_sites
-from retrofit.graph.shapes import ShapePropError
-from retrofit.graph.stages import Stage, StageAnalysis, analyse_stages
-from retrofit.graph.trace import Traced, TraceResult, trace, trace_graph
-from retrofit.training_call import default_example_input
+from retrofit.analysis.branch import NotOutlinable, branch_region
+from retrofit.analysis.dataflow import locate
+from retrofit.analysis.dropout_bn import DropoutBNAnalysis, find_dropout_bn
+from retrofit.analysis.residual import ResidualSite, find_residual_sites
+from retrofit.analysis.stages import Stage, StageAnalysis, analyse_stages
+from retrofit.capture.calls import Call, NoCall, record_calls
+from retrofit.capture.probe import default_example_input, probe_input_size
+from retrofit.capture.shapes import ShapePropError
+from retrofit.capture.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.capture.training import training_mode
 
 __all__ = ["Analysis", "probe_for", "stages"]
 
@@ -182,7 +182,7 @@ class Analysis:
         return find_dropout_bn(self.traced_training)
 
     def outline_refusal(self, site: ResidualSite, *, subset: bool) -> str | None:
-        """Why ``site``'s branch cannot be outlined (see retrofit.graph.outline), or None."""
+        """Why ``site``'s branch cannot be outlined (see retrofit.analysis.branch), or None."""
         traced = self.owner_trace(site.owner)
         if traced is None:
             return None

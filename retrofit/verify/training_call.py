@@ -10,7 +10,7 @@ check that also runs backward).
 ``retrofit.apply(model, recipe, training_call=...)`` takes one (or a tuple of arguments, a dict
 of keyword arguments, a tensor, as ``example_input``); without one, :func:`training_call_for`
 builds it: for torchvision's detection API, the probe images with minimal targets
-(``graph/detection.py``); for any other model, the eval probe itself.
+(``capture/detection.py``); for any other model, the eval probe itself.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from retrofit.graph import detection
+from retrofit.capture import detection
 
-__all__ = ["TrainingCall", "as_training_call", "default_example_input", "training_call_for"]
+__all__ = ["TrainingCall", "as_training_call", "training_call_for"]
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -97,18 +97,10 @@ def as_training_call(value: Any) -> TrainingCall:
     return TrainingCall(args=(value,))
 
 
-def default_example_input(model: nn.Module) -> Any | None:
-    """The eval probe the model's own API asks for, when it is not one image batch: a
-    torchvision detector's list of images (as positional arguments); else None."""
-    if detection.is_detector(model):
-        return detection.probe_images(model)
-    return None
-
-
 def training_call_for(model: nn.Module, example_input: Any, given: Any = None) -> TrainingCall:
     """The training call checks run: ``given`` (see :func:`as_training_call`) when the user
     passed one; for a torchvision detector, its images (from ``example_input``) with
-    :func:`~retrofit.graph.detection.minimal_targets`; else ``example_input`` itself."""
+    :func:`~retrofit.capture.detection.minimal_targets`; else ``example_input`` itself."""
     if given is not None:
         return as_training_call(given)
     if detection.is_detector(model):

@@ -1,4 +1,4 @@
-"""The residual branch of an add as a region of its owner's graph, for outlining it.
+"""The residual branch of an add as a region of its owner's graph: what outlining it would move.
 
 Stochastic depth saves compute only if a dropped branch is not computed (Huang et al. 2016;
 DINOv2's subset variant, Oquab et al. 2023, computes it on the kept rows only). In the owner's
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from retrofit.graph.dataflow import is_metadata
+from retrofit.capture.concrete import is_metadata
 
-__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "extract_branch", "mutated_input"]
+__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "mutated_input"]
 
 _INPLACE_OPERATORS = {
     operator.iadd,
@@ -218,54 +218,14 @@ def branch_region(
     Raises:
         NotOutlinable: with the reason (see the module docstring).
     """
-    if len(add.args) != 2 or add.kwargs:
-        raise NotOutlinable("the add has alpha= or out= (not a plain residual sum)")
-    branch, shortcut = add.args[branch_arg], add.args[1 - branch_arg]
-    if not isinstance(branch, fx.Node) or not isinstance(shortcut, fx.Node) or branch is shortcut:
-        raise NotOutlinable("the add's operands are not two distinct values")
-    if branch.op in ("placeholder", "get_attr"):
-        raise NotOutlinable(f"the branch {branch.name} is computed outside the module")
+    branch, shortcut = _operands(add, branch_arg)
     modules = modules or {}
-    nodes = list(graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    region: set[fx.Node] = set()
-    for node in reversed(nodes[: position[add]]):
-        if node.op in ("placeholder", "get_attr", "output"):
-            continue
-        users = list(node.users)
-        if node is branch:
-            exclusive = all(u is add or u in region for u in users)
-        else:
-            exclusive = bool(users) and all(u in region for u in users)
-        if exclusive:
-            region.add(node)
-    if branch not in region:
-        raise NotOutlinable(f"the branch's result {branch.name} is also used elsewhere")
-    ordered = [n for n in nodes if n in region]
-    inputs: list[fx.Node] = []
-    attrs: list[fx.Node] = []
-    for node in ordered:
-        changed = mutated_input(node, modules)
-        if changed is not None and changed not in region and changed.op != "get_attr":
-            raise NotOutlinable(
-                f"{node.name} writes {changed.name} in place, a value from outside the branch"
-            )
-        for arg in node.all_input_nodes:
-            if arg in region:
-                continue
-            bucket = attrs if arg.op == "get_attr" else inputs
-            if arg not in bucket:
-                bucket.append(arg)
+    ordered = _exclusive_nodes(graph, add, branch)
+    inputs, attrs = _region_inputs(ordered, modules)
     dependent = _input_dependent(graph)
     batched = tuple(n in dependent for n in inputs)
     if subset:
-        memo: dict[fx.Node, bool] = {}
-        for node, flag in zip(inputs, batched, strict=True):
-            if not flag and _reads_shape(node, dependent, memo):
-                raise NotOutlinable(
-                    f"the branch reads {node.name}, computed from a tensor's shape outside it "
-                    "(on the kept rows only it would be wrong)"
-                )
+        _check_no_outside_shapes(inputs, batched, dependent)
     inplace = ""
     if _is_inplace_add(add):
         inplace = "branch" if branch_arg == 0 else "shortcut"
@@ -285,20 +245,71 @@ def branch_region(
     )
 
 
-def extract_branch(region: BranchRegion, env: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
-    """A new graph computing the branch from ``region.inputs`` (placeholders, in that order).
+def _operands(add: fx.Node, branch_arg: int) -> tuple[fx.Node, fx.Node]:
+    """(branch, shortcut) of a plain two-operand residual sum computed inside the module."""
+    if len(add.args) != 2 or add.kwargs:
+        raise NotOutlinable("the add has alpha= or out= (not a plain residual sum)")
+    branch, shortcut = add.args[branch_arg], add.args[1 - branch_arg]
+    if not isinstance(branch, fx.Node) or not isinstance(shortcut, fx.Node) or branch is shortcut:
+        raise NotOutlinable("the add's operands are not two distinct values")
+    if branch.op in ("placeholder", "get_attr"):
+        raise NotOutlinable(f"the branch {branch.name} is computed outside the module")
+    return branch, shortcut
 
-    ``env``, if given, receives each region node's copy: a branch that holds an already
-    outlined site (a decoder's ``up(h) + skip`` where ``h = x + res(x)``) carries that site's
-    gate call, whose branch the rewrite must then attach to the copy, not the erased original.
-    """
-    graph = fx.Graph()
-    env = {} if env is None else env
-    for node in region.inputs:
-        env[node] = graph.placeholder(node.name)
-    for node in region.attrs:
-        env[node] = graph.get_attr(str(node.target))
-    for node in region.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[region.branch])
-    return graph
+
+def _exclusive_nodes(graph: fx.Graph, add: fx.Node, branch: fx.Node) -> list[fx.Node]:
+    """The nodes only the branch needs, in graph order: walking back from the add, a node
+    joins when every user is in the region already (the branch itself: the add or the region)."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    region: set[fx.Node] = set()
+    for node in reversed(nodes[: position[add]]):
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        users = list(node.users)
+        if node is branch:
+            exclusive = all(u is add or u in region for u in users)
+        else:
+            exclusive = bool(users) and all(u in region for u in users)
+        if exclusive:
+            region.add(node)
+    if branch not in region:
+        raise NotOutlinable(f"the branch's result {branch.name} is also used elsewhere")
+    return [n for n in nodes if n in region]
+
+
+def _region_inputs(
+    ordered: list[fx.Node], modules: dict[str, Any]
+) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The values the region reads from outside it: computed ones (the outlined function's
+    inputs) and attributes; refuses a region that writes an outside value in place."""
+    region = set(ordered)
+    inputs: list[fx.Node] = []
+    attrs: list[fx.Node] = []
+    for node in ordered:
+        changed = mutated_input(node, modules)
+        if changed is not None and changed not in region and changed.op != "get_attr":
+            raise NotOutlinable(
+                f"{node.name} writes {changed.name} in place, a value from outside the branch"
+            )
+        for arg in node.all_input_nodes:
+            if arg in region:
+                continue
+            bucket = attrs if arg.op == "get_attr" else inputs
+            if arg not in bucket:
+                bucket.append(arg)
+    return inputs, attrs
+
+
+def _check_no_outside_shapes(
+    inputs: list[fx.Node], batched: tuple[bool, ...], dependent: set[fx.Node]
+) -> None:
+    """Subset mode runs the branch on the kept rows: an input computed outside the branch from
+    a batched tensor's shape (a batch size) would describe the full batch."""
+    memo: dict[fx.Node, bool] = {}
+    for node, flag in zip(inputs, batched, strict=True):
+        if not flag and _reads_shape(node, dependent, memo):
+            raise NotOutlinable(
+                f"the branch reads {node.name}, computed from a tensor's shape outside it "
+                "(on the kept rows only it would be wrong)"
+            )

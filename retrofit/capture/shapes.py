@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from retrofit.graph.sandbox import mode
+from retrofit.capture.sandbox import mode
 
 __all__ = ["SHAPE", "ShapePropError", "MetaShapeProp", "meta_like", "propagate_shapes", "shape_of"]
 

@@ -9,12 +9,12 @@ with is known only by running the model. Torch-Pruning's DepGraph (Fang et al., 
 torch.export's non-strict mode read models by executing them; this module does the first step
 of that: one real forward on the probe input with a pre-hook on every module, which records the
 call (:class:`Call`: tensors by reference, other values as given). A tracer can then specialise
-a module on that call (``graph/trace.py``), and a rewritten forward can tell whether a later
+a module on that call (``capture/trace.py``), and a rewritten forward can tell whether a later
 call is one its code was specialised for (:class:`CallKey`).
 
 The recording forward runs in eval mode under ``no_grad``, on whatever device the model is on
 (the meta device included), with the model's attributes restored afterwards
-(:func:`retrofit.graph.sandbox.preserved`): it never changes the model.
+(:func:`retrofit.capture.sandbox.preserved`): it never changes the model.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from retrofit.graph.sandbox import mode, preserved
+from retrofit.capture.sandbox import mode, preserved
 
 __all__ = ["Call", "CallKey", "GUARDS", "NoCall", "record_calls"]
 

@@ -3,13 +3,13 @@
 A symbolic trace fails where Python needs a real value: ``if x.ndim == 4``, ``h, _ =
 self.attn(x)`` (how many values?), ``math.ceil(H / 7)`` (``float()`` of a Proxy), ``min(H, W)``,
 ``for i in range(x.shape[1])``. When the tracer specialises a module on a real call
-(``graph/capture.py``), every proxy stands for a value that can be computed: the call's tensors
+(``capture/calls.py``), every proxy stands for a value that can be computed: the call's tensors
 fill the placeholders and the graph recorded so far is run up to the node Python asks about
 (lazily: code that never asks costs nothing). Python then gets a real bool, int, float or
 length, and the graph is *specialised* — the branch not taken is not in it.
 
 A specialisation is only sound if it is re-checked on later calls. What a concrete value was
-computed from decides what the graph depends on (:data:`retrofit.graph.capture.GUARDS`):
+computed from decides what the graph depends on (:data:`retrofit.capture.calls.GUARDS`):
 
 * a tuple's or list's length (a module returning two values), a dict's keys: the code's
   structure, nothing to check;
@@ -41,11 +41,22 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import _is_fx_tracing_context, _maybe_revert_all_patches
 from torch.utils._pytree import tree_flatten
 
-from retrofit.graph.capture import GUARDS
-from retrofit.graph.dataflow import is_metadata
-from retrofit.graph.sandbox import mode
+from retrofit.capture.calls import GUARDS
+from retrofit.capture.sandbox import mode
 
-__all__ = ["Concretizer", "DataDependent", "concrete_dunders"]
+__all__ = ["Concretizer", "DataDependent", "concrete_dunders", "is_metadata"]
+
+# Reading a tensor's metadata does not make the result depend on the tensor's values: a mask
+# built from ``x.shape`` is a constant for analysis purposes, not a data path from the input.
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "nelement"}
+
+
+def is_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's metadata (shape, rank, dtype, device)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 class DataDependent(fx.proxy.TraceError):
@@ -121,7 +132,7 @@ class Concretizer:
     def depends(self, node: fx.Node) -> str:
         """``"const"``, ``"rank"``, ``"shape"`` or ``"data"`` (see the module docstring).
 
-        Reading a tensor's metadata cuts data dependence (as in ``graph/dataflow.py``); a
+        Reading a tensor's metadata cuts data dependence (as in ``analysis/dataflow.py``); a
         function of metadata and constants depends on the widest of its inputs; a module call,
         a placeholder, a parameter or an op with no traced inputs (``torch.rand(1)``) is data.
         """

@@ -10,7 +10,7 @@ Every edit is made on the smallest module that owns its site, and nothing else c
   children; the root model keeps ``forward_features``, ``reset_classifier``, ``pretrained_cfg``.
 
 **Specialised on the real call.** The owner's code is traced on the call it actually receives,
-not with its arguments frozen at their defaults (``graph/capture.py``, ``graph/trace.py``): a
+not with its arguments frozen at their defaults (``capture/calls.py``, ``capture/trace.py``): a
 block called as ``block(x, drop_connect_rate=0.2)`` or ``block(x, state)`` gets a graph for that
 call. Each specialisation records what it assumed (the arguments' structure and non-tensor
 values, tensor ranks or shapes where the code branched on them, and the training flag when the
@@ -20,7 +20,7 @@ argument the trace did not expect, which is what made gates silently dead before
 
 fx bakes ``self.training`` reads into the graph; a forward that read it is specialised per mode.
 Outlining (stochastic depth in batch/subset mode, action ``"outline"``): in the *training* graph
-only, the residual branch's nodes (:func:`retrofit.graph.outline.branch_region`) move into a
+only, the residual branch's nodes (:func:`retrofit.analysis.branch.branch_region`) move into a
 function of their inputs, generated like the forward and passed to the gate on every call:
 ``gate(shortcut, *inputs, branch=f, outline=spec)``. The eval graph gets the plain gate on the
 branch operand (identity, or ×p_l for paper scaling), so eval equivalence — what ``verify``
@@ -48,15 +48,17 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from retrofit.analysis.branch import NotOutlinable, branch_region
+from retrofit.analysis.dataflow import locate, node_key
+from retrofit.capture.calls import Call, CallKey
+from retrofit.capture.existing import drop_rate_attribute
+from retrofit.capture.trace import Traced, is_passthrough, trace_graph
+from retrofit.edit import ACTIONS
 from retrofit.errors import RewriteError
-from retrofit.graph.capture import Call, CallKey
-from retrofit.graph.dataflow import locate, node_key
-from retrofit.graph.existing import drop_rate_attribute
-from retrofit.graph.outline import NotOutlinable, branch_region, extract_branch
-from retrofit.graph.trace import Traced, is_passthrough, trace_graph
+from retrofit.layers.protocol import Outline
 from retrofit.layers.slots import unwatch_slot, watch_slot
-from retrofit.layers.stochastic_depth import Outline
 from retrofit.plan import Edit, Plan
+from retrofit.rewrite.outline import extract_branch
 from retrofit.techniques import TECHNIQUES
 
 __all__ = [
@@ -71,7 +73,6 @@ __all__ = [
 
 _STATE = "_retrofit_state"
 _PLAN = "_retrofit_plan"
-_GRAPH_ACTIONS = ("wrap_arg", "insert_after", "replace_call", "outline")
 _counter = itertools.count()
 
 
@@ -153,6 +154,23 @@ def _replace_module(model: nn.Module, edit: Edit) -> None:
     setattr(parent, attr, _layer(edit, parent))
 
 
+def _reuse_rate(model: nn.Module, edit: Edit) -> None:
+    """The ``set_rate`` action: the existing regularizer takes the rate, and is watched."""
+    _set_rate(model, edit, 1.0 - float(edit.survival or 1.0))
+    # The slot draws its own masks: count what it keeps, for the statistics.
+    slot = model.get_submodule(edit.target or "")
+    attr = drop_rate_attribute(slot)
+    assert attr is not None
+    watch_slot(slot, attr[0], edit.depth, edit.survival or 1.0, edit.kind)
+
+
+# How each module action of retrofit.edit.ACTIONS is made (no graph edit).
+_MODULE_EDITS: dict[str, Callable[[nn.Module, Edit], None]] = {
+    "replace_module": _replace_module,
+    "set_rate": _reuse_rate,
+}
+
+
 def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
     """Python source of ``graph`` as a function of ``self`` (the owner, not a GraphModule)."""
     code = graph.python_code(root_module="self")
@@ -212,6 +230,27 @@ class _Outlined:
     call: fx.Node
 
 
+def _insert_after(graph: fx.Graph, node: fx.Node, edit: Edit, name: str) -> None:
+    with graph.inserting_after(node):
+        new = graph.create_node("call_module", name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+
+
+def _replace_call(graph: fx.Graph, node: fx.Node, edit: Edit, name: str) -> None:
+    with graph.inserting_before(node):
+        new = graph.create_node("call_module", name, (node.args[0],))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+# How each graph action of retrofit.edit.ACTIONS is made on a located node (outline: below).
+_GRAPH_EDITS: dict[str, Callable[[fx.Graph, fx.Node, Edit, str], None]] = {
+    "wrap_arg": _wrap_arg,
+    "insert_after": _insert_after,
+    "replace_call": _replace_call,
+}
+
+
 def _edit_graph(
     graph: fx.Graph,
     edits: list[tuple[Edit, str]],
@@ -233,54 +272,60 @@ def _edit_graph(
                 outlines.append((edit, name, node))
                 continue
             action = "wrap_arg"  # eval: the gate is the identity (or ×p_l) on the branch
-        if action == "wrap_arg":
-            _wrap_arg(graph, node, edit, name)
-        elif action == "insert_after":
-            with graph.inserting_after(node):
-                new = graph.create_node("call_module", name, (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        elif action == "replace_call":
-            with graph.inserting_before(node):
-                new = graph.create_node("call_module", name, (node.args[0],))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+        _GRAPH_EDITS[action](graph, node, edit, name)
     # Outlining comes last, so nodes the other edits inserted inside a branch (a DropBlock) move
     # with it; in execution order, so a branch holding an earlier outlined site calls its gate.
     position = {n: i for i, n in enumerate(graph.nodes)}
     outlined: list[_Outlined] = []
     masked: dict[str, str] = {}
     for edit, name, add in sorted(outlines, key=lambda t: position[t[2]]):
-        assert edit.arg is not None
-        subset = edit.params.get("mode") == "subset"
         try:
-            region = branch_region(graph, add, edit.arg, modules=modules, subset=subset)
+            outlined.append(_outline(graph, add, edit, name, modules, outlined))
         except NotOutlinable as e:
             masked[name] = str(e)
             _wrap_arg(graph, add, edit, name)
-            continue
-        spec = Outline(region.batched, region.inplace, region.copy_dropped)
-        copies: dict[fx.Node, fx.Node] = {}
-        extracted = extract_branch(region, copies)
-        for inner in outlined:
-            # An earlier site inside this branch: its gate now runs in this branch's code.
-            inner.call = copies.get(inner.call, inner.call)
-        with graph.inserting_before(add):
-            branch = graph.create_node("call_function", _constant(None), (), {})
-            settings = graph.create_node("call_function", _constant(spec), (), {})
-            call = graph.create_node(
-                "call_module",
-                name,
-                (region.shortcut, *region.inputs),
-                {"branch": branch, "outline": settings},
-            )
-        call.meta.update({k: v for k, v in add.meta.items() if k in ("source", "owner_local")})
-        add.replace_all_uses_with(call)
-        graph.erase_node(add)
-        for node in reversed(region.nodes):
-            graph.erase_node(node)
-        outlined.append(_Outlined(name, extracted, spec, branch))
     graph.lint()
     return outlined, masked
+
+
+def _outline(
+    graph: fx.Graph,
+    add: fx.Node,
+    edit: Edit,
+    name: str,
+    modules: dict[str, nn.Module],
+    outlined: list[_Outlined],
+) -> _Outlined:
+    """The ``outline`` action on one residual add (``retrofit.edit.ACTIONS``): its branch moves
+    into a graph of its own and the add becomes a call of the layer ``name``.
+
+    Raises:
+        NotOutlinable: the branch cannot be moved (the caller masks it instead).
+    """
+    assert edit.arg is not None
+    subset = bool(getattr(edit.settings, "subset", False))
+    region = branch_region(graph, add, edit.arg, modules=modules, subset=subset)
+    spec = Outline(region.batched, region.inplace, region.copy_dropped)
+    copies: dict[fx.Node, fx.Node] = {}
+    extracted = extract_branch(region, copies)
+    for inner in outlined:
+        # An earlier site inside this branch: its gate now runs in this branch's code.
+        inner.call = copies.get(inner.call, inner.call)
+    with graph.inserting_before(add):
+        branch = graph.create_node("call_function", _constant(None), (), {})
+        settings = graph.create_node("call_function", _constant(spec), (), {})
+        call = graph.create_node(
+            "call_module",
+            name,
+            (region.shortcut, *region.inputs),
+            {"branch": branch, "outline": settings},
+        )
+    call.meta.update({k: v for k, v in add.meta.items() if k in ("source", "owner_local")})
+    add.replace_all_uses_with(call)
+    graph.erase_node(add)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+    return _Outlined(name, extracted, spec, branch)
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
@@ -434,18 +479,10 @@ def rewrite(
     record = Rewrite()
     graph_edits: dict[str, list[Edit]] = {}
     for edit in plan.edits:
-        if edit.action == "set_rate":
-            _set_rate(model, edit, 1.0 - float(edit.survival or 1.0))
-            # The slot draws its own masks: count what it keeps, for the statistics.
-            slot = model.get_submodule(edit.target or "")
-            watch_slot(slot, drop_rate_attribute(slot)[0], edit.depth, edit.survival or 1.0)
-            record.reused.append(edit.target or "")
-            record.edits[edit.target or ""] = edit
-        elif edit.action == "replace_module":
-            _replace_module(model, edit)
-            record.replaced.append(edit.target or "")
-            record.edits[edit.target or ""] = edit
-        elif edit.action in _GRAPH_ACTIONS:
+        action = ACTIONS.get(edit.action)
+        if action is None:
+            raise RewriteError(f"unknown edit action {edit.action!r}")
+        if action.graph:
             # An outlined branch ending in an existing drop-path module: at rate 0 (undone by
             # strip) the gate is the only stochastic depth; an nn.Identity slot is neutral.
             if (
@@ -455,8 +492,10 @@ def rewrite(
             ):
                 _set_rate(model, edit, 0.0)
             graph_edits.setdefault(edit.module, []).append(edit)
-        else:
-            raise RewriteError(f"unknown edit action {edit.action!r}")
+            continue
+        _MODULE_EDITS[edit.action](model, edit)
+        record.edits[edit.target or ""] = edit
+        (record.reused if edit.action == "set_rate" else record.replaced).append(edit.target or "")
     for owner_name, edits in graph_edits.items():
         owner = model.get_submodule(owner_name)
         state = _state(owner)

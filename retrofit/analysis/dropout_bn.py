@@ -27,10 +27,8 @@ Reading ``x.shape`` is not a data edge (a mask built from a shape carries no val
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,26 +37,22 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.graph.dataflow import DataFlow, is_metadata, node_key
-from retrofit.graph.sandbox import mode
-from retrofit.graph.trace import TracedPart, TraceResult, trace
+from retrofit.analysis.dataflow import node_key
+from retrofit.capture.concrete import is_metadata
+from retrofit.capture.trace import TracedPart, TraceResult
 
 __all__ = [
+    "DROPOUT_MODULES",
     "DropoutBNAnalysis",
     "DropoutBNPair",
     "DropoutSite",
-    "HeadPlace",
-    "analyse_dropout_bn",
+    "PartFlow",
     "find_dropout_bn",
-    "find_head_place",
     "is_dropout_module",
     "is_running_stat_norm",
     "locators",
     "node_label",
-    "part_modules",
-    "short_source",
-    "trace_training",
-    "training_mode",
+    "node_place",
 ]
 
 # Functional dropouts and where their p / training arguments sit: (p index, training index,
@@ -72,7 +66,7 @@ _DROPOUT_FUNCTIONS: dict[object, tuple[int, int, str, bool | None]] = {
     torch.dropout: (1, 2, "train", None),
     torch.feature_dropout: (1, 2, "train", None),
 }
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # F.batch_norm(input, running_mean, running_var, weight, bias, training=False, ...) and the aten
 # form torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...):
 # (running_mean index, training index, training default).
@@ -106,7 +100,7 @@ def is_running_stat_norm(module: nn.Module) -> bool:
 
 def is_dropout_module(module: nn.Module) -> bool:
     """``nn.Dropout``/``Dropout1d/2d/3d`` (and subclasses) with p > 0."""
-    return isinstance(module, _DROPOUT_MODULES) and float(module.p) > 0.0
+    return isinstance(module, DROPOUT_MODULES) and float(module.p) > 0.0
 
 
 def _structured_rate(module: nn.Module) -> float | None:
@@ -191,15 +185,11 @@ def node_label(part: TracedPart, node: fx.Node) -> str:
     return f"{owner or '<root>'}:{what}"
 
 
-def part_modules(part: TracedPart) -> dict[str, nn.Module]:
-    return dict(part.module.named_modules())
-
-
 def locators(part: TracedPart) -> dict[fx.Node, tuple[str, int]]:
     """``(node_key, ordinal)`` of every node of ``part``: how a rewrite finds it again.
 
     The ordinal counts nodes with the same key *owned by the same module*, in topological order,
-    so it matches a shallow re-trace of that owner (see ``retrofit.graph.dataflow.locate``).
+    so it matches a shallow re-trace of that owner (see ``retrofit.analysis.dataflow.locate``).
     """
     out: dict[fx.Node, tuple[str, int]] = {}
     counts: dict[tuple[str, str], int] = {}
@@ -211,6 +201,21 @@ def locators(part: TracedPart) -> dict[fx.Node, tuple[str, int]]:
         out[node] = (key, counts.get(slot, 0))
         counts[slot] = counts.get(slot, 0) + 1
     return out
+
+
+def node_place(
+    part: TracedPart, node: fx.Node, where: dict[fx.Node, tuple[str, int]]
+) -> dict[str, Any]:
+    """How an edit finds ``node`` again (``owner``, ``node``, ``key``, ``ordinal``, from
+    ``where = locators(part)``) and its ``source`` line."""
+    key, ordinal = where[node]
+    return dict(
+        owner=node.meta.get("owner", part.prefix),
+        node=node.name,
+        key=key,
+        ordinal=ordinal,
+        source=node.meta.get("source"),
+    )
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -271,12 +276,14 @@ class DropoutBNAnalysis:
 # --- the pass ---------------------------------------------------------------------------------
 
 
-class _PartFlow:
-    """Victim tests and forward reachability over one part's graph."""
+class PartFlow:
+    """Victim tests and forward reachability over one part's graph: ``norm`` maps every
+    running-stat norm node to its (victim name, note), :meth:`search` finds the first norms a
+    node reaches, :meth:`downstream` every norm below it."""
 
     def __init__(self, part: TracedPart):
         self.part = part
-        self.modules = part_modules(part)
+        self.modules = dict(part.module.named_modules())
         self.nodes = list(part.graph_module.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.norm: dict[fx.Node, tuple[str, str | None]] = {}
@@ -286,12 +293,12 @@ class _PartFlow:
                 self.norm[node] = found
         self._below: dict[fx.Node, int] | None = None
 
-    def _module(self, node: fx.Node) -> nn.Module | None:
+    def module_of(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
 
     def _norm_of(self, node: fx.Node) -> tuple[str, str | None] | None:
         """(victim name, note) if ``node`` is a running-stat norm, else None."""
-        module = self._module(node)
+        module = self.module_of(node)
         if module is not None:
             if is_running_stat_norm(module):
                 return _join(self.part.prefix, str(node.target)), None
@@ -397,22 +404,15 @@ def _inner_sites(module: nn.Module, qual: str, common: dict) -> list[DropoutSite
     return sites
 
 
-def _sites(part: TracedPart, flow: _PartFlow, include_structured: bool) -> list[DropoutSite]:
+def _sites(part: TracedPart, flow: PartFlow, include_structured: bool) -> list[DropoutSite]:
     where = locators(part)
     sites: list[DropoutSite] = []
     for node in flow.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
-        key, ordinal = where[node]
-        common = dict(
-            owner=node.meta.get("owner", part.prefix),
-            node=node.name,
-            part=part.prefix,
-            key=key,
-            ordinal=ordinal,
-            source=node.meta.get("source"),
-        )
-        module = flow._module(node)
+        common = dict(node_place(part, node, where), part=part.prefix)
+        ordinal = common["ordinal"]
+        module = flow.module_of(node)
         if module is not None:
             qual = _join(part.prefix, str(node.target))
             rate = _structured_rate(module) if include_structured else None
@@ -452,13 +452,14 @@ def _sites(part: TracedPart, flow: _PartFlow, include_structured: bool) -> list[
 def find_dropout_bn(traced: TraceResult, *, include_structured: bool = False) -> DropoutBNAnalysis:
     """Every (dropout site, victim norm) pair in the traced graphs of one model.
 
-    ``traced`` should come from a training-mode trace (:func:`trace_training`): fx bakes
+    ``traced`` should come from a training-mode trace
+    (:func:`retrofit.capture.training.trace_training`): fx bakes
     ``self.training`` into the graph, and an eval-mode trace hides ``F.dropout(x, p,
     self.training)`` behind a constant ``training=False``.
     """
     result = DropoutBNAnalysis()
     for part in traced.parts:
-        flow = _PartFlow(part)
+        flow = PartFlow(part)
         labels = {n: node_label(part, n) for n in flow.nodes}
         for site in _sites(part, flow, include_structured):
             result.sites.append(site)
@@ -486,168 +487,3 @@ def find_dropout_bn(traced: TraceResult, *, include_structured: bool = False) ->
     for skipped in traced.skipped:
         result.notes.append(f"{skipped.module} was not traced ({skipped.reason})")
     return result
-
-
-# --- tracing for this analysis ----------------------------------------------------------------
-
-
-def training_mode(model: nn.Module) -> AbstractContextManager[None]:
-    """Every module in training mode, as when the model trains (``graph/sandbox.py``)."""
-    return mode(model, True)
-
-
-class _Holder(nn.Module):
-    """Calls a model through ``nn.Module.__call__`` so fx sees its *instance* forward.
-
-    fx traces a root through ``type(root).forward``; a retrofitted root carries its rewritten
-    forward on the instance, and lint must see that one (a removed or replaced dropout).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-
-def trace_training(model: nn.Module, calls: Any = None) -> TraceResult:
-    """Trace ``model`` as it runs in training (every module's ``training`` flag set).
-
-    A model whose root forward was rewritten by retrofit (an instance ``forward``) is traced
-    through a holder module so that the rewritten forward is the one analysed. ``calls``: the
-    recorded calls to specialise on (``retrofit.graph.trace.trace``).
-    """
-    with training_mode(model):
-        if "forward" in model.__dict__:
-            return _retarget(trace(_Holder(model)))
-        return trace(model, calls)
-
-
-def _retarget(traced: TraceResult) -> TraceResult:
-    """Re-base a trace of ``_Holder(model)`` on ``model``: every name loses its ``model.`` prefix.
-
-    The trace is this analysis's own and is not compiled again, so its nodes' call targets and
-    owner metadata are renamed in place; the root part's module becomes the model itself.
-    """
-
-    def strip(name: str) -> str:
-        return "" if name == "model" else name.removeprefix("model.")
-
-    parts: list[TracedPart] = []
-    for part in traced.parts:
-        held = isinstance(part.module, _Holder)
-        for node in part.graph_module.graph.nodes:
-            node.meta["owner"] = strip(node.meta.get("owner", ""))
-            if held:
-                node.meta["owner_local"] = strip(node.meta.get("owner_local", ""))
-                if node.op == "call_module":
-                    node.target = strip(str(node.target))
-        module = part.module.model if held else part.module
-        parts.append(TracedPart(strip(part.prefix), module, part.graph_module))
-    skipped = [
-        type(s)(strip(s.module) or "<root>", s.reason)
-        for s in traced.skipped
-        if s.module != "<root>"
-    ]
-    return TraceResult(parts, skipped)
-
-
-def analyse_dropout_bn(model: nn.Module, *, include_structured: bool = False) -> DropoutBNAnalysis:
-    """Trace ``model`` in training mode and find its Dropout → BN pairs (meta device is fine)."""
-    return find_dropout_bn(trace_training(model), include_structured=include_structured)
-
-
-def short_source(source: str | None) -> str | None:
-    """``file:line`` shortened for reports: library files from their package, user files relative
-    to the working directory when under it."""
-    if not source:
-        return source
-    path, _, line = source.rpartition(":")
-    marker = os.sep + "site-packages" + os.sep
-    if marker in path:
-        path = path.split(marker, 1)[1]
-    else:
-        try:
-            rel = os.path.relpath(path)
-        except ValueError:  # another drive on Windows
-            rel = path
-        if not rel.startswith(".."):
-            path = rel
-    return f"{path}:{line}"
-
-
-# --- where a dropout belongs: after the last BN, before the classifier ------------------------
-
-
-@dataclass
-class HeadPlace:
-    """Where one Dropout can go after the last BN and before the classifier.
-
-    ``action`` is ``"replace_module"`` (an existing ``nn.Identity`` / ``Dropout(p=0)`` slot
-    feeding the classifier, ``target`` names it), ``"wrap_arg"`` (feed the classifier's input
-    through a new module; ``owner``/``node``/``key``/``ordinal`` locate the classifier call) or
-    ``"existing"`` (an active dropout already sits there: nothing to add).
-    """
-
-    action: str
-    classifier: str
-    owner: str
-    node: str
-    key: str
-    ordinal: int
-    source: str | None
-    target: str | None = None
-    p: float | None = None
-
-
-def find_head_place(traced: TraceResult) -> HeadPlace | str:
-    """The classifier's input, if no running-stat norm lies after it; else the reason (a str).
-
-    The classifier is the last learned map (Linear, conv, F.linear, matmul) the model output
-    depends on; a dropout on its input is after every BN when no BN is downstream of that input
-    — which is where torchvision and timm put their own ``drop_rate``/``head_drop`` dropouts.
-    """
-    root = next((p for p in traced.parts if p.prefix == ""), None)
-    if root is None:
-        return "the model's own forward could not be traced, so its classifier is not known"
-    gm = root.graph_module
-    outputs = [n for n in gm.graph.nodes if n.op == "output"]
-    if not outputs:
-        return "the traced graph has no output"
-    flow = DataFlow.of(gm)
-    region = flow.anc(outputs[0]) & flow.weighted_mask
-    if not region:
-        return "no learned map (Linear, conv) feeds the output"
-    classifier = flow.nodes[region.bit_length() - 1]  # the topologically last one
-    label = node_label(root, classifier)
-    feat = classifier.args[0] if classifier.args else None
-    if not isinstance(feat, fx.Node):
-        return f"the classifier {label} takes no tensor as its first argument"
-    part_flow = _PartFlow(root)
-    below = part_flow.downstream(feat) + ([classifier] if classifier in part_flow.norm else [])
-    if below:
-        return (
-            f"a BatchNorm ({part_flow.norm[below[0]][0]}) comes after the input of the classifier "
-            f"{label}"
-        )
-    key, ordinal = locators(root)[classifier]
-    common = dict(
-        classifier=label,
-        owner=classifier.meta.get("owner", ""),
-        node=classifier.name,
-        key=key,
-        ordinal=ordinal,
-        source=classifier.meta.get("source"),
-    )
-    slot = part_flow._module(feat)
-    if slot is not None:
-        calls = sum(1 for n in part_flow.nodes if n.op == "call_module" and n.target == feat.target)
-        if is_dropout_module(slot):
-            return HeadPlace("existing", target=node_label(root, feat), p=float(slot.p), **common)
-        empty = isinstance(slot, nn.Identity) or (
-            isinstance(slot, _DROPOUT_MODULES) and float(slot.p) == 0.0
-        )
-        if empty and calls == 1 and len(feat.users) == 1:
-            return HeadPlace("replace_module", target=node_label(root, feat), **common)
-    return HeadPlace("wrap_arg", **common)

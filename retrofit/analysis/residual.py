@@ -39,9 +39,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.graph.dataflow import DataFlow, is_add, is_metadata, node_key
-from retrofit.graph.existing import drop_rate_attribute
-from retrofit.graph.trace import TracedPart, TraceResult
+from retrofit.analysis.dataflow import DataFlow, is_add, node_key
+from retrofit.capture.concrete import is_metadata
+from retrofit.capture.existing import drop_rate_attribute
+from retrofit.capture.trace import TracedPart, TraceResult
 
 __all__ = ["ResidualSite", "existing_drop_path", "find_residual_sites"]
 

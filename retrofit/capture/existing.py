@@ -1,8 +1,8 @@
 """The regularizers a model already has: kept as single nodes, recognised, reused.
 
 A graph analysis must see an existing Dropout, drop path or DropBlock as one node — to find the
-Dropout → BatchNorm pairs (``graph/dropout_bn.py``), to reuse a drop-path slot instead of
-stacking a second gate on it (``graph/residual.py``, ``rewrite.py``) — so the tracer keeps them as
+Dropout → BatchNorm pairs (``analysis/dropout_bn.py``), to reuse a drop-path slot instead of
+stacking a second gate on it (``analysis/residual.py``, ``rewrite/execute.py``) — so the tracer keeps them as
 leaves. Known by class: torch's dropouts, timm's ``DropPath``/``DropBlock2d``, torchvision's
 ``StochasticDepth``/``DropBlock*``, every layer retrofit inserts (``retrofit.layers``, read from its
 exports so a new layer cannot be forgotten). Known by convention: a parameter-free module whose

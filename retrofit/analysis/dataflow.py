@@ -16,15 +16,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DataFlow", "is_add", "is_metadata", "node_key", "locate"]
+from retrofit.capture.concrete import is_metadata
+
+__all__ = ["DataFlow", "is_add", "locate", "node_key"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
-
-# Reading a tensor's metadata does not make the result depend on the tensor's values: a mask
-# built from ``x.shape`` is a constant for analysis purposes, not a data path from the input.
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
-_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "nelement"}
 
 # Calls that carry learned or input-dependent linear maps: what makes a branch "heavy".
 _MATMUL_FUNCTIONS = {
@@ -52,13 +49,6 @@ def is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return True
     return node.op == "call_method" and node.target in _ADD_METHODS
-
-
-def is_metadata(node: fx.Node) -> bool:
-    """Whether ``node`` only reads a tensor's metadata (shape, rank, dtype, device)."""
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
-    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 def _is_map(param: torch.Tensor | None) -> bool:
