@@ -79,3 +79,36 @@ def tiny_fcn(num_classes: int = 11) -> nn.Module:
 
     backbone = Backbone(key="out")
     return FCN(backbone, FCNHead(backbone.out_channels, num_classes))
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )  # fmt: skip
+
+
+class TinyUNet(nn.Module):
+    """A U-Net written by hand (Ronneberger et al. 2015, "U-Net: Convolutional Networks for
+    Biomedical Image Segmentation"), three poolings deep: encoder ``enc1``-``enc3`` and
+    ``bottleneck`` at reductions 1, 2, 4, 8, a decoder that upsamples (transposed convs) and
+    concatenates each encoder map (the skips), per-pixel logits of the input size."""
+
+    def __init__(self, num_classes: int = 11, width: int = 8) -> None:
+        super().__init__()
+        w = width
+        self.enc1, self.enc2 = _double_conv(3, w), _double_conv(w, 2 * w)
+        self.enc3, self.bottleneck = _double_conv(2 * w, 4 * w), _double_conv(4 * w, 8 * w)
+        self.up3, self.dec3 = nn.ConvTranspose2d(8 * w, 4 * w, 2, 2), _double_conv(8 * w, 4 * w)
+        self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, 2), _double_conv(4 * w, 2 * w)
+        self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, 2), _double_conv(2 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        e3 = self.enc3(F.max_pool2d(e2, 2))
+        b = self.bottleneck(F.max_pool2d(e3, 2))
+        d3 = self.dec3(torch.cat([self.up3(b), e3], dim=1))
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], dim=1))
+        return self.head(self.dec1(torch.cat([self.up1(d2), e1], dim=1)))

@@ -249,7 +249,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         recipe = retrofit.load_recipe(sd(p_L=0.3))  # no seed in the recipe: the trainer sets it
         retrofit.apply(model, recipe, example_input=torch.randn(2, 3, 8, 8))
         env = D.DistEnv(rank=rank, world_size=world)
-        assert D.seed_gates(model, 1234, env) == 1234
+        assert D.seed_shared_draws(model, 1234, env) == 1234
         assert D.needs_find_unused(model, recipe)
         ddp = D.wrap_ddp(model, env, find_unused_parameters=D.needs_find_unused(model, recipe))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -547,16 +547,16 @@ def test_trainer_checkpoint_keeps_the_draw_counter(tmp_path):
     assert len(steps) == 3 and all(r["sd_kept"] is not None for r in steps)
 
 
-def test_seed_gates_only_when_ranks_must_agree():
+def test_shared_seeds_only_when_ranks_must_agree():
     model = retrofit.apply(
         tiny_resnet(width=4, depth=2), sd(), example_input=torch.randn(2, 3, 8, 8)
     )
-    assert D.seed_gates(model, 7, D.DistEnv()) is None  # one process: global RNG, as before
+    assert D.seed_shared_draws(model, 7, D.DistEnv()) is None  # one process: global RNG, as before
     assert all(g.seed is None for g in gates(model))
-    assert D.seed_gates(model, 7, D.DistEnv(rank=1, world_size=2)) == 7
+    assert D.seed_shared_draws(model, 7, D.DistEnv(rank=1, world_size=2)) == 7
     assert all(g.seed == 7 and g.draws == 0 for g in gates(model))
     row = retrofit.apply(
         tiny_resnet(width=4, depth=2), sd("row"), example_input=torch.randn(2, 3, 8, 8)
     )
-    assert D.seed_gates(row, 7, D.DistEnv(rank=1, world_size=2)) is None
+    assert D.seed_shared_draws(row, 7, D.DistEnv(rank=1, world_size=2)) is None
     assert not D.needs_find_unused(row, retrofit.load_recipe(sd("row")))

@@ -145,6 +145,86 @@ def test_dropblock_after_every_block_of_retinanet_groups_3_and_4():
     _retina().load_state_dict(model.state_dict(), strict=True)
 
 
+# ResNet-50 FPN detectors at 64 px, their RoI / anchor sampling cut to 64 per image (a faster
+# training step; the architecture and state_dict keys are the builders' own).
+FPN_DETECTORS = {
+    "fasterrcnn_resnet50_fpn": {"box_batch_size_per_image": 64, "rpn_batch_size_per_image": 64},
+    "retinanet_resnet50_fpn": {},
+}
+# The pyramid's output levels: Faster R-CNN's P2-P5 3x3 convs (its "pool" level is P5
+# subsampled, no conv), RetinaNet's P3-P5 and its extra P6, P7 convs.
+FPN_LEVELS = {
+    "fasterrcnn_resnet50_fpn": [f"backbone.fpn.layer_blocks.{i}" for i in range(4)],
+    "retinanet_resnet50_fpn": [f"backbone.fpn.layer_blocks.{i}" for i in range(3)]
+    + ["backbone.fpn.extra_blocks.p6", "backbone.fpn.extra_blocks.p7"],
+}
+
+
+def _fpn_detector(name: str) -> nn.Module:
+    return torchvision.models.get_model(
+        name, weights=None, weights_backbone=None, num_classes=3, **SMALL, **FPN_DETECTORS[name]
+    )
+
+
+@pytest.mark.parametrize("name", list(FPN_DETECTORS))
+def test_dropblock_fpn_option_masks_every_pyramid_level(name):
+    """``dropblock.fpn: true`` (Ghiasi et al. 2018's option for RetinaNet): besides the stage
+    outputs of groups 3 and 4, one DropBlock on each FPN output level, inside the level's conv
+    (the pyramid returns its levels in a dict); applied verified and live, each one called once
+    by a training step and dropping units there; strip gives weights that load strictly into the
+    builder's class."""
+    torch.manual_seed(0)
+    model = _fpn_detector(name)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    recipe = {"dropblock": {"stages": [3, 4], "fpn": True, "block_size": 3, "keep_prob": 0.5}}
+    retrofit.apply(model, recipe)
+    edits = retrofit.applied_plan(model).by_kind("dropblock")
+    levels = FPN_LEVELS[name]
+    assert [e.target for e in edits] == ["backbone.body.layer3", "backbone.body.layer4", *levels]
+    fpn_edits = edits[2:]
+    assert [e.note.split(" (")[0] for e in fpn_edits] == [
+        f"after FPN level {i}/{len(levels)}" for i in range(1, len(levels) + 1)
+    ]
+    blocks = _gates(model, DropBlock)
+    convs = [lvl if "extra" in lvl else f"{lvl}.0" for lvl in levels]
+    assert blocks == [
+        "backbone.body.layer3.5.retrofit_dropblock0",
+        "backbone.body.layer4.2.retrofit_dropblock0",
+        *[f"{c}.retrofit_dropblock0" for c in convs],
+    ]
+    retrofit.schedule.update(model, 1.0)
+    zeros: dict[str, float] = {}
+    hooks = [
+        model.get_submodule(b).register_forward_hook(
+            lambda _m, _i, out, b=b: zeros.__setitem__(b, float((out == 0).float().mean()))
+        )
+        for b in blocks
+    ]
+    counts, _ = _train_step_calls(model, blocks)
+    for h in hooks:
+        h.remove()
+    assert all(n == 1 for n in counts.values()), counts
+    # keep_prob 0.5: the levels with room for a block (P2 / P3 at 16x16 or 8x8) lose about half.
+    assert zeros[f"{convs[0]}.retrofit_dropblock0"] > 0.2, zeros
+    retrofit.strip(model)
+    assert _gates(model, DropBlock) == []
+    state = model.state_dict()
+    fresh = _fpn_detector(name)
+    fresh.load_state_dict(state, strict=True)
+    # No optimizer step: the weights are the builder's (BatchNorm statistics moved in training).
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+def test_dropblock_fpn_option_is_checked():
+    """A non-boolean, or a model without a feature pyramid: a RecipeError naming the field."""
+    from retrofit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"dropblock\.fpn"):
+        retrofit.load_recipe({"dropblock": {"fpn": "yes"}})
+    with pytest.raises(RecipeError, match=r"dropblock\.fpn.*ResNet has none"):
+        retrofit.plan(torchvision.models.resnet18(), {"dropblock": {"fpn": True}})
+
+
 def test_detector_equivalence_compares_detections_and_features():
     """Random weights detect nothing at the default thresholds; while verifying, every
     score_thresh is 0 (10 detections per image) and the backbone's and heads' outputs are

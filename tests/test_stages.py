@@ -300,3 +300,34 @@ def test_shape_propagation_names_the_node_that_needs_data():
     gm = trace_module(NeedsData())
     with pytest.raises(ShapePropError, match="failed at node 'tolist'"):
         propagate_shapes(gm, torch.randn(2))
+
+
+def test_unet_by_hand_has_its_four_encoder_stages():
+    """A U-Net's skips (each encoder map concatenated in the decoder, after an upsampling) jump
+    over no stage: all four encoder levels are stages, none of the decoder's (before, the skip
+    from ``enc1`` took the whole encoder off the main path and the one stage found was the
+    decoder's output). DropBlock on stages [3, 4] lands after ``enc3`` and ``bottleneck``,
+    applied verified and live; strip loads into the original class strictly."""
+    from retrofit.layers import DropBlock
+    from tests.task_models import TinyUNet
+
+    torch.manual_seed(0)
+    model = TinyUNet()
+    x = torch.randn(2, 3, 64, 64)
+    found = stages(model, x)
+    assert [(s.module, s.reduction, s.shape) for s in found] == [
+        ("enc1", 1, (2, 8, 64, 64)),
+        ("enc2", 2, (2, 16, 32, 32)),
+        ("enc3", 4, (2, 32, 16, 16)),
+        ("bottleneck", 8, (2, 64, 8, 8)),
+    ]
+    retrofit.apply(model, {"dropblock": {"stages": [3, 4], "block_size": 3}}, example_input=x)
+    edits = retrofit.applied_plan(model).by_kind("dropblock")
+    assert [(e.target, e.node) for e in edits] == [
+        ("enc3", "enc3_5"),
+        ("bottleneck", "bottleneck_5"),
+    ]
+    blocks = [n for n, m in model.named_modules() if isinstance(m, DropBlock)]
+    assert len(blocks) == 2
+    retrofit.strip(model)
+    TinyUNet().load_state_dict(model.state_dict(), strict=True)

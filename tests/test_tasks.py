@@ -289,6 +289,28 @@ def test_bn_momentum_is_set_on_every_batchnorm_before_training():
         TrainConfig(bn_momentum=0)
 
 
+def test_unet_by_hand_fine_tunes_with_dropblock_on_its_encoder(tmp_path):
+    """A U-Net written by hand (it returns a tensor of logits) through the segmentation task:
+    DropBlock on its stages 3 and 4 (``enc3``, ``bottleneck``), the keep_prob ramp logged, mIoU
+    per epoch, and the exported weights load into the original class strictly."""
+    from retrofit.train import fit
+    from tests.task_models import TinyUNet
+
+    torch.manual_seed(0)
+    recipe = {"dropblock": {"stages": [3, 4], "block_size": 3, "keep_prob": 0.8}}
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-3, workers=0, warmup_epochs=0, log_every=2)
+    res = fit(TinyUNet(), recipe, "digits:side=32:train=16:val=8", out=tmp_path, device="cpu",
+              progress=False, config=cfg, task="segmentation")  # fmt: skip
+    assert res.completed
+    assert [e["target"] for e in res.plan["edits"]] == ["enc3", "bottleneck"]
+    epochs = [r for r in res.history if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0.0 <= r["val_miou"] <= 100.0 for r in epochs)
+    assert 0.8 <= epochs[-1]["keep_prob"] < 1.0  # ramped from 1 towards 0.8
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["task"] == "segmentation"
+    TinyUNet().load_state_dict(read_weights(res.weights), strict=True)
+
+
 @pytest.mark.slow  # a subprocess building and training ResNet-50 Faster R-CNN: ~15 s when quiet
 def test_cli_detection_fine_tune_on_the_embedded_data(tmp_path):
     out = tmp_path / "det"

@@ -212,8 +212,6 @@ def test_the_trainer_applies_the_records_input_transforms():
 # Technique names that may appear as string literals outside retrofit/techniques/ and the recipe
 # schema, each with why it is not dispatch.
 _ALLOWED_NAMES = {
-    # a salt for the seed of the gates' common draws (changing it would change every run's draws)
-    ("retrofit/train/loop.py", "stochastic_depth"),
     # a name models give their own drop-path modules (torchvision's ``stochastic_depth``
     # attribute), matched to recognise an existing slot: the model's name, not the technique's
     ("retrofit/analysis/residual.py", "stochastic_depth"),
@@ -261,6 +259,36 @@ def test_nothing_outside_the_records_dispatches_on_a_technique_name():
             if isinstance(node, ast.Constant) and node.value in TECHNIQUES and id(node) not in skip
         }
     assert found == _ALLOWED_NAMES
+
+
+def test_the_trainer_reaches_layers_only_through_their_protocols():
+    """No module of retrofit/train imports a layer (the gate, ``is_gate``, its counters or seeded
+    draws) or a technique's module: what it needs of layers (seeding under DDP, the counters a
+    checkpoint carries) is typed in ``retrofit.layers.protocol``, what it needs of techniques is
+    read from the records."""
+    import ast
+
+    found = set()
+    for path in sorted((ROOT / "retrofit" / "train").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for m in modules:
+                layer = m.startswith("retrofit.layers") and m not in (
+                    "retrofit.layers.protocol",
+                    *(f"retrofit.layers.protocol.{n}" for n in protocol.__all__),
+                )
+                technique = m.startswith("retrofit.techniques.") and m.split(".")[2] in TECHNIQUES
+                if layer or technique:
+                    found.add((rel, m))
+    assert found == set()
+    assert "is_gate" not in (ROOT / "retrofit/train/loop.py").read_text()
+    assert "is_gate" not in (ROOT / "retrofit/train/distributed.py").read_text()
 
 
 # --- adding a technique: ShakeDrop-style branch noise (Yamada et al. 2019), test-only ----------

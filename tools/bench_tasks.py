@@ -4,14 +4,25 @@ and the evaluation pass against an epoch, on the embedded digits canvases, in on
     python tools/bench_tasks.py                          # CPU, default sizes below
     python tools/bench_tasks.py --device cuda --side 256 --batch-size 16
     python tools/bench_tasks.py --json
+    python tools/bench_tasks.py --recipe recipes/dropblock.yaml   # both sides retrofitted alike
 
 Throughput: the peer is the loop torchvision's references boil down to — detection:
 ``loss = sum(model(images, targets).values())``; segmentation: cross-entropy on ``out`` plus 0.5 ×
 on ``aux`` (ignore 255) — then backward, timm's AdamW step, zero_grad, over the same batches cut
 from the same tensors (the trainer's own in-memory batches) with the same model architecture and
-initial weights. The trainer's figure is its ``images_per_s`` of every epoch after the first
-(a warm-up); the peer times the same epochs the same way. Trainer and peer alternate ``--rounds``
-times and the medians are compared, so a neighbour's load affects both alike.
+initial weights. Like with like: without ``--recipe`` neither side is retrofitted (the trainer's
+``apply`` with no recipe edits nothing); with it the peer gets the same edits from the public API
+(``retrofit.apply`` with the trainer's probe size, ``retrofit.schedule.update`` before each step,
+as a hand-written loop using retrofit would), so the ratio is the trainer's own cost in both cases.
+The trainer's figure is its ``images_per_s`` of every epoch after the first (a warm-up); the peer
+times the same epochs the same way. Trainer and peer alternate ``--rounds`` times, each going
+first in every other round, and the medians are compared.
+
+On a CPU the benchmark also reports CPU seconds per image (``time.process_time`` over the same
+training epochs; the trainer's read at its epoch start and at its last step's log record through
+its ``Console``): with one thread this is the work each side does, which a neighbour's load on a
+shared machine changes far less than it changes wall-clock throughput (minutes-long blocks of a
+busy machine move the wall ratio by ±20%; the operator profile of the two steps is identical).
 
 Evaluation: the trainer's ``eval_time`` (the whole pass: forward over the validation canvases,
 then COCO mAP through torchmetrics / faster-coco-eval, or mIoU) ÷ its ``epoch_time``, with the
@@ -34,8 +45,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+import retrofit  # noqa: E402
 from retrofit.finetune_config import TrainConfig  # noqa: E402
 from retrofit.train import fit  # noqa: E402
+from retrofit.train.console import Console  # noqa: E402
+from retrofit.train.prepare import example_input  # noqa: E402
 from retrofit.train.tasks import get_task  # noqa: E402
 
 MODELS = {"detection": "fasterrcnn_resnet50_fpn", "segmentation": "lraspp_mobilenet_v3_large"}
@@ -56,33 +70,64 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Clock(Console):
+    """The trainer's console, quiet, noting the CPU clock when an epoch's training starts (its
+    bar is asked for) and at its last step's log record (``log_every`` = steps per epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__("log", progress=False)
+        self.marks: list[float] = []
+
+    def epoch_bar(self, epoch: int, epochs: int, total: int, initial: int) -> None:
+        self.marks.append(time.process_time())
+
+    def step(self, rec, bar, *, epochs: int, total_steps: int) -> None:
+        self.marks.append(time.process_time())
+
+
 def trainer(
     task: str, name: str, args, cfg: TrainConfig, device: torch.device
-) -> tuple[list[float], list[float]]:
-    """Images/s of each epoch after the first, and eval_time / epoch_time of every epoch."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Images/s and CPU s/image of each epoch after the first, and eval_time / epoch_time of
+    every epoch."""
     data = f"digits:side={args.side}:train={args.train}:val={args.val}"
-    res = fit(build(task, name, args.side), None, data, out=None, device=device, progress=False,
-              config=cfg, task=task)  # fmt: skip
+    clock = _Clock()
+    res = fit(build(task, name, args.side), args.recipe, data, out=None, device=device,
+              config=cfg, task=task, report=clock)  # fmt: skip
     epochs = [r for r in res.history if r["kind"] == "epoch"]
-    return [r["images_per_s"] for r in epochs[1:]], [
-        r["eval_time"] / r["epoch_time"] for r in epochs
-    ]
+    images = res.step // cfg.epochs * cfg.batch_size
+    cpu = [(b - a) / images for a, b in zip(clock.marks[2::2], clock.marks[3::2], strict=True)]
+    return (
+        [r["images_per_s"] for r in epochs[1:]],
+        cpu,
+        [r["eval_time"] / r["epoch_time"] for r in epochs],
+    )
 
 
-def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> list[float]:
+def peer(
+    task: str, name: str, args, cfg: TrainConfig, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Images/s and CPU s/image of each epoch after the first."""
     from timm.optim import create_optimizer_v2
 
     t = get_task(task)
-    model = build(task, name, args.side).to(device).train()
+    model = build(task, name, args.side).to(device)
     data = f"digits:side={args.side}:train={args.train}:val={args.val}"
     bundle = t.build_data(data, model, cfg, device=device)
     bundle.train.place(device, 2 << 30)
+    if args.recipe is not None:
+        retrofit.apply(model, args.recipe, example_input=example_input(bundle.input_size, device))
+    model.train()
+    progressive = retrofit.schedule.progressive_modules(model)
     opt = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rates = []
+    total = cfg.epochs * (args.train // cfg.batch_size)
+    rates, cpu, step = [], [], 0
     for epoch in range(cfg.epochs):
         sync(device)
-        t0, n = time.perf_counter(), 0
+        t0, c0, n = time.perf_counter(), time.process_time(), 0
         for x, y in bundle.train.iter_epoch(epoch):
+            retrofit.schedule.update_modules(progressive, step / total)
+            step += 1
             if task == "detection":
                 x = x.to(device)
                 y = [{k: v.to(device) for k, v in d.items()} for d in y]
@@ -101,7 +146,8 @@ def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> 
         sync(device)
         if epoch > 0:
             rates.append(n / (time.perf_counter() - t0))
-    return rates
+            cpu.append((time.process_time() - c0) / n)
+    return rates, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3, help="per round (the first is a warm-up)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--recipe", default=None, help="a recipe both sides apply (model edits only)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.recipe is not None and retrofit.load_recipe(args.recipe).cutout is not None:
+        p.error("--recipe: Cutout acts on the batch, which the hand-written peer does not mirror")
     device = torch.device(args.device)
     steps = args.train // args.batch_size
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, log_every=steps,
@@ -123,17 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for task in args.tasks:
         name = MODELS[task]
-        ours, theirs, eval_frac = [], [], []
-        for _ in range(args.rounds):
-            rates, frac = trainer(task, name, args, cfg, device)
-            ours += rates
-            eval_frac += frac
-            theirs += peer(task, name, args, cfg, device)
+        ours, theirs, our_cpu, their_cpu, eval_frac = [], [], [], [], []
+        for i in range(args.rounds):
+            # Each side goes first in every other round: a drift in the machine's load (or a
+            # warmer allocator) favours neither.
+            for side in ("trainer", "peer") if i % 2 == 0 else ("peer", "trainer"):
+                if side == "trainer":
+                    rates, cpu, frac = trainer(task, name, args, cfg, device)
+                    ours, our_cpu, eval_frac = ours + rates, our_cpu + cpu, eval_frac + frac
+                else:
+                    rates, cpu = peer(task, name, args, cfg, device)
+                    theirs, their_cpu = theirs + rates, their_cpu + cpu
         results[task] = {
             "model": name,
             "trainer_img_s": statistics.median(ours),
             "peer_img_s": statistics.median(theirs),
             "ratio": statistics.median(ours) / statistics.median(theirs),
+            "trainer_cpu_s_per_img": statistics.median(our_cpu),
+            "peer_cpu_s_per_img": statistics.median(their_cpu),
+            # Throughput ratio by CPU work: peer's CPU seconds per image / the trainer's.
+            "cpu_ratio": statistics.median(their_cpu) / statistics.median(our_cpu),
             "eval_over_epoch": statistics.median(eval_frac),
         }
     meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -142,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
     print(f"# {device}, {torch.get_num_threads()} thread(s), {args.side}px canvases, batch "
-          f"{args.batch_size}, {args.train}/{args.val} canvases, {args.rounds} round(s)")  # fmt: skip
+          f"{args.batch_size}, {args.train}/{args.val} canvases, {args.rounds} round(s), "
+          f"recipe {args.recipe or 'none'}")  # fmt: skip
     for task, r in results.items():
+        cpu = f"; by CPU time {r['cpu_ratio']:.3f}x" if device.type == "cpu" else ""
         print(f"{task:12s} {r['model']:28s} trainer {r['trainer_img_s']:8.1f} img/s, hand-written "
-              f"{r['peer_img_s']:8.1f} img/s: {r['ratio']:.3f}x; eval / epoch "
+              f"{r['peer_img_s']:8.1f} img/s: {r['ratio']:.3f}x{cpu}; eval / epoch "
               f"{100 * r['eval_over_epoch']:.1f}%")  # fmt: skip
     return 0
 

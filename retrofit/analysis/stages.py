@@ -340,6 +340,10 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow, *, handoff: bool = False) -
     backbone's ``body`` feature maps read by its ``fpn``) is not a jump either, like a returned
     value: the encoder's c3…c5 stay on the main path."""
     position = {n: i for i, n in enumerate(nodes)}
+    # A decoder's skip inputs (a U-Net's encoder maps, concatenated after an upsampling) are
+    # read past the encoder's end: they jump over no stage. Without this every encoder level
+    # but the first would be off the main path.
+    decoder = _first_upsampling(nodes)
     main: set[fx.Node] = set()
     open_until = -1
     for i, node in enumerate(nodes):
@@ -357,10 +361,37 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow, *, handoff: bool = False) -
             ends = (
                 position[u]
                 for u in node.users
-                if u.op != "output" and not (handoff and top and _top(u) not in ("", top))
+                if u.op != "output"
+                and not (handoff and top and _top(u) not in ("", top))
+                and position[u] <= decoder
             )
             open_until = max(open_until, *ends, i)
     return main
+
+
+# Ops that only relabel a tensor's dimensions: a permute of a head's (N, A, K, H, W) scores is
+# not an upsampling, however its sizes compare.
+_LAYOUT_OPS = frozenset(
+    {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "expand", "expand_as",
+     "contiguous", "squeeze", "unsqueeze", "movedim", "repeat"}
+)  # fmt: skip
+
+
+def _first_upsampling(nodes: list[fx.Node]) -> int:
+    """Position of the first node that makes a feature map larger, in height and in width,
+    than the one it reads (a transposed conv, an interpolation: where a decoder starts), else
+    past the last node."""
+    for i, node in enumerate(nodes):
+        out = shape_of(node)
+        name = getattr(node.target, "__name__", str(node.target))
+        if out is None or len(out) < 4 or name in _LAYOUT_OPS:
+            continue
+        for arg in node.all_input_nodes:
+            shape = shape_of(arg)
+            same_kind = shape is not None and len(shape) == len(out) and shape[0] == out[0]
+            if same_kind and out[-2] > shape[-2] and out[-1] > shape[-1]:
+                return i
+    return len(nodes)
 
 
 def _top(node: fx.Node) -> str:

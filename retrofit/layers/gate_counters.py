@@ -3,7 +3,8 @@
 The bookkeeping half of :class:`retrofit.layers.stochastic_depth.StochasticDepthGate`, kept apart
 from the regularizer so that the layer carries its settings and this typed holder its counters.
 The gate reports them through ``rates()`` (``retrofit.schedule.statistics`` sums them per site
-and per block) and checkpoints save ``calls``/``kept``/``draws``.
+and per block) and checkpoints save ``calls``/``kept``/``draws`` (:meth:`GateCounters.saved`, the
+gate's side of ``retrofit.layers.protocol.Resumable``).
 
 Counting adds no work to an eager step. Batch and subset decisions are made on the host, so they
 are counted with Python integers. Row mode draws a mask per sample on the device: the counters
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -138,6 +139,22 @@ class GateCounters:
         self.calls = 0
         self.kept = 0
         self.history.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def saved(self) -> list[int]:
+        """``[calls, kept, draws]``: the list a checkpoint carries (its format since draws were
+        added; older checkpoints hold ``[calls, kept]``)."""
+        return [int(self.calls), int(self.kept), int(self.draws)]
+
+    def restore(self, saved: Sequence[int], *, own: bool) -> None:
+        """Put back :meth:`saved`'s list. ``calls``/``kept`` are this rank's tally: only from its
+        own record (``own``); ``draws`` is the same on every rank of a seeded run, so it comes
+        back from rank 0's record too (a world-size change)."""
+        if own:
+            self.calls, self.kept = int(saved[0]), int(saved[1])
+        if len(saved) > 2:
+            self.draws = int(saved[2])
 
     # ------------------------------------------------------------------ moving and copying
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -234,7 +234,9 @@ class StochasticDepthGate(nn.Module):
     ``gate(shortcut, *inputs, branch=f, outline=spec)`` it computes the whole residual add and runs
     the branch only when kept (batch mode) or only on the kept rows (subset mode); see the module
     docstring. ``seed``/``stream`` make batch and subset draws counter-based
-    (:mod:`retrofit.layers.seeded_draws`).
+    (:mod:`retrofit.layers.seeded_draws`); the trainer seeds them under DDP and checkpoints the
+    counters through the gate's ``SharedDraws`` and ``Resumable`` sides
+    (:mod:`retrofit.layers.protocol`).
 
     Statistics for logging (:class:`~retrofit.layers.gate_counters.GateCounters`, the gate's
     ``counters``), updated by every training forward (survival 1.0 included: a block that is
@@ -340,6 +342,15 @@ class StochasticDepthGate(nn.Module):
         self._stream = value
         self._base = site_base(self._seed, value)
 
+    def needs_shared_seed(self) -> bool:
+        """Batch mode skips whole branches: under DDP every rank must skip the same ones
+        (``retrofit.layers.protocol.SharedDraws``)."""
+        return self.mode == "batch"
+
+    def restart_draws(self) -> None:
+        """The draw counter, the key of seeded draws, back to 0."""
+        self.draws = 0
+
     # ------------------------------------------------------------------ schedule
 
     def set_progress(self, t: float) -> None:
@@ -387,6 +398,14 @@ class StochasticDepthGate(nn.Module):
     def reset_stats(self) -> None:
         """Zero ``calls``/``kept``/``history``; ``draws`` is the RNG counter and stays."""
         self.counters.reset()
+
+    def checkpoint_counters(self) -> list[int]:
+        """``[calls, kept, draws]`` (``retrofit.layers.protocol.Resumable``)."""
+        return self.counters.saved()
+
+    def restore_counters(self, saved: Sequence[int], *, own: bool) -> None:
+        """Put back :meth:`checkpoint_counters`' list (``[calls, kept]`` from older checkpoints)."""
+        self.counters.restore(saved, own=own)
 
     # The row-mode masks not yet counted and the device-side count not yet read back
     # (tests/test_layers.py checks that counting on CUDA defers its sync).

@@ -54,10 +54,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -108,6 +110,9 @@ class DropBlockSpec(Spec):
         per_channel: an independent mask per channel instead of one shared across channels.
         ramp: fraction of training over which keep_prob goes linearly from 1 to its target
             (the paper ramps over the whole run: 1.0).
+        fpn: also one DropBlock on every output level of the model's feature pyramid
+            (torchvision's ``FeaturePyramidNetwork``, as in its Faster / Mask R-CNN, RetinaNet
+            and FCOS), besides the chosen stages: the option Ghiasi et al. name for RetinaNet.
     """
 
     section: ClassVar[str] = "dropblock"
@@ -121,6 +126,7 @@ class DropBlockSpec(Spec):
     placement: str = "stages"
     per_channel: bool = False
     ramp: float = 1.0
+    fpn: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> DropBlockSpec:
@@ -148,6 +154,7 @@ class DropBlockSpec(Spec):
             placement=choice(f"{s}.placement", d.get("placement", cls.placement), cls.PLACEMENTS),
             per_channel=boolean(f"{s}.per_channel", d.get("per_channel", cls.per_channel)),
             ramp=number(f"{s}.ramp", d.get("ramp", cls.ramp), low=0.0, high=1.0),
+            fpn=boolean(f"{s}.fpn", d.get("fpn", cls.fpn)),
         )
 
     @classmethod
@@ -393,12 +400,19 @@ def _blocks_in(
 
 
 def plan_dropblock(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
-    """Planner for the recipe's ``dropblock:`` section (its technique record's planner).
+    """Planner for the recipe's ``dropblock:`` section (its technique record's planner): the
+    chosen stages, then (``fpn: true``) the feature pyramid's output levels.
 
     Raises:
         NoConvStagesError: the model has no conv feature maps (a ViT).
-        RecipeError: ``dropblock.stages`` names a stage the model does not have.
+        RecipeError: ``dropblock.stages`` names a stage the model does not have;
+            ``dropblock.fpn`` on a model without a torchvision ``FeaturePyramidNetwork``.
     """
+    edits = _plan_stages(analysis, spec)
+    return edits + plan_fpn(analysis, spec) if spec.fpn else edits
+
+
+def _plan_stages(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
     sa = analysis.stages
     if sa.graph_module is None and spec.placement == "blocks" and sa.part is not None:
         return _plan_in_part(analysis, spec, sa)
@@ -476,7 +490,7 @@ def _plan_in_part(analysis: Analysis, spec: DropBlockSpec, sa: StageAnalysis) ->
         if not head or site.owner == prefix or site.owner.startswith(head)
     ]
     part_analysis = _PartAnalysis(local_sa, sites)
-    edits = plan_dropblock(part_analysis, spec)  # type: ignore[arg-type]
+    edits = _plan_stages(part_analysis, spec)  # type: ignore[arg-type]
     out = []
     for edit in edits:
         out.append(
@@ -504,6 +518,76 @@ class _PartAnalysis:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _pyramids(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """torchvision's ``FeaturePyramidNetwork`` modules of ``model`` (none unless torchvision is
+    already imported: a model cannot hold one otherwise)."""
+    ops = sys.modules.get("torchvision.ops")
+    fpn_type = getattr(ops, "FeaturePyramidNetwork", None)
+    if fpn_type is None:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, fpn_type)]
+
+
+def _fpn_levels(name: str, fpn: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The convolution that computes each output level: the 3×3 ``layer_blocks`` (P2–P5 of
+    Faster R-CNN, P3–P5 of RetinaNet), then the extra block's own convs (RetinaNet's / FCOS's
+    ``p6``, ``p7``). Faster R-CNN's extra ``pool`` level is a stride-2 subsample of P5 inside
+    ``LastLevelMaxPool``: it has no conv and carries P5's mask."""
+    levels = []
+    for i, block in enumerate(fpn.layer_blocks):
+        conv = [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1]
+        levels.append((f"{name}.layer_blocks.{i}", conv))
+    extra = getattr(fpn, "extra_blocks", None)
+    for child, m in extra.named_children() if extra is not None else []:
+        if isinstance(m, nn.Conv2d):
+            levels.append((f"{name}.extra_blocks.{child}", m))
+    return levels
+
+
+def _conv_output(analysis: Analysis, level: str, conv: nn.Conv2d) -> tuple[int, ...]:
+    """The level's output shape at the probe: the recorded input of its conv, through the
+    conv's own output-size formula."""
+    call = analysis.call(level)
+    x = call.args[0] if call is not None and call.args else None
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise TraceError(f"cannot place DropBlock after {level}: it did not run on the probe input")
+    dims = []
+    for i, side in enumerate(x.shape[2:]):
+        k, st, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        pad = conv.padding[i] if isinstance(conv.padding, tuple) else 0
+        dims.append((side + 2 * pad - d * (k - 1) - 1) // st + 1)
+    return (int(x.shape[0]), conv.out_channels, *dims)
+
+
+def plan_fpn(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
+    """``dropblock.fpn``: one DropBlock after every output level of each feature pyramid,
+    in the level's own module (the pyramid's forward gathers its levels in a dict, which a
+    layer inserted after the pyramid's call would receive). Per-stage ``block_size`` /
+    ``gamma_scale`` lists give the pyramid the last listed stage's values.
+
+    Raises:
+        RecipeError: on ``dropblock.fpn`` when the model has no feature pyramid.
+    """
+    pyramids = _pyramids(analysis.model)
+    if not pyramids:
+        raise RecipeError(
+            "dropblock.fpn", True, "true only for a model with torchvision's "
+            "FeaturePyramidNetwork (Faster / Mask / Keypoint R-CNN, RetinaNet, FCOS)",
+            f"{type(analysis.model).__name__} has none",
+        )  # fmt: skip
+    sa, sizes = analysis.stages, spec.for_stage(spec.stages[-1])
+    edits = []
+    for name, fpn in pyramids:
+        levels = _fpn_levels(name, fpn)
+        for i, (level, conv) in enumerate(levels, start=1):
+            shape = _conv_output(analysis, level, conv)
+            where = (f"after FPN level {i}/{len(levels)} ({level}, reduction "
+                     f"{sa.probe_shape[-1] // shape[-1]})")  # fmt: skip
+            site = _checked(sa, sa.output_site(level), where)
+            edits.append(_edit(spec, sizes, site, shape, sa.probe_shape, target=level, where=where))
+    return edits
 
 
 def dropblock_layer(edit: Edit) -> DropBlock:

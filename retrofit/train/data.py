@@ -123,15 +123,22 @@ class TensorBatches:
             self.images, self.labels = self.images.to(device), self.labels.to(device)
         return self
 
-    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
-        """Yield ``(images, labels)`` of ``epoch``, skipping the first ``start_batch`` batches."""
+    def batch_indices(self, epoch: int = 0, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """The sample indices (a CPU tensor) of each batch of ``epoch``, skipping the first
+        ``start_batch`` batches; training drops the last partial batch. Subclasses cut their
+        own batches from these (detection's per-image target lists)."""
         if self.train:
             self.sampler.set_epoch(epoch)
             self.sampler.set_start(start_batch * self.batch_size)
         order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
         stop = len(order) - len(order) % self.batch_size if self.train else len(order)
         for i in range(0 if self.train else start_batch * self.batch_size, stop, self.batch_size):
-            idx = order[i : i + self.batch_size].to(self.images.device)
+            yield order[i : i + self.batch_size]
+
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield ``(images, labels)`` of ``epoch``, skipping the first ``start_batch`` batches."""
+        for idx in self.batch_indices(epoch, start_batch):
+            idx = idx.to(self.images.device)
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 

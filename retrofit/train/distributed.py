@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retrofit.layers import is_gate
+from retrofit.layers.protocol import SharedDraws
 from retrofit.techniques import unused_parameters
 
 log = logging.getLogger("retrofit.train")
@@ -214,10 +214,10 @@ def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
     records the set of used parameters in the first iteration and assumes it never changes.
 
     The flag makes training correct, not consistent: if ranks dropped different blocks, a kept
-    branch's gradient would be averaged with the zeros of the ranks that dropped it. Seeded gates
-    (:func:`seed_gates`) make every rank drop the same blocks; a parameter unused on every rank
-    then keeps ``grad=None``, so the optimizer leaves it alone in that step (no momentum or
-    weight-decay update), exactly as in a single process.
+    branch's gradient would be averaged with the zeros of the ranks that dropped it. Seeded
+    gates (:func:`seed_shared_draws`) make every rank drop the same blocks; a parameter unused on
+    every rank then keeps ``grad=None``, so the optimizer leaves it alone in that step (no
+    momentum or weight-decay update), exactly as in a single process.
 
     Row and subset modes run every branch (on all rows, or on the kept rows) and the search has
     a cost, so the flag is off for them.
@@ -225,29 +225,33 @@ def needs_find_unused(model: nn.Module, recipe: Any) -> bool:
     return unused_parameters(recipe, model)  # each technique's record says (batch mode does)
 
 
-def _is_batch_gate(m: nn.Module) -> bool:
-    return is_gate(m) and m.mode == "batch"
+def seed_shared_draws(
+    model: nn.Module, seed: int, env: DistEnv, *, kind: str | None = None
+) -> int | None:
+    """Give the model's ``SharedDraws`` layers (of ``kind``, or all) a common seed when ranks
+    must agree (``retrofit.layers.protocol.SharedDraws``).
 
-
-def seed_gates(model: nn.Module, seed: int, env: DistEnv) -> int | None:
-    """Give batch-mode stochastic-depth gates a common seed when ranks must agree.
-
-    Unseeded gates draw from the global RNG, which the trainer seeds per rank (``seed + rank``):
-    in a distributed run their batch-mode decisions would differ between ranks. Gates the recipe
-    seeded (``stochastic_depth.seed``) keep their seed. Every seeded gate's draw counter restarts
-    at 0 (a resumed run restores it from the checkpoint afterwards). Returns the seed set, or
-    None when nothing needed one.
+    Unseeded layers draw from the global RNG, which the trainer seeds per rank (``seed + rank``):
+    in a distributed run their decisions would differ between ranks. So when the run is
+    distributed and one of them needs a shared seed (a batch-mode stochastic-depth gate), every
+    unseeded one gets ``seed``; layers the recipe seeded (``stochastic_depth.seed``) keep theirs.
+    Every seeded layer's draw counter restarts at 0 (a resumed run restores it from the
+    checkpoint afterwards). Returns the seed set, or None when nothing needed one.
     """
-    gates = [m for m in model.modules() if is_gate(m)]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, SharedDraws) and (kind is None or m.kind == kind)
+    ]
     chosen = None
-    if env.distributed and any(_is_batch_gate(g) and g.seed is None for g in gates):
+    if env.distributed and any(m.needs_shared_seed() and m.seed is None for m in layers):
         chosen = seed
-        for g in gates:
-            if g.seed is None:
-                g.seed = seed
-    for g in gates:
-        if g.seed is not None:
-            g.draws = 0
+        for m in layers:
+            if m.seed is None:
+                m.seed = seed
+    for m in layers:
+        if m.seed is not None:
+            m.restart_draws()
     return chosen
 
 

@@ -45,7 +45,7 @@ from torch import nn
 from retrofit import schedule
 from retrofit.errors import ModelError
 from retrofit.finetune_config import TrainConfig
-from retrofit.layers import is_gate
+from retrofit.layers.protocol import Resumable, SharedDraws
 from retrofit.techniques import TECHNIQUES, epoch_figures, logged, planned_figures
 from retrofit.train import distributed as D
 from retrofit.train.checkpoint import (
@@ -260,14 +260,14 @@ def _to_device(
     return x, y.to(device, non_blocking=True)
 
 
-def _gate_counters(model: nn.Module) -> dict[str, list[int]]:
-    """Calls/kept counters of the stochastic-depth gates (they feed ``kept_fraction``), and the
-    draw counter of gates that have one (seeded gates derive draw i from it: resuming continues
-    the sequence)."""
+def _layer_counters(model: nn.Module) -> dict[str, list[int]]:
+    """The counters of every ``Resumable`` layer (a stochastic-depth gate's ``[calls, kept,
+    draws]``: kept fractions, and the draw counter seeded draws are keyed by, so resuming
+    continues the sequence), by module name."""
     return {
-        name: [int(m.calls), int(m.kept), int(m.draws)]
+        name: [int(v) for v in m.checkpoint_counters()]
         for name, m in model.named_modules()
-        if is_gate(m)
+        if isinstance(m, Resumable)
     }
 
 
@@ -402,7 +402,7 @@ def _setup(
         _check_resume_world(ckpt, ckpt_path, cfg, env, steps_per_epoch)
         _load_training_state(ckpt, model, optimizer, scheduler, scaler, ema, bundle, cfg, env)
         _resume_position(state, ckpt, cfg)
-    _seed_gates(model, ckpt, cfg, env)
+    _seed_draws(model, ckpt, cfg, env)
 
     train_model = _training_wrapper(model, recipe, cfg, env)
     regularizers = _regularizers(model, recipe, env)
@@ -454,15 +454,19 @@ def _resume_position(state: RunState, ckpt: dict[str, Any], cfg: TrainConfig) ->
     state.batch_in_epoch = int(ckpt["batch_in_epoch"]) // saved_accum * cfg.grad_accum
 
 
-def _seed_gates(
+def _seed_draws(
     model: nn.Module, ckpt: dict[str, Any] | None, cfg: TrainConfig, env: D.DistEnv
 ) -> None:
-    """Batch-mode stochastic depth under DDP: every rank must skip the same blocks, so the gates
-    draw from train.seed; a resumed run continues their draw counters."""
-    if D.seed_gates(model, _mix(cfg.seed, "stochastic_depth") % 2**31, env) is not None:
-        log.info("stochastic depth: gates seeded from train.seed so that all ranks drop alike")
+    """Layers whose draws must agree under DDP (batch-mode stochastic depth: every rank must skip
+    the same blocks) draw from train.seed, salted by their kind (``_mix(seed, "stochastic_depth")``
+    for the gates, the value runs always had); a resumed run then continues the layers' counters
+    (after the seeding restarted the draw counters)."""
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, SharedDraws)})
+    for kind in kinds:
+        if D.seed_shared_draws(model, _mix(cfg.seed, kind) % 2**31, env, kind=kind) is not None:
+            log.info("%s: layers seeded from train.seed so that all ranks draw alike", kind)
     if ckpt is not None:
-        _restore_gate_draws(ckpt, model, env)
+        _restore_layer_counters(ckpt, model, env)
 
 
 def _start_training_rng(
@@ -953,7 +957,7 @@ def _checkpoint(run: _Run, state: RunState, batch_in_epoch: int) -> None:
                 k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
                 for k, v in state.meters.items()
             },
-            "gates": _gate_counters(model),
+            "gates": _layer_counters(model),  # the key of old checkpoints
             "generators": {k: g.get_state() for k, g in _private_generators(model).items()},
         },
         env,
@@ -1122,15 +1126,21 @@ def _restore_rank_state(
     for key, state in mine.get("generators", {}).items():
         if key in generators:
             generators[key].set_state(state)
-    for name, (calls, kept, *_) in mine.get("gates", {}).items():
-        gate = model.get_submodule(name)
-        gate.calls, gate.kept = calls, kept
 
 
-def _restore_gate_draws(ckpt: dict[str, Any], model: nn.Module, env: D.DistEnv) -> None:
-    """Put back the gates' draw counters (after :func:`D.seed_gates` reset them to 0)."""
+def _restore_layer_counters(ckpt: dict[str, Any], model: nn.Module, env: D.DistEnv) -> None:
+    """Put back the ``Resumable`` layers' counters (after :func:`D.seed_shared_draws` restarted
+    the draw counters): this rank's record, or rank 0's when the world size changed (``own``
+    False: only counters the ranks share come back). The key stays ``"gates"``, so checkpoints
+    of earlier versions resume and earlier versions resume these."""
     per_rank = ckpt.get("per_rank") or []
-    mine = per_rank[env.rank] if len(per_rank) == env.world_size else (per_rank or [{}])[0]
+    own = len(per_rank) == env.world_size
+    mine = per_rank[env.rank] if own else (per_rank or [{}])[0]
     for name, counters in mine.get("gates", {}).items():
-        if len(counters) > 2:
-            model.get_submodule(name).draws = int(counters[2])
+        layer = model.get_submodule(name)
+        if not isinstance(layer, Resumable):
+            raise ModelError(
+                f"the checkpoint holds counters for {name}, but this model's "
+                f"{type(layer).__name__} keeps none: it was written with another recipe"
+            )
+        layer.restore_counters(counters, own=own)

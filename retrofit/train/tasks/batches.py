@@ -39,13 +39,7 @@ class TargetListBatches(TensorBatches):
         return self
 
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[Any, Any]]:
-        if self.train:
-            self.sampler.set_epoch(epoch)
-            self.sampler.set_start(start_batch * self.batch_size)
-        order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
-        stop = len(order) - len(order) % self.batch_size if self.train else len(order)
-        for i in range(0 if self.train else start_batch * self.batch_size, stop, self.batch_size):
-            idx = order[i : i + self.batch_size]
+        for idx in self.batch_indices(epoch, start_batch):
             images = self.images.index_select(0, idx.to(self.images.device))
             yield images, [self.targets[j] for j in idx.tolist()]
 

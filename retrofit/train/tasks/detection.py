@@ -27,41 +27,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.train.tasks.base import Task
-from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets, is_canvas_spec, parse_canvas_spec
+from retrofit.train.tasks.base import Task, embedded_or_files
+from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets
+from retrofit.train.tasks.coco import coco_bundle
 
 IMAGE_MEAN = (0.0, 0.0, 0.0)  # detectors normalise inside (GeneralizedRCNNTransform): feed [0, 1]
 IMAGE_STD = (1.0, 1.0, 1.0)
 
 
 class DetectionTask(Task):
-    def __init__(self) -> None:
-        # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
-        import torchmetrics  # noqa: F401
-
     name = "detection"
     metric = "val_map"
     metric_label = "mAP@[.5:.95] (%)"
+    preload = ("torchmetrics",)
 
     def build_data(self, spec: Any, model: nn.Module, cfg: Any, *, rank: int = 0, world_size: int = 1,
                    device: Any = None) -> Any:  # fmt: skip
-        from retrofit.train.data import DataBundle, DataError
+        from retrofit.train.data import DataError
 
-        masks = needs_masks(model)
         if _is_keypoint(model):
             raise DataError(
                 f"{type(model).__name__} needs keypoint targets: keypoint detection is not a task "
                 "the trainer knows (detection: boxes and labels, and masks for Mask R-CNN)"
             )
-        if is_canvas_spec(spec):
-            return _canvas_bundle(parse_canvas_spec(None if spec is None else str(spec)), cfg,
-                                  masks=masks, rank=rank, world_size=world_size)  # fmt: skip
-        from retrofit.train.tasks.coco import coco_bundle
-
-        bundle = coco_bundle(spec, cfg, masks=masks, rank=rank, world_size=world_size,
-                             pin_memory=torch.device(device or "cpu").type == "cuda")  # fmt: skip
-        assert isinstance(bundle, DataBundle)
-        return bundle
+        return embedded_or_files(spec, device, _canvas_bundle, coco_bundle, cfg,
+                                 masks=needs_masks(model), rank=rank, world_size=world_size)  # fmt: skip
 
     def resize_head(self, model: nn.Module, num_classes: int) -> str | None:
         return resize_detector_head(model, num_classes)

@@ -23,21 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit.train.tasks.base import Task
-from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets, is_canvas_spec, parse_canvas_spec
+from retrofit.train.tasks.base import Task, embedded_or_files
+from retrofit.train.tasks.canvas import CLASS_NAMES, canvas_sets
+from retrofit.train.tasks.voc import voc_bundle
 
 IGNORE = 255
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py
 
 
 class SegmentationTask(Task):
-    def __init__(self) -> None:
-        # torchmetrics takes seconds to import: at setup, not on the first evaluation's clock.
-        import torchmetrics  # noqa: F401
-
     name = "segmentation"
     metric = "val_miou"
     metric_label = "mIoU (%)"
+    preload = ("torchmetrics",)
 
     def build_data(self, spec: Any, model: nn.Module, cfg: Any, *, rank: int = 0, world_size: int = 1,
                    device: Any = None) -> Any:  # fmt: skip
@@ -45,13 +43,8 @@ class SegmentationTask(Task):
 
         data_cfg = model_data_config(model)
         mean, std = tuple(data_cfg["mean"][:3]), tuple(data_cfg["std"][:3])
-        if is_canvas_spec(spec):
-            return _canvas_bundle(parse_canvas_spec(None if spec is None else str(spec)), cfg,
-                                  mean, std, rank=rank, world_size=world_size)  # fmt: skip
-        from retrofit.train.tasks.voc import voc_bundle
-
-        return voc_bundle(spec, cfg, mean, std, rank=rank, world_size=world_size,
-                          pin_memory=torch.device(device or "cpu").type == "cuda")  # fmt: skip
+        return embedded_or_files(spec, device, _canvas_bundle, voc_bundle, cfg, mean, std,
+                                 rank=rank, world_size=world_size)  # fmt: skip
 
     def resize_head(self, model: nn.Module, num_classes: int) -> str | None:
         return resize_segmentation_head(model, num_classes)
