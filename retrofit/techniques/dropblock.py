@@ -585,7 +585,7 @@ def plan_fpn(analysis: Analysis, spec: DropBlockSpec) -> list[Edit]:
             shape = _conv_output(analysis, level, conv)
             where = (f"after FPN level {i}/{len(levels)} ({level}, reduction "
                      f"{sa.probe_shape[-1] // shape[-1]})")  # fmt: skip
-            site = _checked(sa, sa.output_site(level), where)
+            site = _checked(sa, sa.output_site(level), where, level)
             edits.append(_edit(spec, sizes, site, shape, sa.probe_shape, target=level, where=where))
     return edits
 
