@@ -21,7 +21,7 @@ from retrofit.layers.shakedrop import MODES, ShakeDrop
 from retrofit.spec import Spec, check_keys, choice, number
 from retrofit.techniques.depth import SCHEDULES, block_survivals
 from retrofit.techniques.record import Figures, Technique
-from retrofit.techniques.table import mean, num, short_source, table
+from retrofit.techniques.table import depth_cells, mean, num, short_source, survival_span, table
 
 if TYPE_CHECKING:
     from retrofit.analysis.context import Analysis
@@ -157,25 +157,13 @@ def shakedrop_layer(edit: Edit) -> nn.Module:
 def plan_table(edits: Sequence[Edit], model: str) -> list[str]:
     """Each block's depth l and P(b_l = 1) = p_l."""
     s: ShakeDropSettings = edits[0].settings
-    survival = [e.survival for e in edits if e.survival is not None]
     head = (
         f"ShakeDrop (Yamada et al. 2018): {len(edits)} residual branch(es), "
         f"α ~ U[{num(s.alpha_range[0])}, {num(s.alpha_range[1])}], "
         f"β ~ U[{num(s.beta_range[0])}, {num(s.beta_range[1])}], "
         f"b_l per {'sample' if s.mode == 'row' else 'batch'}, inverted (eval: identity)"
-    )
-    if survival:
-        head += f"; p_l from {max(survival):.4f} down to {min(survival):.4f}"
-    rows = [
-        (
-            "" if e.depth is None else str(e.depth),
-            "" if e.survival is None else f"{e.survival:.4f}",
-            e.block or e.module or "<root>",
-            short_source(e.source),
-            e.note or "",
-        )
-        for e in edits
-    ]
+    ) + survival_span(edits)
+    rows = [(*depth_cells(e), short_source(e.source), e.note or "") for e in edits]
     return [head, *table(("l", "p_l", "block", "source", "note"), rows)]
 
 

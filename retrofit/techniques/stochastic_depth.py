@@ -22,7 +22,7 @@ from retrofit.layers.stochastic_depth import MODES, SCALINGS
 from retrofit.spec import Spec, boolean, check_keys, choice, integer, number
 from retrofit.techniques.depth import SCHEDULES, block_survivals
 from retrofit.techniques.record import Figures, Technique
-from retrofit.techniques.table import mean, short_source, table
+from retrofit.techniques.table import depth_cells, mean, short_source, survival_span, table
 
 if TYPE_CHECKING:
     from retrofit.analysis.context import Analysis
@@ -268,20 +268,15 @@ _ACTIONS = {
 
 def plan_table(edits: Sequence[Edit], model: str) -> list[str]:
     """Each block's depth l and survival p_l (Huang et al. 2016)."""
-    survival = [e.survival for e in edits if e.survival is not None]
     s: GateSettings = edits[0].settings
     blocks = len({e.block for e in edits})
     head = (
         f"stochastic depth (Huang et al. 2016): {len(edits)} residual branch(es) in {blocks} "
         f"block(s), mode {s.mode}, scaling {s.scaling}"
-    )
-    if survival:
-        head += f"; p_l from {max(survival):.4f} down to {min(survival):.4f}"
+    ) + survival_span(edits)
     rows = [
         (
-            "" if e.depth is None else str(e.depth),
-            "" if e.survival is None else f"{e.survival:.4f}",
-            e.block or e.module or "<root>",
+            *depth_cells(e),
             _ACTIONS.get(e.action, e.action).format(target=e.target),
             short_source(e.source),
             e.note or "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["mean", "num", "short_source", "table", "where"]
+__all__ = ["depth_cells", "mean", "num", "short_source", "survival_span", "table", "where"]
 
 Row = tuple[str, ...]
 
@@ -44,3 +44,19 @@ def num(value: Any) -> str:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def survival_span(edits: Sequence[Any]) -> str:
+    """``; p_l from 0.9750 down to 0.5000``: the range of a depth rule's survivals (Huang et al.
+    2016's linear decay), or "" when no edit carries one."""
+    survival = [e.survival for e in edits if e.survival is not None]
+    return f"; p_l from {max(survival):.4f} down to {min(survival):.4f}" if survival else ""
+
+
+def depth_cells(e: Any) -> Row:
+    """A residual-site edit's first columns: its depth l, its survival p_l and its block."""
+    return (
+        "" if e.depth is None else str(e.depth),
+        "" if e.survival is None else f"{e.survival:.4f}",
+        e.block or e.module or "<root>",
+    )
