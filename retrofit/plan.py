@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from retrofit.analysis.context import Analysis
+from retrofit.capture.sandbox import young_objects_only
 from retrofit.capture.trace import Skipped
 from retrofit.edit import Edit
 from retrofit.errors import TraceError
@@ -112,7 +113,13 @@ def plan(
     batch of the model's input size). Never changes the model; may be called any number of times.
     """
     recipe = load_recipe(recipe)
-    analysis = analysis or Analysis(model, example_input)
+    # Full collections would walk every object of the process to free nothing (see
+    # young_objects_only): reading a model is most of a plan's time, as of apply's.
+    with young_objects_only():
+        return _plan(model, recipe, analysis or Analysis(model, example_input))
+
+
+def _plan(model: nn.Module, recipe: Recipe, analysis: Analysis) -> Plan:
     if not analysis.traced.parts:
         reasons = "; ".join(f"{s.module}: {s.reason}" for s in analysis.traced.skipped)
         raise TraceError(f"no part of {type(model).__name__} could be read as a graph ({reasons})")

@@ -161,30 +161,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="per round (the first is a warm-up)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--recipe", default=None, help="a recipe both sides apply (model edits only)")
+    p.add_argument(
+        "--train-detection",
+        type=int,
+        default=None,
+        help="detection's training canvases (default: --train); a Faster R-CNN step "
+        "costs ~60 segmentation steps on a CPU, and short epochs let fixed costs weigh",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.recipe is not None and retrofit.load_recipe(args.recipe).cutout is not None:
         p.error("--recipe: Cutout acts on the batch, which the hand-written peer does not mirror")
     device = torch.device(args.device)
-    steps = args.train // args.batch_size
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, log_every=steps,
-                      workers=0, warmup_epochs=0)  # fmt: skip
     results = {}
     for task in args.tasks:
         name = MODELS[task]
+        train = args.train_detection if task == "detection" and args.train_detection else args.train
+        task_args = argparse.Namespace(**{**vars(args), "train": train})
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4,
+                          log_every=train // args.batch_size, workers=0, warmup_epochs=0)  # fmt: skip
         ours, theirs, our_cpu, their_cpu, eval_frac = [], [], [], [], []
         for i in range(args.rounds):
             # Each side goes first in every other round: a drift in the machine's load (or a
             # warmer allocator) favours neither.
             for side in ("trainer", "peer") if i % 2 == 0 else ("peer", "trainer"):
                 if side == "trainer":
-                    rates, cpu, frac = trainer(task, name, args, cfg, device)
+                    rates, cpu, frac = trainer(task, name, task_args, cfg, device)
                     ours, our_cpu, eval_frac = ours + rates, our_cpu + cpu, eval_frac + frac
                 else:
-                    rates, cpu = peer(task, name, args, cfg, device)
+                    rates, cpu = peer(task, name, task_args, cfg, device)
                     theirs, their_cpu = theirs + rates, their_cpu + cpu
         results[task] = {
             "model": name,
+            "train_canvases": train,
             "trainer_img_s": statistics.median(ours),
             "peer_img_s": statistics.median(theirs),
             "ratio": statistics.median(ours) / statistics.median(theirs),
@@ -200,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
     print(f"# {device}, {torch.get_num_threads()} thread(s), {args.side}px canvases, batch "
-          f"{args.batch_size}, {args.train}/{args.val} canvases, {args.rounds} round(s), "
+          f"{args.batch_size}, {args.val} val canvases, {args.rounds} round(s), "
           f"recipe {args.recipe or 'none'}")  # fmt: skip
     for task, r in results.items():
         cpu = f"; by CPU time {r['cpu_ratio']:.3f}x" if device.type == "cpu" else ""
         print(f"{task:12s} {r['model']:28s} trainer {r['trainer_img_s']:8.1f} img/s, hand-written "
-              f"{r['peer_img_s']:8.1f} img/s: {r['ratio']:.3f}x{cpu}; eval / epoch "
+              f"{r['peer_img_s']:8.1f} img/s: {r['ratio']:.3f}x{cpu}; {r['train_canvases']} train "
+              f"canvases, eval / epoch "
               f"{100 * r['eval_over_epoch']:.1f}%")  # fmt: skip
     return 0
 
