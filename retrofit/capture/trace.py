@@ -22,9 +22,12 @@ are honoured by ``torch.fx.Tracer`` itself once their modules are imported.
 
 from __future__ import annotations
 
+import bisect
+import dis
 import inspect
 import os
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,9 +135,13 @@ class RetrofitTracer(fx.Tracer):
         self.out_spec: TreeSpec | None = None
         self._leaves = notrace_modules + regularizer_types() + tuple(extra_leaves)
         self._root: nn.Module | None = None
+        # id -> (tensor, name) of the root's parameters and of its buffers, built on first use
+        # in each trace (see getattr and create_arg).
+        self._named: dict[str, dict[int, tuple[torch.Tensor, str]]] = {}
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         self._root = root if isinstance(root, nn.Module) else None
+        self._named = {}
         if self._root is not None:
             # fx wraps only functions it was told of; a TorchScript function is called with a
             # Proxy otherwise, which it rejects (a compiled activation in a block's forward).
@@ -179,11 +186,63 @@ class RetrofitTracer(fx.Tracer):
             self.concretizer.created(node)
         return node
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:  # type: ignore[override]
+        # fx finds a parameter's name by scanning root.named_parameters() at every read of a
+        # parameter attribute: quadratic in the model's size (a fifth of a ViT block's trace).
+        # The same answer — the parameter's first name in that order, one get_attr node per
+        # name — comes from a map built once per trace; fx's own lookup remains for what the
+        # map does not hold (a parameter the forward registered after the map was built).
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            name = self._name_of(attr_val, "parameters")
+            if name is not None:
+                proxy = parameter_proxy_cache.get(name)
+                if proxy is None:
+                    proxy = parameter_proxy_cache[name] = self.create_proxy(
+                        "get_attr", name, (), {}
+                    )
+                return proxy
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _name_of(self, tensor: torch.Tensor, kind: str) -> str | None:
+        """The first name of ``tensor`` among the root's parameters or buffers (``kind``),
+        as ``named_parameters()``/``named_buffers()`` list them, if it is still there."""
+        table = self._named.get(kind)
+        if table is None:
+            named = (
+                self.root.named_parameters() if kind == "parameters" else self.root.named_buffers()
+            )
+            table = self._named[kind] = {}
+            for name, t in named:
+                table.setdefault(id(t), (t, name))
+        entry = table.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            return None
+        name = entry[1]
+        # Still registered under that name (the forward may have moved it since the map was
+        # built): a walk through the module dicts, no attribute access (fx patched __getattr__).
+        *path, leaf = name.split(".")
+        module = self.root
+        for atom in path:
+            module = module._modules.get(atom)
+            if module is None:
+                return None
+        store = module._parameters if kind == "parameters" else module._buffers
+        return name if store.get(leaf) is tensor else None
+
+    def _is_buffer(self, tensor: torch.Tensor) -> bool:
+        if self.root is None:
+            return False
+        if self._name_of(tensor, "buffers") is not None:
+            return True
+        return any(tensor is b for b in self.root.buffers())
+
     def create_arg(self, a: Any) -> Any:  # type: ignore[override]
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
             known = self.tensor_attrs.get(a) if hasattr(self, "tensor_attrs") else None
-            buffers = self.root.named_buffers() if self.root is not None else ()
-            if known is None and not any(a is b for _, b in buffers):
+            if known is None and not self._is_buffer(a):
                 return self.create_node("call_function", _constant(a), (), {})
         try:
             return super().create_arg(a)
@@ -247,6 +306,61 @@ class RetrofitTracer(fx.Tracer):
 
 
 _CALL_MODULE_CODE = RetrofitTracer.call_module.__code__
+
+# Per code object: the offsets of its instructions, in order, and the element count of each
+# that unpacks a sequence (None for any other instruction).
+_UNPACKS: weakref.WeakKeyDictionary[Any, tuple[list[int], list[int | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _unpack_count(code: Any, lasti: int) -> int | None:
+    """How many values the instruction at ``lasti`` of ``code`` unpacks (None: it is not an
+    ``UNPACK_SEQUENCE``): the question fx's ``Proxy.__iter__`` asks, answered from a table made
+    once per code object instead of a disassembly of the whole function at every unpack."""
+    table = _UNPACKS.get(code)
+    if table is None:
+        instructions = list(dis.get_instructions(code))
+        offsets = [i.offset for i in instructions]
+        counts = [i.argval if i.opname == "UNPACK_SEQUENCE" else None for i in instructions]
+        table = _UNPACKS[code] = (offsets, counts)
+    offsets, counts = table
+    # As fx locates the instruction: the first at or after ``f_lasti`` (3.11 and later, where
+    # offsets include inline caches), else by index (two bytes an instruction).
+    index = bisect.bisect_left(offsets, lasti) if sys.version_info >= (3, 11) else lasti // 2
+    return counts[index]
+
+
+class _Unpacking:
+    """fx's ``Proxy.__iter__`` and attribute proxies, with the unpack question cached.
+
+    ``q, k, v = qkv.unbind(0)`` (timm's Attention) iterates a Proxy; fx then disassembles the
+    calling function to learn whether this is a tuple unpack, and of how many values, at every
+    such line of every block: a tenth of a ViT's trace. The answer is the same per instruction,
+    so it is computed once (:func:`_unpack_count`); everything else is fx's own behaviour, and
+    an iteration that is not an unpack still asks the tracer (``RetrofitTracer.iter``).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        frame = sys._getframe(1)
+        count = _unpack_count(frame.f_code, frame.f_lasti)
+        del frame
+        if count is not None:
+            return (self[i] for i in range(count))  # type: ignore[index]
+        return self.tracer.iter(self)  # type: ignore[attr-defined]
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        # fx's Attribute, with this class's __iter__ (``B, N, C = x.shape``)
+        return _Attribute(self, k)  # type: ignore[arg-type]
+
+
+class _Proxy(_Unpacking, fx.Proxy):
+    pass
+
+
+class _Attribute(_Unpacking, fx.proxy.Attribute):
+    pass
+
 
 # What a specialised forward may return at its leaves: values the graph computes or constants.
 _OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, type(None), bool, int, float, str, torch.dtype)

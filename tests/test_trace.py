@@ -1,0 +1,148 @@
+"""What RetrofitTracer answers faster than fx, checked against fx's own answers.
+
+The tracer finds parameter names from a map built once per trace and answers "is this a tuple
+unpack?" from a per-code-object table (``capture/trace.py``); the graphs must be the ones fx's
+per-access scans and disassemblies give: the same get_attr names (tied parameters, a child's
+parameter read by its owner, one registered while the forward runs) and the same unpacks, in
+symbolic and in specialised traces.
+"""
+
+from __future__ import annotations
+
+import dis
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from retrofit.capture.calls import Call
+from retrofit.capture.trace import trace_graph
+
+
+def get_attrs(graph: fx.Graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+
+
+class Tied(nn.Module):
+    """A decoder tied to its embedding (``b.weight is a.weight``) and a child's parameters read
+    by the owner's own code, each twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.b.weight + self.b.bias
+        y = y @ self.a.weight.t() * self.scale
+        return y * self.scale + self.b.bias
+
+
+def test_parameter_reads_get_fx_s_names_tied_first_one_node_each():
+    model = Tied()
+    ours = trace_graph(model, shallow=True).graph
+    # fx's own answer: the first name named_parameters() gives, one node per name
+    theirs = fx.symbolic_trace(model).graph
+    assert get_attrs(ours) == get_attrs(theirs) == ["a.weight", "b.bias", "scale"]
+
+
+class Registers(nn.Module):
+    """Registers a parameter while its forward runs, after reading another one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * self.w
+        self.late = nn.Parameter(torch.full((3,), 2.0))
+        return y + self.late
+
+
+def test_a_parameter_registered_during_the_trace_is_still_a_get_attr():
+    model = Registers()
+    graph = trace_graph(model).graph
+    assert get_attrs(graph) == ["w", "late"]
+    assert not hasattr(model, "late")  # the trace changed nothing (capture/sandbox.py)
+
+
+def test_a_trace_lists_the_parameters_once_not_at_every_read(monkeypatch):
+    model = nn.Sequential(*[Tied() for _ in range(3)])
+    listed = []
+    original = nn.Module.named_parameters
+
+    def counting(self, *args, **kwargs):
+        listed.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "named_parameters", counting)
+    graph = trace_graph(model).graph
+    assert len(get_attrs(graph)) == 9
+    assert listed.count(model) == 1
+
+
+class Unpacks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(2, 3, 4).unbind(1)
+        n, c = x.shape
+        first, *rest = (q, k, v)
+        return first * k + v.sum() * n + rest[1]
+
+
+def unbound(graph: fx.Graph) -> list[tuple[str, int]]:
+    return [
+        (n.args[0].name, n.args[1])
+        for n in graph.nodes
+        if n.op == "call_function" and n.target is operator.getitem
+    ]
+
+
+@pytest.mark.parametrize("specialised", [False, True])
+def test_tuple_unpacks_of_proxies_are_indexed_as_fx_indexes_them(specialised, monkeypatch):
+    model = Unpacks()
+    x = torch.randn(2, 4)
+    disassembled = []
+    original = dis.get_instructions
+
+    def counting(code, *args, **kwargs):
+        disassembled.append(code)
+        return original(code, *args, **kwargs)
+
+    monkeypatch.setattr(dis, "get_instructions", counting)
+    call = Call((x,), {}) if specialised else None
+    graph = trace_graph(model, call=call).graph
+    # q, k, v from unbind's three; n, c from the shape's two, in both kinds of trace (an
+    # unpack is not an iteration the tracer must answer: no concrete shape is asked for)
+    assert unbound(graph) == [
+        ("unbind", 0),
+        ("unbind", 1),
+        ("unbind", 2),
+        ("getattr_1", 0),
+        ("getattr_1", 1),
+    ]
+    out = fx.GraphModule(model, graph)(x)
+    torch.testing.assert_close(out[0] if specialised else out, model(x))
+    # Two unpacks of proxies in the forward: its code is disassembled once at most.
+    assert disassembled.count(Unpacks.forward.__code__) <= 1
+    trace_graph(model, call=call)
+    assert disassembled.count(Unpacks.forward.__code__) <= 1
+
+
+def test_iterating_a_proxy_outside_an_unpack_still_asks_the_tracer():
+    class Loops(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return sum(t for t in x.unbind(0))
+
+    x = torch.randn(3, 2)
+    with pytest.raises(fx.proxy.TraceError, match="iterated"):
+        trace_graph(Loops())
+    graph = trace_graph(Loops(), call=Call((x,), {})).graph
+    torch.testing.assert_close(fx.GraphModule(Loops(), graph)(x)[0], x.sum(0))
