@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from retrofit.analysis.context import Analysis
 from retrofit.capture import detection
+from retrofit.capture.patching import trace_session
 from retrofit.capture.sandbox import Snapshot, young_objects_only
 from retrofit.errors import (
     ModelError,
@@ -88,7 +89,9 @@ def apply(
     """
     _module(model, "apply")
     recipe = load_recipe(recipe)
-    with young_objects_only():
+    # Every trace of the apply (the model, each block owner, each rewritten forward's first
+    # call) under one patching of nn.Module (capture/patching.py).
+    with young_objects_only(), trace_session():
         return _apply(model, recipe, example_input, verify, allow_partial, training_call)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from retrofit.analysis.context import Analysis
+from retrofit.capture.patching import trace_session
 from retrofit.capture.sandbox import young_objects_only
 from retrofit.capture.trace import Skipped
 from retrofit.edit import Edit
@@ -115,7 +116,7 @@ def plan(
     recipe = load_recipe(recipe)
     # Full collections would walk every object of the process to free nothing (see
     # young_objects_only): reading a model is most of a plan's time, as of apply's.
-    with young_objects_only():
+    with young_objects_only(), trace_session():
         return _plan(model, recipe, analysis or Analysis(model, example_input))
 
 

@@ -1,23 +1,29 @@
-"""What RetrofitTracer answers faster than fx, checked against fx's own answers.
+"""What RetrofitTracer does faster than fx, checked against fx's own answers.
 
 The tracer finds parameter names from a map built once per trace and answers "is this a tuple
 unpack?" from a per-code-object table (``capture/trace.py``); the graphs must be the ones fx's
 per-access scans and disassemblies give: the same get_attr names (tied parameters, a child's
 parameter read by its owner, one registered while the forward runs) and the same unpacks, in
-symbolic and in specialised traces.
+symbolic and in specialised traces. Inside a ``trace_session`` (``capture/patching.py``) the
+traces share one patching of ``nn.Module``, and must read the same graphs as alone, with fx's
+own traces still working around and inside them.
 """
 
 from __future__ import annotations
 
 import dis
 import operator
+import threading
 
 import pytest
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as fx_trace
 from torch import nn
 
+import retrofit
 from retrofit.capture.calls import Call
+from retrofit.capture.patching import trace_session
 from retrofit.capture.trace import trace_graph
 
 
@@ -146,3 +152,112 @@ def test_iterating_a_proxy_outside_an_unpack_still_asks_the_tracer():
         trace_graph(Loops())
     graph = trace_graph(Loops(), call=Call((x,), {})).graph
     torch.testing.assert_close(fx.GraphModule(Loops(), graph)(x)[0], x.sum(0))
+
+
+# --- one patching of nn.Module per apply (capture/patching.py) ----------------------------------
+
+
+class Sizes(nn.Module):
+    """Branches on the shape of a child's output, so a specialised trace runs the child for
+    real while the trace is running, and reads a child's parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Conv2d(3, 4, 3, stride=2)
+        self.g = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.f(x)
+        if y.shape[-1] % 2:
+            y = torch.nn.functional.pad(y, (0, 1))
+        return self.g(y.mean((2, 3))) * self.g.weight.sum()
+
+
+def shape_of(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, getattr(n.target, "__name__", str(n.target))) for n in graph.nodes]
+
+
+@pytest.fixture
+def class_patches(monkeypatch):
+    """The methods fx assigns on classes (nn.Module's __call__ and __getattr__), by name."""
+    made: list[str] = []
+    original = fx_trace._PatchedFnSetAttr.patch
+
+    def counting(self):
+        made.append(self.fn_name)
+        return original(self)
+
+    monkeypatch.setattr(fx_trace._PatchedFnSetAttr, "patch", counting)
+    return made
+
+
+def test_traces_in_a_session_patch_nn_module_once_and_read_the_same_graphs(class_patches):
+    x = torch.randn(2, 3, 11, 11)
+    call = Call((x,), {})
+    # Symbolic (whole model, one owner) and specialised traces; the specialised ones run
+    # ``self.f`` for real in the middle of the trace to learn the shape it branches on.
+    kinds = [
+        (Tied(), {}),
+        (Tied(), {"shallow": True}),
+        (Sizes(), {"call": call}),
+        (Sizes(), {"shallow": True, "call": call}),
+    ]
+    outside = [shape_of(trace_graph(model, **kind).graph) for model, kind in kinds]
+    # fx's own patching, once a trace, and again after each real run of a child (fx's patches
+    # are reverted for it): 4 + 2
+    assert class_patches.count("__call__") == 6
+    methods = (nn.Module.__call__, nn.Module.__getattr__)
+    with trace_session():
+        assert nn.Module.__call__ is not methods[0]
+        inside = [shape_of(trace_graph(model, **kind).graph) for model, kind in kinds]
+    assert inside == outside
+    assert ("call_function", "pad") in inside[3]  # 11 -> 5: odd, padded
+    assert ("get_attr", "g.weight") in inside[3]
+    assert class_patches.count("__call__") == 6  # none in the session
+    assert (nn.Module.__call__, nn.Module.__getattr__) == methods
+
+
+def test_apply_patches_nn_module_for_none_of_its_traces(class_patches):
+    model = Sizes()
+    retrofit.plan(model, {"stochastic_depth": {}}, example_input=torch.randn(2, 3, 9, 9))
+    assert class_patches == []
+
+
+class TracesInside(nn.Module):
+    """Runs a plain fx trace of its child inside its own forward (its graphs: ``inner``)."""
+
+    def __init__(self, inner: list[fx.Graph]) -> None:
+        super().__init__()
+        self.child = Tied()
+        self.record = inner.append  # not the list: a trace puts the model's lists back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced = fx.symbolic_trace(self.child)
+        self.record(traced.graph)
+        return traced(x) + self.child(x)
+
+
+def test_an_fx_trace_inside_a_session_or_inside_a_retrofit_trace_patches_for_itself():
+    alone = shape_of(fx.symbolic_trace(Tied()).graph)
+    assert ("get_attr", "a.weight") in alone
+    with trace_session():
+        assert shape_of(fx.symbolic_trace(Tied()).graph) == alone
+        # The inner trace runs while the outer one routes module calls to its own tracer.
+        inner: list[fx.Graph] = []
+        graph = trace_graph(TracesInside(inner), shallow=True).graph
+        assert shape_of(fx.symbolic_trace(Tied()).graph) == alone
+    assert [shape_of(g) for g in inner] == [alone]
+    # The outer graph: the inner GraphModule (not a submodule) as one call, the child, the sum.
+    calls = [target for op, target in shape_of(graph) if op in ("call_module", "call_function")]
+    assert calls == ["uninstalled_module", "child", "add"]
+
+
+def test_another_thread_traces_for_itself_during_a_session():
+    alone = shape_of(trace_graph(Tied()).graph)
+    seen: list[list[tuple[str, str]]] = []
+    with trace_session():
+        worker = threading.Thread(target=lambda: seen.append(shape_of(trace_graph(Tied()).graph)))
+        worker.start()
+        worker.join()
+        assert shape_of(trace_graph(Tied()).graph) == alone
+    assert seen == [alone]

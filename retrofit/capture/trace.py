@@ -43,6 +43,7 @@ from retrofit.capture.calls import Call, CallKey, NoCall
 from retrofit.capture.concrete import Concretizer, concrete_dunders
 from retrofit.capture.detection import PLUMBING_REASON, is_plumbing
 from retrofit.capture.existing import is_existing_regularizer, regularizer_types
+from retrofit.capture.patching import dispatching, traced_root
 from retrofit.capture.sandbox import preserved
 
 __all__ = [
@@ -142,15 +143,18 @@ class RetrofitTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         self._root = root if isinstance(root, nn.Module) else None
         self._named = {}
+        # fx's per-trace cache of get_attr proxies, for the session's dispatchers (patching.py)
+        self.parameter_proxies: dict[str, fx.Proxy] = {}
         if self._root is not None:
             # fx wraps only functions it was told of; a TorchScript function is called with a
             # Proxy otherwise, which it rejects (a compiled activation in a block's forward).
             self._autowrap_function_ids.update(id(f) for f in _script_functions(self._root))
-        if self.call is None:
-            return super().trace(root, concrete_args)
-        self.concretizer = Concretizer(root)
-        with concrete_dunders():
-            return super().trace(root, None)
+        with dispatching(self):
+            if self.call is None:
+                return super().trace(root, concrete_args)
+            self.concretizer = Concretizer(root)
+            with concrete_dunders():
+                return super().trace(root, None)
 
     @property
     def guard(self) -> str:
@@ -257,7 +261,8 @@ class RetrofitTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
         if self.call is None:
-            return super().create_args_for_root(root_fn, is_module, concrete_args)
+            fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+            return traced_root(fn), args
         assert self.concretizer is not None
         leaves, spec = self.call.flatten()
         names = _leaf_names(root_fn, self.call, len(leaves))
@@ -284,7 +289,7 @@ class RetrofitTracer(fx.Tracer):
                     )
             return tuple(out_leaves)
 
-        return specialised, [self.root, *placeholders]
+        return traced_root(specialised), [self.root, *placeholders]
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         if self.concretizer is None:
