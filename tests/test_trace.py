@@ -12,6 +12,7 @@ own traces still working around and inside them.
 from __future__ import annotations
 
 import dis
+import linecache
 import operator
 import threading
 
@@ -261,3 +262,30 @@ def test_another_thread_traces_for_itself_during_a_session():
         worker.join()
         assert shape_of(trace_graph(Tied()).graph) == alone
     assert seen == [alone]
+
+
+# --- rewritten forwards: one compilation per generated source (rewrite/execute.py) -------------
+
+
+def test_blocks_with_the_same_code_compile_it_once_and_keep_their_own_names():
+    from retrofit.rewrite import execute
+    from tests.wild_models import DropConnectEfficientNet
+
+    model = DropConnectEfficientNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    execute._compiled.cache_clear()
+    retrofit.apply(model, {"stochastic_depth": {"p_L": 0.5, "mode": "batch"}}, example_input=x)
+    info = execute._compiled.cache_info()
+    # Blocks 0, 2 and 3 (the sites), each an eval and a training forward and an outlined
+    # branch: three sources, nine forwards.
+    assert (info.misses, info.hits) == (3, 6)
+    torch.testing.assert_close(model(x), reference)
+    fns = [model.blocks[i].__dict__["forward"].specialised[0].fn for i in (0, 2, 3)]
+    names = [fn.__code__.co_filename for fn in fns]
+    assert [n.split(" ")[2] for n in names] == ["blocks.0", "blocks.2", "blocks.3"]
+    # A traceback through a generated forward shows its line, under its own owner's name.
+    lines = [
+        linecache.getline(n, fn.__code__.co_firstlineno) for n, fn in zip(names, fns, strict=True)
+    ]
+    assert all(line.startswith("def forward(self, inputs") for line in lines)
