@@ -17,7 +17,8 @@ fx patches (:func:`dispatching`) and unmarks them as the traced forward starts: 
 trace — before, after or inside it — patches and restores as usual, over the dispatchers.
 
 Outside a session (``retrofit.stages``, the lint, a trace of one module) nothing changes: fx
-patches per trace. The module-level names fx patches per trace (``torch.fx.wrap``-ed functions)
+patches per trace. Like fx's own patching, a session is process-wide: traces running at the
+same time in several threads are no more supported than fx supports them. The module-level names fx patches per trace (``torch.fx.wrap``-ed functions)
 are cheap dictionary writes and stay fx's.
 """
 
