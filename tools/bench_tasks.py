@@ -14,15 +14,17 @@ initial weights. Like with like: without ``--recipe`` neither side is retrofitte
 ``apply`` with no recipe edits nothing); with it the peer gets the same edits from the public API
 (``retrofit.apply`` with the trainer's probe size, ``retrofit.schedule.update`` before each step,
 as a hand-written loop using retrofit would), so the ratio is the trainer's own cost in both cases.
-The trainer's figure is its ``images_per_s`` of every epoch after the first (a warm-up); the peer
-times the same epochs the same way. Trainer and peer alternate ``--rounds`` times, each going
-first in every other round, and the medians are compared.
+Both sides are clocked alike: at each epoch's start and at each step's end (the trainer's through
+its ``Console``, at the log record ``log_every: 1`` makes after every step, so its per-step
+logging is in its figure). Epoch figures are over every epoch after the first (a warm-up).
+Trainer and peer alternate ``--rounds`` times, each going first in every other round, and the
+medians are compared: of the epochs' images/s, and of the steps' seconds (hundreds of samples a
+side: a neighbour's burst of load lands on a few steps, where it moves a whole epoch's figure).
 
-On a CPU the benchmark also reports CPU seconds per image (``time.process_time`` over the same
-training epochs; the trainer's read at its epoch start and at its last step's log record through
-its ``Console``): with one thread this is the work each side does, which a neighbour's load on a
-shared machine changes far less than it changes wall-clock throughput (minutes-long blocks of a
-busy machine move the wall ratio by ±20%; the operator profile of the two steps is identical).
+On a CPU each figure is also given by CPU time (``time.process_time``): with one thread this is
+the work each side does, which a neighbour's load on a shared machine changes far less than it
+changes wall-clock time (minutes-long blocks of a busy machine move the wall ratio by ±20%; the
+operator profile of the two steps is identical).
 
 Evaluation: the trainer's ``eval_time`` (the whole pass: forward over the validation canvases,
 then COCO mAP through torchmetrics / faster-coco-eval, or mIoU) ÷ its ``epoch_time``, with the
