@@ -224,6 +224,24 @@ def test_apply_patches_nn_module_for_none_of_its_traces(class_patches):
     assert class_patches == []
 
 
+def test_without_the_fx_internals_a_session_leaves_fx_to_patch_per_trace(
+    class_patches, monkeypatch
+):
+    """A torch whose fx lacks what the dispatchers stand in for gets no session: the same
+    plan, with fx patching around each trace as outside one."""
+    from retrofit.capture import patching
+
+    model = Sizes()
+    x = torch.randn(2, 3, 9, 9)
+    fast = retrofit.plan(model, {"stochastic_depth": {}}, example_input=x).to_dict()
+    monkeypatch.setattr(patching, "SUPPORTED", False)
+    own = nn.Module.__dict__["__call__"]
+    with trace_session():
+        assert nn.Module.__dict__["__call__"] is own  # nothing installed
+    slow = retrofit.plan(model, {"stochastic_depth": {}}, example_input=x).to_dict()
+    assert slow == fast and class_patches.count("__call__") > 0
+
+
 class TracesInside(nn.Module):
     """Runs a plain fx trace of its child inside its own forward (its graphs: ``inner``)."""
 

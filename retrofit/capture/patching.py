@@ -38,6 +38,17 @@ __all__ = ["dispatching", "trace_session", "traced_root"]
 # fx's mark on a patched method: found on the current one, fx does not patch it again.
 _MARK = "__fx_already_patched"
 
+# The fx internals the dispatchers stand in for (torch 2.x). A torch without one of them gets
+# no session: fx then patches per trace, as outside a session (slower, the same graphs).
+_FX_INTERNALS = (
+    "_orig_module_call",
+    "_orig_module_getattr",
+    "_autowrap_check",
+    "_get_is_fx_tracing",
+    "CURRENT_PATCHER",
+)
+SUPPORTED = all(hasattr(fx_trace, name) for name in _FX_INTERNALS)
+
 _local = threading.local()  # .tracer: the retrofit tracer of this thread's running trace
 # The methods the dispatchers replaced (kept after the session: a dispatcher that another
 # thread's fx trace put back after the session ended still passes calls on to them).
@@ -76,8 +87,8 @@ def _module_getattr(module: nn.Module, attr: str) -> Any:
 
 
 _DISPATCHERS: dict[str, Callable[..., Any]] = {
-    "__call__": functools.wraps(fx_trace._orig_module_call)(_module_call),
-    "__getattr__": functools.wraps(fx_trace._orig_module_getattr)(_module_getattr),
+    "__call__": functools.wraps(nn.Module.__call__)(_module_call),
+    "__getattr__": functools.wraps(nn.Module.__getattr__)(_module_getattr),
 }
 
 
@@ -100,7 +111,8 @@ def trace_session() -> Iterator[None]:
     global _depth, _owner
     current = {name: nn.Module.__dict__.get(name) for name in _DISPATCHERS}
     if (
-        _depth
+        not SUPPORTED
+        or _depth
         or fx_trace._get_is_fx_tracing()
         or any(getattr(fn, _MARK, None) is not None for fn in current.values())
     ):
