@@ -598,6 +598,8 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
         if chain is not None:
             site.branch = "+".join(t.name for t in chain.terms)
             site.regroup = chain.regroup
+            # A drop-path slot on one term is not on the branch: the gate takes the whole sum.
+            site.existing = site.existing_type = None
         sites.append(site)
     return sites, flow
 
