@@ -33,7 +33,6 @@ from torch import nn
 
 from retrofit import schedule
 from retrofit.api import apply as retrofit_apply
-from retrofit.layers.protocol import Reporting
 from retrofit.lint import lint, summary_line
 from retrofit.plan import Plan
 from retrofit.recipe import Recipe, load_recipe
@@ -182,6 +181,7 @@ class Lifecycle:
         self.strict_lint = strict_lint
         self.model: nn.Module | None = None
         self._progressive: list[nn.Module] = []
+        self._measured: list[tuple[str, nn.Module]] = []
         self.started: Start | None = None
         self.progress = 0.0
         self._window_steps = 0
@@ -215,6 +215,7 @@ class Lifecycle:
         self.model = model
         # The regularizers are in the model from here on: found once, not on every update.
         self._progressive = schedule.progressive_modules(model)
+        self._measured = schedule.measured_modules(model)
         the_plan = applied_plan(model)
         self._planned = (
             {
@@ -270,7 +271,7 @@ class Lifecycle:
         previous report, or nothing was started."""
         if self.model is None or self._window_steps == 0:
             return None
-        rates = schedule.current_rates(self.model)
+        rates = schedule.current_rates(self.model, found=self._measured)
         means = dict(schedule.summary(rates))
         # The plan's figures where the technique's layers report (sd_planned beside sd_survival).
         kinds = {r.get("kind") for r in rates.values()}
@@ -290,16 +291,7 @@ class Lifecycle:
         self._window_steps = 0
         if self.model is None:
             return
-        # retrofit.schedule owns the counters where it offers their reset (it then covers the
-        # model's reused drop-path slots too); otherwise every reporting layer resets its own.
-        reset_all = getattr(schedule, "reset_stats", None)
-        if callable(reset_all):
-            reset_all(self.model)
-            return
-        for m in self.model.modules():
-            reset = getattr(m, "reset_stats", None)
-            if callable(reset) and isinstance(m, Reporting):
-                reset()
+        schedule.reset_stats(self.model, found=self._measured)
 
     # ------------------------------------------------------------------ 4. strip
 

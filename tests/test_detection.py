@@ -383,6 +383,16 @@ def test_task_zoo_fast_subset_applied_verified_and_live(task, name):
     assert row["layers"] > 0 and row["unread"] == 0, row
 
 
+def test_task_zoo_dropblock_on_the_feature_pyramid_too():
+    """The sweep's ``dropblock+fpn`` recipe: FCOS gets DropBlock after the 6 + 3 blocks of
+    ResNet-50's groups 3 and 4 and on each of its pyramid's 5 levels (P3–P7); segmenters have
+    no pyramid, so the recipe is not theirs."""
+    row = task_zoo.sweep_one("detection", "fcos_resnet50_fpn", "dropblock+fpn")
+    assert row["status"] == "ok" and row["layers"] == 6 + 3 + 5, row
+    assert task_zoo.recipe_for("segmentation", "dropblock+fpn") is None
+    assert task_zoo.recipe_for("segmentation", "dropblock") == task_zoo.RECIPES["dropblock"]
+
+
 def test_task_zoo_covers_every_torchvision_detector_and_segmenter():
     """The sweep's list is torchvision's, and docs/coverage.md has a row per model."""
     listed = task_zoo.names()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from retrofit.layers import StochasticDepthGate
-from retrofit.lifecycle import Lifecycle
+from retrofit.lifecycle import Lifecycle, block_rates
 from retrofit.rewrite.execute import is_retrofitted
 from retrofit.schedule import block_survivals, warmed_up
 from tests.test_train import TinyRes
@@ -65,6 +65,34 @@ def test_start_update_report_strip():
     assert not is_retrofitted(model)
     life.update(1.0)
     assert life.report() is None, "after strip the life is over"
+
+
+def test_reports_read_the_layers_found_at_start_not_every_module(monkeypatch):
+    """A report (every ``log_every`` steps of a run) reads the layers found once at start: the
+    runtime-Protocol checks over every module cost ~20 ms a report on a 260-module segmenter.
+    Its figures are those of a search of the whole model."""
+    import retrofit.schedule as schedule
+
+    torch.manual_seed(0)
+    model = TinyRes(num_classes=4)
+    x = torch.randn(8, 3, 16, 16)
+    life = Lifecycle(RECIPE, example_input=x[:2])
+    life.start(model)
+    model.train()
+    life.update(0.5)
+    model(x).sum().backward()
+    whole = schedule.current_rates(model)
+    walks = []
+    original = model.named_modules
+    monkeypatch.setattr(
+        model, "named_modules", lambda *a, **k: walks.append(1) or original(*a, **k)
+    )
+    report = life.report()
+    assert walks == [], "the report searched the model again"
+    assert report.layers == len(whole) == 6
+    assert report.blocks == block_rates(whole)
+    monkeypatch.undo()
+    assert all(r["calls"] == 0 for r in schedule.current_rates(model).values() if "calls" in r)
 
 
 def test_adopting_a_retrofitted_model_and_a_crashing_lint(monkeypatch):

@@ -4,7 +4,8 @@ For each name in ``torchvision.models.list_models(module=torchvision.models.dete
 ``.segmentation`` (random weights: ``weights=None, weights_backbone=None``; detectors at
 ``min_size=max_size=64``, SSD at its fixed 300/320 input; segmenters on a 2×3×64×64 batch),
 ``retrofit.apply`` with ``verify=True`` and no example input or training call (detectors get
-the built-in targets), once per recipe (``recipes/sd.yaml``, ``recipes/dropblock.yaml``). A row
+the built-in targets), once per recipe (``recipes/sd.yaml``, ``recipes/dropblock.yaml``, and for
+detectors that recipe with ``fpn: true``: DropBlock on the feature pyramid's levels too). A row
 is ``ok`` (applied: eval output unchanged, every inserted layer called in a training forward —
 both checked by apply itself), ``no site`` (the recipe found nothing to do: SSD300's VGG has no
 residual block), ``n/a`` (the recipe does not apply: a stage it names is not there), or
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import torchvision
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +39,28 @@ sys.path.insert(0, str(ROOT))
 import retrofit  # noqa: E402
 from retrofit.layers import DropBlock, StochasticDepthGate  # noqa: E402
 
-RECIPES = {"sd": ROOT / "recipes" / "sd.yaml", "dropblock": ROOT / "recipes" / "dropblock.yaml"}
+RECIPES: dict[str, Any] = {
+    "sd": ROOT / "recipes" / "sd.yaml",
+    "dropblock": ROOT / "recipes" / "dropblock.yaml",
+    # The recipe's option of a DropBlock on every output level of the feature pyramid too
+    # (Ghiasi et al. 2018 on RetinaNet): detectors only, segmenters have no pyramid.
+    "dropblock+fpn": ("detection", ROOT / "recipes" / "dropblock.yaml", {"fpn": True}),
+}
+
+
+def recipe_for(task: str, recipe: str) -> Any:
+    """The recipe to apply, or None when it is not one for ``task``."""
+    entry = RECIPES[recipe]
+    if not isinstance(entry, tuple):
+        return entry
+    only, path, overrides = entry
+    if task != only:
+        return None
+    loaded = yaml.safe_load(path.read_text())
+    loaded["dropblock"] |= overrides
+    return loaded
+
+
 START, END = "<!-- task_zoo:start -->", "<!-- task_zoo:end -->"
 MISSING_TARGET = re.compile(r"targets? should not be none|targets should not be None", re.I)
 
@@ -68,7 +91,7 @@ def sweep_one(task: str, name: str, recipe: str) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            retrofit.apply(model, RECIPES[recipe], example_input=example)
+            retrofit.apply(model, recipe_for(task, recipe), example_input=example)
     except retrofit.RefusedError as e:
         row.update(status="refused", reason=str(e).splitlines()[0][:160])
     except (retrofit.RecipeError, retrofit.ModelError) as e:
@@ -154,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.filter and not re.search(args.filter, name):
             continue
         for recipe in RECIPES:
+            if recipe_for(task, recipe) is None:
+                continue
             row = done.get((name, recipe))
             if row is None:
                 row = sweep_one(task, name, recipe)
