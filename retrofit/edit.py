@@ -102,6 +102,9 @@ class Edit:
     ``settings``: the typed arguments of the layer the edit inserts (module docstring);
     ``params`` their JSON form (filled from ``settings`` when not given).
     ``key``/``ordinal`` locate the node again when the owner is re-traced on its own.
+    ``regroup``: the located add ends a sum of several terms (an identity-first RepVGG/MobileOne
+    block); before the edit, the rewrite regroups it as ``term #regroup + (the other terms)``
+    (``retrofit.analysis.sums.regroup_sum``), so that operand ``arg`` is the whole branch.
     """
 
     kind: str
@@ -118,6 +121,7 @@ class Edit:
     block: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    regroup: int | None = None
     settings: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,13 +136,15 @@ class Edit:
     @classmethod
     def at(cls, site: Any, **fields: Any) -> Edit:
         """An edit located at ``site``: anything with ``owner``, ``node``, ``key``, ``ordinal``
-        and ``source`` (a residual site, a dropout site, a stage's call site, a head place)."""
+        and ``source`` (a residual site, a dropout site, a stage's call site, a head place),
+        and the ``regroup`` of a residual site that is a sum of several terms."""
         return cls(
             module=site.owner,
             node=site.node,
             key=site.key,
             ordinal=site.ordinal,
             source=site.source,
+            regroup=getattr(site, "regroup", None),
             **fields,
         )
 

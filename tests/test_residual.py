@@ -12,6 +12,7 @@ from torch import nn
 import retrofit
 from retrofit.analysis.residual import find_residual_sites
 from retrofit.capture.trace import trace
+from retrofit.layers import StochasticDepthGate
 from tools.oracle import library_drop_path_owners
 
 SD = {"stochastic_depth": {}}
@@ -255,3 +256,163 @@ def test_hierarchical_fallback_instruments_the_blocks_and_reports_the_rest():
     assert [s.module for s in plan.skipped] == ["<root>"]
     assert "control flow" in plan.skipped[0].reason
     retrofit.apply(model, SD, example_input=torch.randn(2, 4, 8, 8))  # verified
+
+
+# --- re-parameterisable sums, identity first (smp's MobileOne, timm's fastvit) -----------------
+
+
+def _rep_sites(model: nn.Module) -> list[tuple[str, int | None, int, int]]:
+    sites = find_residual_sites(trace(model))
+    return [(s.owner, s.regroup, s.branch_weight, len(s.branch.split("+"))) for s in sites]
+
+
+def test_identity_first_reparam_sums_are_read_as_one_sum():
+    """``out = scale(x) + identity(x); out += conv_i(x)``: the last add is the site, its branch
+    every conv-BN term (the scale branch included), its shortcut the identity BN (term #1).
+    Before, the depthwise blocks (1, 3) were missed and the pointwise block 4 was gated at its
+    first partial sum (``identity + conv_0``), leaving ``conv_1`` outside the branch."""
+    from tests.wild_models import MobileOneNet
+
+    assert _rep_sites(MobileOneNet()) == [
+        ("blocks.1", 1, 2, 2),  # depthwise: scale + one conv
+        ("blocks.2", None, 1, 1),  # pointwise, one conv: a plain identity + dense-map site
+        ("blocks.3", 1, 4, 4),  # depthwise: scale + three convs
+        ("blocks.4", 1, 2, 2),  # pointwise: two convs (``0 + identity`` is term #0, #1)
+    ]
+    sites = find_residual_sites(trace(MobileOneNet()))
+    assert all(s.shortcut_weight == 0 for s in sites)
+    assert all(s.shortcut.endswith("rbr_skip") for s in sites if s.regroup is not None)
+    edits = sd_edits(MobileOneNet())
+    assert [(e.module, e.regroup, e.arg) for e in edits] == [
+        ("blocks.1", 1, 1),
+        ("blocks.2", None, 1),
+        ("blocks.3", 1, 1),
+        ("blocks.4", 1, 1),
+    ]
+
+
+class RepSumSpellings(nn.Module):
+    """One identity-like term and two parallel conv-BN terms, summed four ways."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(4))
+        self.a = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, groups=c) for _ in range(4))
+        self.b = nn.ModuleList(nn.Conv2d(c, c, 1, groups=c) for _ in range(4))
+
+    def forward(self, x):
+        x = (self.bn[0](x) + self.a[0](x)) + self.b[0](x)  # identity first
+        x = self.a[1](x) + (x + self.b[1](x))  # identity in the middle, right-associated
+        out = torch.add(self.a[2](x), self.b[2](x))
+        out += x  # identity last, ``+=``: what the old rule found too
+        x = out
+        y = self.a[3](x)
+        y = y.add(self.bn[3](x)).add(self.b[3](x))  # method spelling
+        return y
+
+
+def test_reparam_sum_in_any_association_and_spelling():
+    sites = find_residual_sites(trace(RepSumSpellings()))
+    assert [(s.regroup, s.branch_weight) for s in sites] == [(0, 2), (1, 2), (2, 2), (1, 2)]
+    model = RepSumSpellings()
+    for mode in ("row", "batch"):
+        torch.manual_seed(0)
+        retrofit.apply(
+            model, {"stochastic_depth": {"mode": mode}}, example_input=torch.randn(2, 8, 8, 8)
+        )
+        model.train()
+        model(torch.randn(2, 8, 8, 8)).sum().backward()
+        retrofit.strip(model)
+
+
+class NotReparamSums(nn.Module):
+    """Sums of several terms that are not a re-parameterisable block."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, groups=c) for _ in range(4))
+        self.head = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = self.head(x)
+        x = self.c[0](x) + self.c[1](x) + self.c[2](x)  # Inception-like: no identity term
+        x = self.head(x)
+        return x + self.c[3](x) + 0  # one map and a constant: a position encoding
+
+
+def test_sums_without_one_identity_and_parallel_single_maps_are_not_sites():
+    assert find_residual_sites(trace(NotReparamSums())) == []
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_a_dropped_reparam_branch_leaves_exactly_the_identity_term(mode):
+    """Every gate drops (p_l ~ 0): each identity-first block computes act(identity(x)) — the
+    whole conv branch gated, the identity BN kept. In batch mode the dropped convs do not run
+    (no gradient reaches them); in row mode they run and are multiplied by 0."""
+    from tests.wild_models import MobileOneNet
+
+    torch.manual_seed(0)
+    model = MobileOneNet()
+    x = torch.randn(2, 3, 16, 16)
+    spec = {"p_L": 1e-9, "schedule": "uniform", "mode": mode, "seed": 0}
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    retrofit.apply(model, {"stochastic_depth": spec}, example_input=x)
+    with torch.no_grad():  # eval: the gate on each term, the author's order of summation
+        assert torch.equal(model(x), before)
+    gates = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+    assert len(gates) == 4 and all(g.outlined == (mode == "batch") for g in gates)
+    model.train()
+    y = model(x)
+    blocks = model.blocks
+    with torch.no_grad():
+        h = blocks[0](x)
+        for i in (1, 2, 3, 4):
+            h = blocks[i].act(blocks[i].rbr_skip(h))
+        expected = model.head(blocks[6](blocks[5](h)).mean((2, 3)))
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    for i in (1, 3, 4):
+        for conv in [*blocks[i].rbr_conv, blocks[i].rbr_scale]:
+            if conv is None:
+                continue
+            grad = conv[0].weight.grad
+            assert (grad is None) if mode == "batch" else bool((grad == 0).all())
+        assert blocks[i].rbr_skip.weight.grad is not None
+
+
+def test_sum_terms_and_regroup_keep_the_value():
+    """``sum_terms`` flattens any association and ``+=``; ``regroup_sum`` puts the chosen term
+    first and sums the rest in order (constants stay with the shortcut); a chain that writes a
+    term in place (``x.add_(y) + z``) is not flattened."""
+    import operator
+
+    import torch.fx as fx
+
+    from retrofit.analysis.sums import regroup_sum, sum_terms
+
+    def f(x, y, z):
+        out = 0 + torch.relu(x)
+        out += y
+        return (z * 2) + out
+
+    gm = fx.symbolic_trace(f)
+    last = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add][-1]
+    chain = sum_terms(last)
+    assert chain is not None
+    assert [t if isinstance(t, int) else t.name for t in chain.terms] == ["mul", 0, "relu", "y"]
+    assert len(chain.inner) == 2
+    args = [torch.randn(3) for _ in range(3)]
+    before = gm(*args)
+    new = regroup_sum(gm.graph, last, 2)  # relu(x) + (z*2 + y), the 0 with relu(x)
+    gm.recompile()
+    assert new.args[0].args == (chain.terms[2], 0) and new.args[1].args[0].name == "mul"
+    torch.testing.assert_close(gm(*args), before)
+
+    def g(x, y):
+        return x.add_(y) + torch.relu(y)  # the partial sum writes x in place
+
+    gm = fx.symbolic_trace(g)
+    last = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    assert sum_terms(last) is None

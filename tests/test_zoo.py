@@ -32,6 +32,15 @@ def rate(spec: str) -> dict:
 
 # (spec, sites, blocks, derivation, extra): ``extra`` is the set of site owners the library
 # leaves without drop path (None: the library applies no drop path here, no oracle).
+# FastViT-T8's sites where timm applies no drop path (each with its reason in tools/zoo.py):
+# every RepMixer and the MobileOne mixer inside it, the 1×1 stem block and the downsamplers'.
+FASTVIT_T8_EXTRA = {
+    f"stages.{s}.blocks.{b}.token_mixer{mixer}"
+    for s, depth in enumerate((2, 2, 4, 2))
+    for b in range(depth)
+    for mixer in ("", ".mixer")
+} | {"stem.2", *(f"stages.{s}.downsample.proj.1" for s in (1, 2, 3))}
+
 CASES = [
     # --- ResNet / ResNeXt / Res2Net: one residual per bottleneck, layers (3, 4, 6, 3)
     ("tv:resnet50", 16, 16, "3+4+6+3 bottlenecks", None),
@@ -85,6 +94,12 @@ CASES = [
     ("timm:repvgg_a0", 17, 17, "depths 2+4+14+1 minus each stage's first: 1+3+13+0", set()),
     # GhostNet builds no drop path (no oracle); 5 shortcuts are a depthwise + pointwise conv-BN
     ("timm:ghostnet_100", 16, 16, "16 ghost bottlenecks: 11 identity, 5 dw+pw projection shortcuts", None),
+    ("timm:mobileone_s0", 35, 35, "MobileOneBlocks with an identity branch (identity added last)", set()),
+    # identity-first re-parameterisable sums (``scale + identity + Σ conv``), read as one sum:
+    # FastViT's RepMixer mixer, its 1×1 stem/downsample MobileOneBlocks (tools/zoo.py reasons)
+    ("timm:fastvit_t8", 34, 34, "(2+2+4+2) × (ConvMLP, RepMixer, its mixer) + stem.2 + 3 downsamplers", FASTVIT_T8_EXTRA),
+    # GhostNetV3's ghost modules: ``cheap_rpr_scale + cheap_rpr_skip + Σ cheap_rpr_conv``
+    ("timm:ghostnetv3_050", 48, 48, "16 ghost bottlenecks × (ghost1, ghost2, the bottleneck)", None),
 ]  # fmt: skip
 
 

@@ -1475,6 +1475,61 @@ class SideOutputNet(nn.Module):
         return s1 + s2 + s3
 
 
+# --- issue 22, recall: re-parameterisable blocks summed identity-first ---------------------------
+
+
+class RepBlock(nn.Module):
+    """smp's MobileOne block, as its encoder (and timm's fastvit.py) writes it: the identity
+    branch (a BatchNorm, only at stride 1 with in == out) added *first*, then the parallel
+    conv-BN branches one by one (Vasu et al. 2023). ``groups == cin`` is the depthwise block."""
+
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, branches: int = 1
+    ):
+        super().__init__()
+        self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.rbr_conv = nn.ModuleList(
+            [conv_bn(cin, cout, k, stride, groups) for _ in range(branches)]
+        )
+        self.rbr_scale = conv_bn(cin, cout, 1, stride, groups) if k > 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity_out = 0
+        if self.rbr_skip is not None:
+            identity_out = self.rbr_skip(x)
+        scale_out = 0
+        if self.rbr_scale is not None:
+            scale_out = self.rbr_scale(x)
+        out = scale_out + identity_out
+        for conv in self.rbr_conv:
+            out += conv(x)
+        return self.act(out)
+
+
+def rep_blocks() -> list[RepBlock]:
+    """A MobileOne stage's depthwise/pointwise pairs: blocks 1-4 have the identity branch."""
+    return [
+        RepBlock(3, 8, 3, branches=2),  # 0: in != out, no identity branch
+        RepBlock(8, 8, 3, groups=8),  # 1: depthwise, scale + one conv
+        RepBlock(8, 8, 1),  # 2: pointwise, one conv: identity + one dense map
+        RepBlock(8, 8, 3, groups=8, branches=3),  # 3: depthwise, scale + three convs
+        RepBlock(8, 8, 1, branches=2),  # 4: pointwise, two convs
+        RepBlock(8, 8, 3, stride=2, groups=8, branches=2),  # 5: strided: no identity branch
+        RepBlock(8, 16, 1, branches=2),  # 6: in != out
+    ]
+
+
+class MobileOneNet(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.blocks = nn.Sequential(*rep_blocks())
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class WildCase:
     """One failure class: how to build the model, its sites by construction, what a user wants.
@@ -1702,5 +1757,13 @@ CASES: list[WildCase] = [
         {"blocks.0": 1, "blocks.1": 1},
         failure="issue 22 class 8: a projection shortcut held in a plain list, not a submodule "
         "(fx's 'not installed as a submodule': every forward skipped)",
+    ),
+    WildCase(
+        "identity_first_reparam_sum",
+        MobileOneNet,
+        {f"blocks.{i}": 1 for i in (1, 2, 3, 4)},
+        failure="issue 22 recall: smp's MobileOne adds the identity BN first, then each parallel "
+        "conv-BN (`out = scale + identity; out += conv(x)`): the depthwise blocks were missed "
+        "and a pointwise one gated at its first partial sum",
     ),
 ]

@@ -236,12 +236,10 @@ def sweep_one(label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
 
 START, END = "<!-- sweep_new:start -->", "<!-- sweep_new:end -->"
 
-NOTES = {
-    "mobileone": "smp's MobileOne port: the depthwise blocks (identity BN + parallel depthwise "
-    "conv-BNs, summed) are not read as residual: parallel single depthwise maps against an "
-    "identity are what a convolutional position encoding looks like too; timm's MobileOne is "
-    "found whole because its author's drop-path slot marks the branch",
-}
+# Per-model notes (a substring of the label → why its recall is what it is); none open now.
+# smp's MobileOne port (identity BN added first, then each parallel conv-BN) was one until the
+# residual analysis read such sums as a whole (retrofit/analysis/sums.py).
+NOTES: dict[str, str] = {}
 
 
 def _versions() -> str:

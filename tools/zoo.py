@@ -152,6 +152,22 @@ JUSTIFICATIONS: list[tuple[str, str, str]] = [
         "identity branch; FastViT builds it without drop path in its stem and downsamplers",
     ),
     (
+        r"^timm:fastvit",
+        r"\.token_mixer\.mixer$",
+        "FastViT RepMixer's mixer (fastvit.py `RepMixer`: `self.mixer = MobileOneBlock(dim, dim, "
+        "kernel_size, group_size=1, use_act=False)`): a MobileOneBlock with its identity (BN) "
+        "branch, summed identity-first (`conv_scale(x) + identity(x) + conv_kxk(x)`), nested "
+        "inside the RepMixer residual; timm applies drop path only around the ConvMLP",
+    ),
+    (
+        r"^timm:ghostnetv3",
+        r"\.ghost[12]$",
+        "GhostNetV3's ghost module (ghostnet.py `GhostModuleV3`): its cheap operation is a "
+        "re-parameterisable sum `cheap_rpr_scale(x1) + cheap_rpr_skip(x1) + Σ cheap_rpr_conv(x1)` "
+        "with an identity (BN) branch, MobileOne-style (Liu et al. 2024), nested inside the "
+        "GhostBottleneck's branch; timm applies drop path only at the bottleneck level",
+    ),
+    (
         r"^timm:",
         r"(^|\.)attn_pool$",
         "attention-pooling head (timm `AttentionPoolLatent`): `x = x + mlp(norm(x))` is a "

@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from retrofit.analysis.branch import NotOutlinable, branch_region
@@ -32,6 +33,7 @@ from retrofit.analysis.dataflow import locate
 from retrofit.analysis.dropout_bn import DropoutBNAnalysis, find_dropout_bn
 from retrofit.analysis.residual import ResidualSite, find_residual_sites
 from retrofit.analysis.stages import Stage, StageAnalysis, analyse_stages
+from retrofit.analysis.sums import regroup_sum
 from retrofit.capture.calls import Call, NoCall, record_calls
 from retrofit.capture.probe import default_example_input, probe_input_size
 from retrofit.capture.shapes import ShapePropError
@@ -187,12 +189,20 @@ class Analysis:
         if traced is None:
             return None
         modules = dict(self.model.get_submodule(site.owner).named_modules())
+        graph = traced.graph
         try:
-            add = locate(traced.graph, site.key, site.ordinal)
-            branch_region(traced.graph, add, site.branch_arg, modules=modules, subset=subset)
+            add = locate(graph, site.key, site.ordinal)
+            if site.regroup is not None:
+                # The rewrite regroups the sum first (retrofit.analysis.sums): so does the
+                # check, on a copy (the trace is the rewrite's seed, and stays as traced).
+                graph = fx.Graph()
+                env: dict[fx.Node, fx.Node] = {}
+                graph.output(graph.graph_copy(traced.graph, env))
+                add = regroup_sum(graph, env[add], site.regroup)
+            branch_region(graph, add, site.branch_arg, modules=modules, subset=subset)
         except NotOutlinable as e:
             return str(e)
-        except LookupError:
+        except (LookupError, ValueError):
             return None  # the rewrite locates it again and reports a mismatch
         return None
 

@@ -25,6 +25,14 @@ learned map between fork and add), convolutional position encodings and focal mo
 depthwise conv), RepVGG/MobileOne re-parameterisable branch sums (parallel single convs), while the sum of
 those branches plus the identity — where timm itself applies drop path — stays a site.
 
+That sum is read as a whole, whatever order the code adds its terms in: a chain of adds (any
+association, ``+=`` included, ``retrofit/analysis/sums.py``) of one identity-like term (the
+fork itself or one BatchNorm/affine of it) and at least two parallel single linear maps of the
+same input is a re-parameterisable block (Ding et al. 2021; Vasu et al. 2023). smp's MobileOne
+and timm's fastvit add the identity *first* (``out = scale(x) + identity(x); out += conv_i(x)``),
+so no single add has the branch as an operand: the chain's last add is the site, its partial
+sums are not, and the site records the shortcut's term index (``regroup``) for the rewrite.
+
 Sites are grouped into blocks as the model defines them: the sites a module's own ``forward``
 owns share one depth index (a transformer block's attention and MLP residuals), unless each
 branch lives entirely inside one of its children, run one after the other — a module applying
@@ -44,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrofit.analysis.dataflow import DataFlow, is_add, node_key
+from retrofit.analysis.sums import sum_terms
 from retrofit.capture.concrete import is_metadata
 from retrofit.capture.existing import drop_rate_attribute
 from retrofit.capture.trace import TracedPart, TraceResult
@@ -72,6 +81,11 @@ class ResidualSite:
     source: str | None
     existing: str | None = None  # qualified name of a drop-path module already on the branch
     existing_type: str | None = None
+    # A sum of several terms (an identity-first RepVGG/MobileOne block): the shortcut's index
+    # among the terms of the chain of adds ending at ``node`` (retrofit.analysis.sums). The
+    # rewrite regroups the sum as ``shortcut + (the other terms)`` first, so operand
+    # ``branch_arg`` (1) is then the whole branch; ``branch`` names the terms, joined by "+".
+    regroup: int | None = None
     position: int = 0  # topological position in its part, for ordering
 
     def to_dict(self) -> dict:
@@ -390,6 +404,107 @@ def _is_block(f: _Fork, gm: fx.GraphModule, flow: DataFlow) -> bool:
     return not (f.shortcut_weight == 1 and flow.depth(f.branch_region) < 2)
 
 
+# What an identity-like shortcut term may apply to its input: a norm (RepVGG's and MobileOne's
+# identity branch is a BatchNorm), an affine written out, nothing learned that mixes.
+_LIGHT_MODULES = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Identity,
+)
+_AFFINE_OPS = {operator.mul, operator.add, torch.mul, torch.add, "mul", "add"}
+
+
+def _identity_like(region: int, gm: fx.GraphModule, flow: DataFlow) -> bool:
+    """A shortcut term: the fork itself, or at most two light ops on it (one BatchNorm, an
+    affine): no learned map, nothing pooled away."""
+    ops = [n for n in flow.region_nodes(region) if n.op not in ("get_attr", "placeholder")]
+    if flow.weight(region) or _reduces(ops, gm) or len(ops) > 2:
+        return False
+    for node in ops:
+        if node.op == "call_module":
+            if not isinstance(gm.get_submodule(str(node.target)), _LIGHT_MODULES):
+                return False
+        elif node.target not in _AFFINE_OPS and not is_metadata(node):
+            return False
+    return True
+
+
+class _Chain(NamedTuple):
+    """A re-parameterisable sum read as a whole: the fork, with the shortcut term's index."""
+
+    fork: _Fork
+    regroup: int
+    inner: list[fx.Node]  # the partial sums it absorbs (none of them is a site)
+    terms: list[fx.Node]  # the branch terms
+
+
+def _reparam_chain(add: fx.Node, gm: fx.GraphModule, flow: DataFlow) -> _Chain | None:
+    """A sum ``shortcut(x) + Σ_i map_i(x)`` of one identity-like term and at least two parallel
+    single linear maps of one input, in any order and association: a re-parameterisable block
+    (RepVGG, Ding et al. 2021; MobileOne, Vasu et al. 2023; the identity-first spelling of smp's
+    and timm fastvit's MobileOne). One map against the identity is a convolutional position
+    encoding (rule 3), maps without an identity term an Inception-like merge: neither is this.
+    """
+    chain = sum_terms(add)
+    nodes = chain.nodes if chain is not None else []
+    if len(nodes) < 3 or not all(flow.depends_on_input(n) for n in nodes):
+        return None
+    common = ~0
+    for n in nodes:
+        common &= flow.anc(n)
+    fork_index = common.bit_length() - 1
+    if fork_index < 0 or not flow.ancestors[fork_index] & flow.inputs_mask:
+        return None
+    regions = []
+    for n in nodes:
+        others = 0
+        for m in nodes:
+            others |= flow.anc(m) if m is not n else 0
+        regions.append(flow.anc(n) & ~others)
+    light = [i for i, r in enumerate(regions) if _identity_like(r, gm, flow)]
+    if len(light) != 1:
+        return None
+    s = light[0]
+    branch = [i for i in range(len(nodes)) if i != s]
+    for i in branch:
+        single_linear_map = (
+            flow.weight(regions[i]) >= 1
+            and flow.depth(regions[i]) == 1
+            and not _nonlinear_after_map(regions[i], gm, flow)
+        )
+        if not single_linear_map or len(nodes[i].users) != 1:
+            return None  # a deeper or nonlinear term, or one also read elsewhere
+    branch_region = 0
+    for i in branch:
+        branch_region |= regions[i]
+    weight = flow.weight(branch_region)
+    f = _Fork(
+        flow.nodes[fork_index], nodes[branch[-1]], 1, branch_region, weight, nodes[s], regions[s], 0
+    )
+    assert chain is not None
+    regroup = next(i for i, t in enumerate(chain.terms) if t is nodes[s])
+    return _Chain(f, regroup, chain.inner, [nodes[i] for i in branch])
+
+
+def _reparam_chains(gm: fx.GraphModule, flow: DataFlow) -> dict[fx.Node, _Chain]:
+    """Every re-parameterisable sum of the graph, by its last add."""
+    chains: dict[fx.Node, _Chain] = {}
+    for node in gm.graph.nodes:
+        user = next(iter(node.users), None) if len(node.users) == 1 else None
+        if not is_add(node) or (user is not None and is_add(user) and node in _inner_of(user)):
+            continue
+        chain = _reparam_chain(node, gm, flow)
+        if chain is not None:
+            chains[node] = chain
+    return chains
+
+
+def _inner_of(add: fx.Node) -> list[fx.Node]:
+    chain = sum_terms(add)
+    return chain.inner if chain is not None else []
+
+
 def _block_child(owner_local: str, f: _Fork, flow: DataFlow) -> str | None:
     """The child of the owner that holds the whole branch (a loop over ``blocks``), if one does."""
     # What the branch computes from the fork: a cross-attention's context (CaiT's patches) is
@@ -459,6 +574,8 @@ def _merges_predictions(add: fx.Node, f: _Fork, flow: DataFlow) -> bool:
 def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
     gm = part.graph_module
     flow = DataFlow.of(gm)
+    chains = _reparam_chains(gm, flow)
+    absorbed = {n for c in chains.values() for n in c.inner}
     sites: list[ResidualSite] = []
     ordinals: dict[tuple[str, str], int] = {}
     for node in gm.graph.nodes:
@@ -468,33 +585,49 @@ def _sites_in_part(part: TracedPart) -> tuple[list[ResidualSite], DataFlow]:
         key = node_key(node)
         ordinal = ordinals.get((owner_local, key), 0)
         ordinals[(owner_local, key)] = ordinal + 1
-        f = _fork_of(node, flow) if is_add(node) else None
-        if f is None or not _is_block(f, gm, flow) or _branch_goes_on(node, f, flow):
-            continue
-        if not part.prefix and _merges_predictions(node, f, flow):
-            continue
-        child = _block_child(owner_local, f, flow)
-        existing_type = existing_drop_path(f.branch, gm)
-        sites.append(
-            ResidualSite(
-                owner=_join(part.prefix, owner_local),
-                node=node.name,
-                key=key,
-                ordinal=ordinal,
-                fork=f.fork.name,
-                branch=f.branch.name,
-                shortcut=f.shortcut.name,
-                branch_arg=f.branch_arg,
-                branch_weight=f.branch_weight,
-                shortcut_weight=f.shortcut_weight,
-                block=_join(part.prefix, _join(owner_local, child) if child else owner_local),
-                source=node.meta.get("source"),
-                existing=_join(part.prefix, str(f.branch.target)) if existing_type else None,
-                existing_type=existing_type,
-                position=flow.order[node],
-            )
-        )
+        chain = chains.get(node)
+        if chain is not None:
+            f = chain.fork  # rules 3-4 read on the whole sum (_reparam_chain)
+        else:
+            f = _fork_of(node, flow) if is_add(node) and node not in absorbed else None
+            if f is None or not _is_block(f, gm, flow) or _branch_goes_on(node, f, flow):
+                continue
+            if not part.prefix and _merges_predictions(node, f, flow):
+                continue
+        site = _site(part, node, f, flow, key, ordinal)
+        if chain is not None:
+            site.branch = "+".join(t.name for t in chain.terms)
+            site.regroup = chain.regroup
+            # A drop-path slot on one term is not on the branch: the gate takes the whole sum.
+            site.existing = site.existing_type = None
+        sites.append(site)
     return sites, flow
+
+
+def _site(
+    part: TracedPart, node: fx.Node, f: _Fork, flow: DataFlow, key: str, ordinal: int
+) -> ResidualSite:
+    gm = part.graph_module
+    owner_local = node.meta.get("owner_local", "")
+    child = _block_child(owner_local, f, flow)
+    existing_type = existing_drop_path(f.branch, gm)
+    return ResidualSite(
+        owner=_join(part.prefix, owner_local),
+        node=node.name,
+        key=key,
+        ordinal=ordinal,
+        fork=f.fork.name,
+        branch=f.branch.name,
+        shortcut=f.shortcut.name,
+        branch_arg=f.branch_arg,
+        branch_weight=f.branch_weight,
+        shortcut_weight=f.shortcut_weight,
+        block=_join(part.prefix, _join(owner_local, child) if child else owner_local),
+        source=node.meta.get("source"),
+        existing=_join(part.prefix, str(f.branch.target)) if existing_type else None,
+        existing_type=existing_type,
+        position=flow.order[node],
+    )
 
 
 def _internal(site: ResidualSite, flow: DataFlow, prefix: str) -> bool:

@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from retrofit.analysis.branch import NotOutlinable, branch_region
 from retrofit.analysis.dataflow import locate, node_key
+from retrofit.analysis.sums import regroup_sum, sum_terms
 from retrofit.capture.calls import Call, CallKey
 from retrofit.capture.existing import drop_rate_attribute
 from retrofit.capture.trace import Traced, is_passthrough, trace_graph
@@ -276,6 +277,8 @@ def _edit_graph(
     ``modules``: the owner's named modules, which the outline analysis reads (``inplace=True``).
     """
     located = [(edit, name, _locate(graph, edit)) for edit, name in edits]
+    if training:
+        located = _regrouped(graph, located)
     outlines = []
     for edit, name, node in located:
         action = edit.action
@@ -284,6 +287,9 @@ def _edit_graph(
                 outlines.append((edit, name, node))
                 continue
             action = "wrap_arg"  # eval: the gate is the identity (or ×p_l) on the branch
+        if action == "wrap_arg" and edit.regroup is not None and not training:
+            _wrap_terms(graph, node, edit, name)
+            continue
         _GRAPH_EDITS[action](graph, node, edit, name)
     # Outlining comes last, so nodes the other edits inserted inside a branch (a DropBlock) move
     # with it; in execution order, so a branch holding an earlier outlined site calls its gate.
@@ -298,6 +304,52 @@ def _edit_graph(
             _wrap_arg(graph, add, edit, name)
     graph.lint()
     return outlined, masked
+
+
+def _regrouped(
+    graph: fx.Graph, located: list[tuple[Edit, str, fx.Node]]
+) -> list[tuple[Edit, str, fx.Node]]:
+    """The located edits, each sum a ``regroup`` edit names regrouped first as ``shortcut +
+    branch`` (once per add: two edits at one site share it), the edit then at the new add.
+
+    Training graph only: one draw must gate the whole branch, and a batch-mode gate must call
+    it as one function. The eval graph keeps the author's order of summation (``_wrap_terms``).
+    """
+    done: dict[fx.Node, fx.Node] = {}
+    out = []
+    for edit, name, node in located:
+        if edit.regroup is not None:
+            if node not in done:
+                try:
+                    done[node] = regroup_sum(graph, node, edit.regroup)
+                except ValueError as e:
+                    raise LookupError(f"{edit.kind} site {edit.node}: {e}") from e
+            node = done[node]
+        out.append((edit, name, node))
+    return out
+
+
+def _wrap_terms(graph: fx.Graph, add: fx.Node, edit: Edit, name: str) -> None:
+    """``wrap_arg`` on a sum of several terms in the eval graph: the layer on each branch term,
+    where its chain of adds reads it, the sum left in the author's order.
+
+    In eval a gate is a fixed linear map (the identity, or ×p_l for paper scaling; ShakeDrop's
+    expectation), so gating each term is gating their sum, and under inverted scaling the eval
+    output is the original's bit for bit: re-associated (``identity + (scale + Σ conv)``), a
+    float sum differs in its last bits (~5e-7 relative), which a deep net can amplify past
+    verification's tolerance: smp's ``Unet(mobileone_s0)``, untrained, reaches activations of
+    ~1e5 and its regrouped eval output differed by up to 0.11 (refused by ``verify``).
+    """
+    chain = sum_terms(add)
+    shortcut = edit.regroup
+    if chain is None or shortcut is None or not 0 <= shortcut < len(chain.terms):
+        raise LookupError(f"{edit.kind} site {edit.node}: not a sum with a term #{shortcut}")
+    keep = chain.terms[shortcut]
+    for node in [*chain.inner, add]:
+        for i, value in enumerate(node.args):
+            if isinstance(value, fx.Node) and value is not keep and value not in chain.inner:
+                with graph.inserting_before(node):
+                    node.update_arg(i, graph.create_node("call_module", name, (value,)))
 
 
 def _outline(
@@ -443,7 +495,9 @@ class RetrofitForward:
         for gate, reason in masked.items():
             if gate not in self.masked:
                 self.masked[gate] = reason
-        mode_dependent = traced.read_training or any(e.action == "outline" for e, _ in self.edits)
+        mode_dependent = traced.read_training or any(
+            e.action == "outline" or e.regroup is not None for e, _ in self.edits
+        )
         slots = tuple(i for i, is_tensor in enumerate(traced.key.tensors) if is_tensor)
         s = Specialised(
             traced.key,
