@@ -39,6 +39,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from retrofit.capture import patching
 from retrofit.capture.calls import Call, CallKey, NoCall
 from retrofit.capture.concrete import Concretizer, concrete_dunders
 from retrofit.capture.detection import PLUMBING_REASON, is_plumbing
@@ -311,6 +312,7 @@ class RetrofitTracer(fx.Tracer):
 
 
 _CALL_MODULE_CODE = RetrofitTracer.call_module.__code__
+_PATCHING_FILE = patching.__file__
 
 # Per code object: the offsets of its instructions, in order, and the element count of each
 # that unpacks a sequence (None for any other instruction).
@@ -453,7 +455,8 @@ def _leaf_names(fn: Any, call: Call, count: int) -> list[str]:
 def _user_source() -> str | None:
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code is _CALL_MODULE_CODE:  # the tracer's own hook, between model frames
+        if frame.f_code is _CALL_MODULE_CODE or frame.f_code.co_filename == _PATCHING_FILE:
+            # The tracer's own hook, or the session's dispatcher: between model frames.
             frame = frame.f_back
             continue
         filename = frame.f_code.co_filename
