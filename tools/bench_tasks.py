@@ -8,10 +8,11 @@ and the evaluation pass against an epoch, on the embedded digits canvases, in on
 
 Throughput: the peer is the loop torchvision's references boil down to — detection:
 ``loss = sum(model(images, targets).values())``; segmentation: cross-entropy on ``out`` plus 0.5 ×
-on ``aux`` (ignore 255) — then backward, timm's AdamW step, zero_grad, over the same batches cut
-from the same tensors (the trainer's own in-memory batches) with the same model architecture and
-initial weights. Like with like: without ``--recipe`` neither side is retrofitted (the trainer's
-``apply`` with no recipe edits nothing); with it the peer gets the same edits from the public API
+on ``aux`` (ignore 255) — then backward, timm's AdamW step and the trainer's lr schedule (timm's,
+per update), zero_grad, over the same batches cut from the same tensors (the trainer's own
+in-memory batches) with the same model architecture and initial weights. Like with like:
+without ``--recipe`` neither side is retrofitted (the trainer's ``apply`` with no recipe edits
+nothing); with it the peer gets the same edits from the public API
 (``retrofit.apply`` with the trainer's probe size, ``retrofit.schedule.update`` before each step,
 as a hand-written loop using retrofit would), so the ratio is the trainer's own cost in both cases.
 Both sides are clocked alike: at each epoch's start and at each step's end (the trainer's through
@@ -142,6 +143,7 @@ def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> 
     """The hand-written loop's timing, clocked where the trainer's is: each epoch's start and
     each step's end (after its loss is read, as the trainer's log record reads it)."""
     from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
 
     t = get_task(task)
     model = build(task, name, args.side).to(device)
@@ -153,7 +155,14 @@ def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> 
     model.train()
     progressive = retrofit.schedule.progressive_modules(model)
     opt = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * (args.train // cfg.batch_size)
+    per_epoch = args.train // cfg.batch_size
+    total = cfg.epochs * per_epoch
+    # The trainer's lr schedule too (timm's, per update): a detector's step costs what its
+    # weights make it cost (the RPN's proposals, NMS), so both sides' weights must move alike.
+    sched, _ = create_scheduler_v2(opt, sched=cfg.sched, num_epochs=cfg.epochs,
+                                   warmup_epochs=cfg.resolved_warmup_epochs, warmup_lr=cfg.warmup_lr,
+                                   min_lr=cfg.min_lr, step_on_epochs=False,
+                                   updates_per_epoch=per_epoch)  # fmt: skip
     epochs, step, images = [], 0, 0
     for epoch in range(cfg.epochs):
         sync(device)
@@ -165,6 +174,7 @@ def peer(task: str, name: str, args, cfg: TrainConfig, device: torch.device) -> 
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sched.step_update(num_updates=step)
             images += len(x)
             loss.item()
             marks.append((time.perf_counter(), time.process_time()))
