@@ -120,6 +120,17 @@ ZOO = {
             (4, "blocks.6", (1, 960, 7, 7), 32, "feature_info"),
         ],
     ),
+    # Squeeze-excite in every block: ``x * scale`` broadcasts an (N, C, 1, 1) gate to the map,
+    # which is no upsampling (read as one, it ended the main path at block2's first block).
+    "tv.regnet_y_400mf": (
+        lambda: torchvision.models.regnet_y_400mf(),  # its init copies: not on meta
+        [
+            (1, "trunk_output.block1", (1, 48, 56, 56), 4, "shapes"),
+            (2, "trunk_output.block2", (1, 104, 28, 28), 8, "shapes"),
+            (3, "trunk_output.block3", (1, 208, 14, 14), 16, "shapes"),
+            (4, "trunk_output.block4", (1, 440, 7, 7), 32, "shapes"),
+        ],
+    ),
     # No conv runs at reduction 32 (features.20 is the last max-pool): three stages.
     "tv.vgg11": (
         lambda: tv("vgg11"),

@@ -379,18 +379,21 @@ _LAYOUT_OPS = frozenset(
 
 def _first_upsampling(nodes: list[fx.Node]) -> int:
     """Position of the first node that makes a feature map larger, in height and in width,
-    than the one it reads (a transposed conv, an interpolation: where a decoder starts), else
-    past the last node."""
+    than every map it reads (a transposed conv, an interpolation: where a decoder starts), else
+    past the last node. A broadcast ``x * scale`` (squeeze-excite's (N, C, 1, 1) gate) reads
+    a map as large as its output: it enlarges nothing."""
     for i, node in enumerate(nodes):
         out = shape_of(node)
         name = getattr(node.target, "__name__", str(node.target))
         if out is None or len(out) < 4 or name in _LAYOUT_OPS:
             continue
-        for arg in node.all_input_nodes:
-            shape = shape_of(arg)
-            same_kind = shape is not None and len(shape) == len(out) and shape[0] == out[0]
-            if same_kind and out[-2] > shape[-2] and out[-1] > shape[-1]:
-                return i
+        maps = [
+            shape
+            for shape in (shape_of(arg) for arg in node.all_input_nodes)
+            if shape is not None and len(shape) == len(out) and shape[0] == out[0]
+        ]
+        if maps and all(out[-2] > s[-2] and out[-1] > s[-1] for s in maps):
+            return i
     return len(nodes)
 
 
