@@ -122,6 +122,17 @@ ZOO = {
     ),
     # Squeeze-excite in every block: ``x * scale`` broadcasts an (N, C, 1, 1) gate to the map,
     # which is no upsampling (read as one, it ended the main path at block2's first block).
+    # Anti-aliased downsampling pads each map (56 → 58) before its stride-2 blur filter: a
+    # border, no upsampling (read as one, it ended the main path inside layer3).
+    "timm.tresnet_m": (
+        lambda: tm("tresnet_m"),
+        [
+            (1, "body.layer1", (1, 64, 56, 56), 4, "shapes"),
+            (2, "body.layer2", (1, 128, 28, 28), 8, "shapes"),
+            (3, "body.layer3", (1, 1024, 14, 14), 16, "shapes"),
+            (4, "body.layer4", (1, 2048, 7, 7), 32, "shapes"),
+        ],
+    ),
     "tv.regnet_y_400mf": (
         lambda: torchvision.models.regnet_y_400mf(),  # its init copies: not on meta
         [

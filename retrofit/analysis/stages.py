@@ -235,6 +235,11 @@ class StageAnalysis:
         if isinstance(node, tuple | list) and len(node) == 1:
             node = node[0]  # a graph specialised on a call returns its output's leaves
         if not isinstance(node, fx.Node) or node.op == "placeholder":
+            # A tuple (PiT's stages return ``(x, cls_tokens)``, SelecSLS's ``[x, features]``):
+            # the stage's map, where the module's own code computes it.
+            map_node = self.module_output.get(module)
+            if map_node is not None and map_node.meta.get("owner", "") == module:
+                return self.functional_site(map_node)
             raise LookupError(f"{module!r} does not return one computed tensor")
         return _site_of(gm, node, module, self.model.get_submodule(module))
 
@@ -377,15 +382,37 @@ _LAYOUT_OPS = frozenset(
 )  # fmt: skip
 
 
+# Padding grows a map by a border (a blur pool's or a "same" conv's ``F.pad``), not a scale.
+_PADDING_FUNCTIONS = frozenset({"pad", "constant_pad_nd"})
+_PADDING_MODULES = tuple(
+    cls
+    for name in ("_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+    if isinstance(cls := getattr(nn.modules.padding, name, None), type)
+)
+
+
+def _is_padding(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in _PADDING_FUNCTIONS
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        try:
+            module = node.graph.owning_module.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return isinstance(module, _PADDING_MODULES)
+    return False
+
+
 def _first_upsampling(nodes: list[fx.Node]) -> int:
     """Position of the first node that makes a feature map larger, in height and in width,
     than every map it reads (a transposed conv, an interpolation: where a decoder starts), else
     past the last node. A broadcast ``x * scale`` (squeeze-excite's (N, C, 1, 1) gate) reads
-    a map as large as its output: it enlarges nothing."""
+    a map as large as its output, and padding (TResNet's blur pool pads 56 → 58 before its
+    stride-2 filter) adds a border: neither is an upsampling."""
     for i, node in enumerate(nodes):
         out = shape_of(node)
         name = getattr(node.target, "__name__", str(node.target))
-        if out is None or len(out) < 4 or name in _LAYOUT_OPS:
+        if out is None or len(out) < 4 or name in _LAYOUT_OPS or _is_padding(node):
             continue
         maps = [
             shape
