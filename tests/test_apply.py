@@ -198,10 +198,42 @@ def test_verify_restores_the_model_when_outputs_differ(monkeypatch):
         return x * 2
 
     monkeypatch.setattr(StochasticDepthGate, "forward", broken)
+    # Saying so, it runs in the owners' edited eval code (else eval runs the code as written).
+    monkeypatch.setattr(StochasticDepthGate, "identity_in_eval", False)
     with pytest.raises(VerifyError, match="eval output changed"):
         retrofit.apply(model, SD, example_input=x)
     monkeypatch.undo()
     assert not gates(model) and all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
+def test_eval_runs_the_code_as_written_unless_a_layer_changes_eval():
+    """Inverted-scaling gates are the identity in eval: the owners run their class's forward
+    there (the gates are not called, the output is the original's bit for bit, nothing is
+    generated for eval). The paper's scaling multiplies a branch by p_l at test time: the eval
+    graph is edited and the gates run."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = eval_out(model, x)
+    for scaling, called in (("inverted", 0), ("paper", 8)):
+        retrofit.apply(model, {"stochastic_depth": {"scaling": scaling}}, example_input=x)
+        forwards = [m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__]
+        assert len(forwards) == 8
+        before = [len(f.specialised) for f in forwards]
+        seen = []
+        hooks = [g.register_forward_hook(lambda *a, s=seen: s.append(1)) for g in gates(model)]
+        out = eval_out(model, x)
+        for h in hooks:
+            h.remove()
+        assert len(seen) == called
+        if scaling == "inverted":  # nothing was generated for eval
+            assert [len(f.specialised) for f in forwards] == before
+        if scaling == "inverted":
+            torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        else:  # each block's branch times its p_l: not the original function
+            assert not torch.allclose(out, reference)
+    retrofit.strip(model)
     torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
 
 

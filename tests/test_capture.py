@@ -71,12 +71,23 @@ def test_shape_control_flow_is_specialised_and_guarded():
     assert [e.module for e in retrofit.applied_plan(model).edits] == ["blocks.0", "blocks.1"]
     forward = model.blocks[0].__dict__["forward"]
     assert forward.specialised[0].key.guard == "shape"  # it branched on x.shape
-    model.eval(), original.eval()
+    for g in gates(model):
+        g.survival = 1.0  # every branch kept: training output equals the original's
+    model.train(), original.train()
     for size in (7, 8, 5):  # a new shape is a new specialisation, traced on that call
         x = torch.randn(3, 3, size, size)
         torch.testing.assert_close(model(x), original(x))
     # The probe's (2, 4, 7, 7) and the three (3, 4, s, s): a shape guard keys on whole shapes.
     assert len(forward.specialised) == 4
+    # Eval runs the blocks' own code as written (the gates are the identity there): any shape,
+    # nothing new to specialise.
+    model.eval(), original.eval()
+    x = torch.randn(3, 3, 9, 9)
+    torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+    assert len(forward.specialised) == 4
+    for g in gates(model):
+        g.survival = 0.5
+        g.reset_stats()
     model.train()
     model(torch.randn(3, 3, 6, 6)).sum().backward()
     assert all(g.calls == 3 for g in gates(model))
@@ -219,10 +230,10 @@ def test_traces_per_apply_one_per_owner():
         model = torchvision.models.resnet18()
         before = TRACES.copy()
         retrofit.apply(model, {"stochastic_depth": {"mode": mode}}, example_input=x)
-        # One trace of the model, one of each of its 8 blocks: batch mode's plan-time outline
-        # check is the trace the rewrite then specialises, and the block code never reads
-        # self.training, so one trace serves both modes.
-        assert dict(TRACES - before) == {"deep": 1, "shallow": 8}, mode
+        # One trace of the model, and each of its 8 blocks' graphs cut from it (none traced
+        # again): batch mode's plan-time outline check reads the graph the rewrite then
+        # specialises, and the block code never reads self.training, so one serves both modes.
+        assert dict(TRACES - before) == {"deep": 1, "cut": 8}, mode
 
 
 def test_pickled_model_keeps_live_gates_in_a_fresh_process(tmp_path):

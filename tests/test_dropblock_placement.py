@@ -252,12 +252,14 @@ def test_apply_resnet18_stages_3_4():
     torch.manual_seed(1)
     assert not torch.allclose(model(X64), original(X64))
 
-    # The stage outputs go through the DropBlocks: a hook sees layer3's 4×4 map at 64×64.
+    # The stage outputs go through the DropBlocks in training (in eval the root runs its code
+    # as written: DropBlock is the identity there): a hook sees layer3's 4×4 map at 64×64.
     seen = []
     handle = blocks["retrofit_dropblock0"].register_forward_hook(
         lambda m, i, o: seen.append(tuple(i[0].shape))
     )
-    eval_out(model, X64)
+    with torch.no_grad():
+        model(X64)
     handle.remove()
     assert seen == [(2, 256, 4, 4)]
 
@@ -283,17 +285,20 @@ def test_apply_resnet50_blocks_placement():
     assert (len(model.layer3), len(model.layer4)) == (6, 3)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(eval_out(model, X32), reference, rtol=0, atol=0)
-    # Each one masks its block's output: layer3.i's at 2×2 (X32 / 16), layer4.i's at 1×1.
+    # Each one masks its block's output in training: layer3.i's at 2×2 (X32 / 16), layer4.i's
+    # at 1×1 (a batch of two: BatchNorm in training needs more than one value per channel).
     seen = []
     hooks = [
         m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, tuple(i[0].shape))))
         for n, m in dropblocks(model).items()
     ]
-    eval_out(model, X32)
+    model.train()
+    with torch.no_grad():
+        model(X32.repeat(2, 1, 1, 1))
     for h in hooks:
         h.remove()
-    assert seen == [(f"retrofit_dropblock{i}", (1, 1024, 2, 2)) for i in range(6)] + [
-        (f"retrofit_dropblock{i}", (1, 2048, 1, 1)) for i in range(6, 9)
+    assert seen == [(f"retrofit_dropblock{i}", (2, 1024, 2, 2)) for i in range(6)] + [
+        (f"retrofit_dropblock{i}", (2, 2048, 1, 1)) for i in range(6, 9)
     ]
     retrofit.strip(model)
     assert dropblocks(model) == {}
@@ -400,3 +405,38 @@ def test_root_level_residual_gets_dropblock_after_the_add():
     retrofit.apply(model, plan.recipe, example_input=x)
     assert list(dropblocks(model)) == ["retrofit_dropblock0"]
     torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "arch, stages, maps",
+    [
+        # PiT: timm's SequentialTuple (an nn.Sequential with a forward of its own) runs stages
+        # that take and return (map, cls_tokens).
+        ("pit_ti_224", [2, 3], {"transformers.1": (128, 14, 14), "transformers.2": (256, 7, 7)}),
+        # SelecSLS: its blocks pass [x, features] lists along an nn.Sequential.
+        ("selecsls42", [3, 4], {"features.5": (480, 14, 14), "": (1024, 7, 7)}),
+    ],
+)
+def test_stages_returning_tuples_get_dropblock_on_their_map(arch, stages, maps):
+    """A stage that returns a tuple, called by a container that runs its children: the
+    DropBlock goes on the map where the stage's own code makes it (on d6775d4 the planner
+    raised ``LookupError: 'transformers.1' does not return one computed tensor``)."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch).eval()
+    x = torch.randn(2, 3, 224, 224)
+    retrofit.apply(model, {"dropblock": {"stages": stages}}, example_input=x)
+    found = dropblocks(model)
+    assert [n.rsplit(".", 1)[0] if "." in n else "" for n in found] == list(maps)
+    seen = {}
+
+    def hook(module, inputs, output):  # returns None: the output stays the block's
+        seen[owners[module]] = tuple(inputs[0].shape[1:])
+
+    owners = {block: name.rpartition(".")[0] for name, block in found.items()}
+    for block in found.values():
+        block.register_forward_hook(hook)
+    model.train()
+    schedule.update(model, 1.0)
+    with torch.no_grad():
+        model(x)
+    assert seen == maps

@@ -295,9 +295,9 @@ def test_blocks_with_the_same_code_compile_it_once_and_keep_their_own_names():
     execute._compiled.cache_clear()
     retrofit.apply(model, {"stochastic_depth": {"p_L": 0.5, "mode": "batch"}}, example_input=x)
     info = execute._compiled.cache_info()
-    # Blocks 0, 2 and 3 (the sites), each an eval and a training forward and an outlined
-    # branch: three sources, nine forwards.
-    assert (info.misses, info.hits) == (3, 6)
+    # Blocks 0, 2 and 3 (the sites), each a training forward and an outlined branch (in eval
+    # they run their code as written): two sources, six forwards.
+    assert (info.misses, info.hits) == (2, 4)
     torch.testing.assert_close(model(x), reference)
     fns = [model.blocks[i].__dict__["forward"].specialised[0].fn for i in (0, 2, 3)]
     names = [fn.__code__.co_filename for fn in fns]
@@ -307,3 +307,32 @@ def test_blocks_with_the_same_code_compile_it_once_and_keep_their_own_names():
         linecache.getline(n, fn.__code__.co_firstlineno) for n, fn in zip(names, fns, strict=True)
     ]
     assert all(line.startswith("def forward(self, inputs") for line in lines)
+
+
+def test_blocks_with_the_same_code_share_one_specialisation_with_their_own_branches():
+    """Blocks 0, 2 and 3 have one graph and one edit: the first is edited and generated, the
+    others reuse its code with their own outlined branch bound in. Each block's training
+    forward is its own: with every branch kept it is the original's."""
+    import copy
+
+    from retrofit.rewrite import execute
+    from tests.wild_models import DropConnectEfficientNet
+
+    torch.manual_seed(0)
+    model = DropConnectEfficientNet().eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    execute.clear_caches()
+    retrofit.apply(model, {"stochastic_depth": {"p_L": 0.5, "mode": "batch"}}, example_input=x)
+    assert len(execute._TEMPLATES) == 1  # one training specialisation, made once
+    for i in (0, 2, 3):
+        fn = model.blocks[i].__dict__["forward"].specialised[0].fn
+        bound = [v() for k, v in fn.__globals__.items() if "retrofit_constant" in k and callable(v)]
+        branches = [b for b in bound if hasattr(b, "__self__")]
+        assert [b.__self__ for b in branches] == [model.blocks[i]]
+    gates = [m for m in model.modules() if type(m).__name__ == "StochasticDepthGate"]
+    assert len(gates) == 3 and all(g.outlined for g in gates)
+    for g in gates:
+        g.survival = 1.0
+    model.train(), original.train()
+    torch.testing.assert_close(model(x), original(x))

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from retrofit.capture.concrete import is_metadata
 
-__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "mutated_input"]
+__all__ = ["BranchRegion", "NotOutlinable", "branch_region", "module_inplace", "mutated_input"]
 
 _INPLACE_OPERATORS = {
     operator.iadd,
@@ -120,7 +120,7 @@ def mutated_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
         return first if name.endswith("_") and not name.startswith("_") else None
     if node.op == "call_module":
         module = modules.get(str(node.target))
-        return first if module is not None and _module_inplace(module) else None
+        return first if module is not None and module_inplace(module) else None
     if node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
             return first
@@ -136,7 +136,7 @@ def mutated_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
     return None
 
 
-def _module_inplace(module: Any) -> bool:
+def module_inplace(module: Any) -> bool:
     """Whether calling ``module`` may write its input in place: its own ``inplace=True``, or a
     wrapper without parameters (an activation wrapper, a Sequential of activations) holding a
     module with ``inplace=True``. A module with parameters computes new tensors before any

@@ -12,7 +12,8 @@ needed, and hands it out:
 * ``residual_sites``, ``stages``, ``dropout_bn``: the findings;
 * ``owner_trace(owner)``: an owner's own forward with its children as leaves, specialised on
   its recorded call, in training mode — what batch mode's outline check reads and what the
-  rewrite's first specialisation reuses.
+  rewrite's first specialisation reuses. Cut from ``traced`` where that is exact
+  (``capture/regions.py``), else traced.
 
 ``counts`` says how many traces of each kind were made (a test holds apply to it).
 Nothing here changes the model.
@@ -37,7 +38,7 @@ from retrofit.analysis.sums import regroup_sum
 from retrofit.capture.calls import Call, NoCall, record_calls
 from retrofit.capture.probe import default_example_input, probe_input_size
 from retrofit.capture.shapes import ShapePropError
-from retrofit.capture.trace import Traced, TraceResult, trace, trace_graph
+from retrofit.capture.trace import Traced, TraceResult, cut_owner, trace, trace_graph
 from retrofit.capture.training import training_mode
 
 __all__ = ["Analysis", "probe_for", "stages"]
@@ -133,8 +134,14 @@ class Analysis:
 
     def owner_trace(self, owner: str) -> Traced | None:
         """``owner``'s own forward in training mode, children as leaves, specialised on its
-        recorded call (None if it cannot be traced: the rewrite then says why)."""
+        recorded call (None if it cannot be traced: the rewrite then says why). Cut from the
+        model's trace where that is exact (``capture/regions.py``): no trace, no recorded
+        call needed."""
         if owner not in self._owner_traces:
+            cut = self._cut(owner)
+            if cut is not None:
+                self._owner_traces[owner] = cut
+                return cut
             module = self.model.get_submodule(owner)
             saved = module.training
             module.training = True
@@ -149,6 +156,14 @@ class Analysis:
                 module.training = saved
         return self._owner_traces[owner]
 
+    def _cut(self, owner: str) -> Traced | None:
+        parts = [p for p in self.traced.parts if not p.prefix or owner.startswith(p.prefix + ".")]
+        part = max(parts, key=lambda p: len(p.prefix), default=None)
+        cut = cut_owner(part, owner) if part is not None else None
+        if cut is not None:
+            self.counts["owner cut"] += 1
+        return cut
+
     def _call(self, module: str) -> Call | None:
         try:
             return self.call(module)
@@ -156,8 +171,15 @@ class Analysis:
             return None
 
     def seed(self, owner: str) -> Traced | None:
-        """A trace of ``owner`` already made, for the rewrite to reuse (never a new one)."""
-        return self._owner_traces.get(owner)
+        """A graph of ``owner`` for the rewrite to start from: one already made, or one cut
+        from the model's trace (never a new trace: the rewrite traces what it needs itself)."""
+        if owner not in self._owner_traces:
+            # Only from a trace made before the rewrite began (the model is changing now).
+            cut = self._cut(owner) if "traced" in self.__dict__ else None
+            if cut is None:
+                return None
+            self._owner_traces[owner] = cut
+        return self._owner_traces[owner]
 
     # ------------------------------------------------------------------ findings
 

@@ -39,12 +39,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from retrofit.capture import patching
+from retrofit.capture import patching, regions
 from retrofit.capture.calls import Call, CallKey, NoCall
 from retrofit.capture.concrete import Concretizer, concrete_dunders
 from retrofit.capture.detection import PLUMBING_REASON, is_plumbing
 from retrofit.capture.existing import is_existing_regularizer, regularizer_types
 from retrofit.capture.patching import dispatching, traced_root
+from retrofit.capture.regions import Region, Regions, plain_call
 from retrofit.capture.sandbox import preserved
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "Traced",
     "TraceResult",
     "TracedPart",
+    "cut_owner",
     "owner_of",
     "trace",
     "trace_module",
@@ -135,6 +137,9 @@ class RetrofitTracer(fx.Tracer):
         self.call = call
         self.concretizer: Concretizer | None = None
         self.out_spec: TreeSpec | None = None
+        # A deep symbolic trace records each module call it traces through, so that an owner's
+        # own graph can be cut from it (capture/regions.py) instead of traced again.
+        self.regions: list[Region] | None = None if shallow or call is not None else Regions()
         self._leaves = notrace_modules + regularizer_types() + tuple(extra_leaves)
         self._root: nn.Module | None = None
         # id -> (tensor, name) of the root's parameters and of its buffers, built on first use
@@ -180,7 +185,41 @@ class RetrofitTracer(fx.Tracer):
             # has no name fx can record a call_module by: it is one opaque call instead, whose
             # learned maps the analyses still weigh (``uninstalled_module``).
             return self.create_proxy("call_function", uninstalled_call(m), args, kwargs)
+        if self.regions is not None and not is_passthrough(m):
+            forward = self._recorded(m, forward, args, kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+    def _recorded(self, m: nn.Module, forward: Callable[..., Any], args, kwargs):
+        """``forward``, recording the call as a Region when fx traces through it (a leaf's
+        forward is never called: its call is one node)."""
+        name = self.submodule_paths.get(m, "")
+        stack = dict(self.module_stack)
+        source = _user_source()
+        plain = plain_call(m)
+
+        def traced_through(*a: Any, **k: Any) -> Any:
+            start = self.graph._root.prev  # the graph's last node (the root sentinel if none)
+            with _watch_training(m) as reads:
+                out = forward(*a, **k)
+            self.regions.append(  # type: ignore[union-attr]
+                Region(
+                    name,
+                    m,
+                    args,
+                    kwargs,
+                    out,
+                    start,
+                    self.graph._root.prev,
+                    stack,
+                    source,
+                    bool(reads),
+                    m.training,
+                    plain,
+                )
+            )
+            return out
+
+        return traced_through
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         if isinstance(target, torch.jit.ScriptFunction):
@@ -518,6 +557,8 @@ class Traced:
     the graph holds for that mode only). ``call``/``key``: the call it was specialised on and
     what a later call must match (None for a symbolic trace with arguments at their defaults).
     ``out_spec``: rebuilds the forward's output from the graph's flat output (specialised traces).
+    ``regions``: the module calls a deep symbolic trace traced through, from which an owner's
+    own graph is cut (``capture/regions.py``).
     """
 
     graph: fx.Graph
@@ -525,6 +566,7 @@ class Traced:
     call: Call | None = None
     key: CallKey | None = None
     out_spec: TreeSpec | None = None
+    regions: list[Region] = field(default_factory=Regions)
 
 
 def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None = None) -> Traced:
@@ -545,7 +587,7 @@ def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None =
     if call is not None:
         leaves, spec = call.flatten()
         key = CallKey.of(leaves, spec, tracer.guard)
-    return Traced(graph, bool(reads), call, key, tracer.out_spec)
+    return Traced(graph, bool(reads), call, key, tracer.out_spec, tracer.regions or Regions())
 
 
 def trace_module(
@@ -555,7 +597,27 @@ def trace_module(
     traced = trace_graph(module, shallow=shallow, call=call)
     gm = _GraphModule(module, traced.graph, module.__class__.__name__)
     gm.meta["retrofit_call"] = call
+    gm.meta["retrofit_regions"] = traced.regions
     return gm
+
+
+def cut_owner(part: TracedPart, owner: str) -> Traced | None:
+    """``owner``'s shallow training-mode graph cut from ``part``'s trace (``capture/regions.py``),
+    or None where it cannot be cut exactly. ``owner`` is qualified in the model."""
+    gm = part.graph_module
+    if gm.meta.get("retrofit_call") is not None:
+        return None  # specialised: its answers hold for its own call only
+    if part.prefix and not owner.startswith(part.prefix + "."):
+        return None
+    local = owner[len(part.prefix) + 1 :] if part.prefix else owner
+    cut_ = regions.cut(gm.graph, gm.meta.get("retrofit_regions") or [], local, _leaf_names)
+    if cut_ is None:
+        return None
+    graph, read_training, key, out_spec = cut_
+    for node in graph.nodes:
+        node.meta["owner_local"] = owner_of(node)
+    TRACES["cut"] += 1
+    return Traced(graph, read_training, None, key, out_spec)
 
 
 _WATCHED: dict[type, type] = {}

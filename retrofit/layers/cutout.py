@@ -193,6 +193,8 @@ class Cutout:
 class BatchCutout(nn.Module):
     """Cutout on a whole batch on its device, active only in training mode."""
 
+    identity_in_eval = True  # see retrofit.layers.protocol.EvalIdentity
+
     def __init__(
         self,
         n_holes: int = 1,

@@ -288,6 +288,7 @@ class DropBlock(nn.Module):
     """
 
     kind = "dropblock"
+    identity_in_eval = True  # see retrofit.layers.protocol.EvalIdentity
     # The current keep_prob: a float, mirrored in the tensor compiled graphs read.
     keep_prob = MirroredRate()
 

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Counting", "Outline", "Progressive", "Reporting", "Resumable", "SharedDraws"]
+__all__ = [
+    "Counting",
+    "EvalIdentity",
+    "Outline",
+    "Progressive",
+    "Reporting",
+    "Resumable",
+    "SharedDraws",
+]
 
 
 @runtime_checkable
@@ -35,6 +43,18 @@ class Progressive(Protocol):
 @runtime_checkable
 class Counting(Protocol):
     def reset_stats(self) -> None: ...
+
+
+@runtime_checkable
+class EvalIdentity(Protocol):
+    """``identity_in_eval``: in eval mode the layer returns its input as it came (DropBlock,
+    Cutout, ShakeDrop, Uout, a stochastic-depth gate with the inverted scaling). An owner whose
+    inserted layers all say so runs its own forward, as written, in eval
+    (``retrofit.rewrite.execute.RetrofitForward``): the same output, bit for bit, with nothing
+    generated. A layer without the attribute (a gate with the paper's ×p_l) gets an edited eval
+    graph."""
+
+    identity_in_eval: bool
 
 
 @runtime_checkable

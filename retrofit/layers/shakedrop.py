@@ -152,6 +152,7 @@ class ShakeDrop(nn.Module):
     """
 
     kind = "shakedrop"
+    identity_in_eval = True  # see retrofit.layers.protocol.EvalIdentity
 
     def __init__(
         self,

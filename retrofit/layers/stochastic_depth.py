@@ -314,6 +314,12 @@ class StochasticDepthGate(nn.Module):
         self.counters.apply(fn)
         return self
 
+    @property
+    def identity_in_eval(self) -> bool:
+        """The inverted scaling returns x at test time; the paper's multiplies the branch by
+        p_l (``retrofit.layers.protocol.EvalIdentity``)."""
+        return self.scaling == "inverted"
+
     # ------------------------------------------------------------------ rates
 
     def _alpha(self) -> float:

@@ -54,6 +54,8 @@ _uout = uout
 class Uout(nn.Module):
     """Uout layer over :func:`uout`; ``beta`` is a plain attribute, no parameters or buffers."""
 
+    identity_in_eval = True  # see retrofit.layers.protocol.EvalIdentity
+
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
         _check(beta)

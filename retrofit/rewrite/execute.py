@@ -22,10 +22,15 @@ fx bakes ``self.training`` reads into the graph; a forward that read it is speci
 Outlining (stochastic depth in batch/subset mode, action ``"outline"``): in the *training* graph
 only, the residual branch's nodes (:func:`retrofit.analysis.branch.branch_region`) move into a
 function of their inputs, generated like the forward and passed to the gate on every call:
-``gate(shortcut, *inputs, branch=f, outline=spec)``. The eval graph gets the plain gate on the
-branch operand (identity, or ×p_l for paper scaling), so eval equivalence — what ``verify``
-proves — is the same as for the mask form. A branch the analysis refuses is masked instead, and
-the rewrite's record (:class:`Rewrite`) says so; the plan is never edited.
+``gate(shortcut, *inputs, branch=f, outline=spec)``. A branch the analysis refuses is masked
+instead, and the rewrite's record (:class:`Rewrite`) says so; the plan is never edited.
+
+**Eval runs the code as written.** Every layer retrofit inserts into a graph is the identity in
+eval (``retrofit.layers.protocol.EvalIdentity``) except a stochastic-depth gate with the paper's
+test-time ×p_l. An owner whose edits only insert such layers (no call replaced) runs its class's
+own forward in eval mode: bit-identical to the original by construction, no gate overhead, and
+nothing to generate. Otherwise the eval graph gets the plain gate on the branch operand (×p_l),
+which verification compares with the original under the techniques' eval-neutral context.
 
 Inserted modules hold no parameters or buffers, so ``state_dict`` keys and values are unchanged.
 Everything done is recorded on the touched module (``_retrofit_state``), which is how
@@ -36,6 +41,7 @@ specialises again on its first call.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import linecache
@@ -45,11 +51,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from retrofit.analysis.branch import NotOutlinable, branch_region
+from retrofit.analysis.branch import NotOutlinable, branch_region, module_inplace
 from retrofit.analysis.dataflow import locate, node_key
 from retrofit.analysis.sums import regroup_sum, sum_terms
 from retrofit.capture.calls import Call, CallKey
@@ -175,16 +182,128 @@ _MODULE_EDITS: dict[str, Callable[[nn.Module, Edit], None]] = {
 
 def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
     """Python source of ``graph`` as a function of ``self`` (the owner, not a GraphModule)."""
-    code = graph.python_code(root_module="self")
+    code = _python_code(graph)
+    return _function(code.src, code.globals, label)
+
+
+def _function(src: str, scope: dict[str, Any], label: str) -> Callable[..., Any]:
+    """The ``forward`` defined by generated ``src``, run with the globals ``scope``."""
     filename = f"<retrofit {label} #{next(_counter)}>"
     # Registered with linecache so tracebacks through the generated forward show its code.
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(_compiled(code.src), namespace)
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    namespace = dict(scope)
+    exec(_compiled(src), namespace)
     forward = namespace["forward"]
     # Named after this owner, not the first one that generated the same source.
     forward.__code__ = forward.__code__.replace(co_filename=filename)
     return forward
+
+
+# Generated code by graph structure (``_structure``), most recent last: the blocks of a stage
+# have the same graph, and fx's code generation (~0.5 ms for a 20-node block) is most of what
+# specialising a forward costs. Bounded like ``_compiled``.
+_SOURCES: collections.OrderedDict[tuple[Any, ...], fx.graph.PythonCode] = collections.OrderedDict()
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
+
+
+def clear_caches() -> None:
+    """Forget the generated code of earlier rewrites (``tools/bench_core.py`` measures what an
+    apply costs the first time a process sees a model)."""
+    _SOURCES.clear()
+    _TEMPLATES.clear()
+    _compiled.cache_clear()
+
+
+def _python_code(graph: fx.Graph) -> fx.graph.PythonCode:
+    """``graph.python_code(root_module="self")``, generated once per graph structure."""
+    key = _structure(graph)
+    if key is None:
+        return graph.python_code(root_module="self")
+    code = _SOURCES.get(key)
+    if code is None:
+        code = _SOURCES[key] = graph.python_code(root_module="self")
+        if len(_SOURCES) > 512:
+            _SOURCES.popitem(last=False)
+    else:
+        _SOURCES.move_to_end(key)
+    return code
+
+
+class _Unkeyed(Exception):
+    pass
+
+
+def _structure(graph: fx.Graph, *, meta: bool = False) -> tuple[Any, ...] | None:
+    """Everything fx's code generation reads of ``graph``, hashable: per node its op, name,
+    type, target (a function by identity: the cached code's globals hold it, so the identity
+    is not reused while the entry lives) and arguments (nodes by position, constants by type
+    and value); with ``meta``, also what the edits read (each node's source line and owner).
+    None when an argument is not a plain constant (its text in the code is its repr, which
+    need not tell two objects apart)."""
+    if type(graph._codegen) is not fx.graph.CodeGen:
+        return None  # a pytree codegen: more state than the nodes
+    index: dict[fx.Node, int] = {}
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, fx.Node):
+            return ("%", index[v])
+        if isinstance(v, tuple | list):
+            return (type(v).__name__, *map(plain, v))
+        if isinstance(v, dict):
+            return ("dict", *((k, plain(x)) for k, x in v.items()))
+        if isinstance(v, slice):
+            return ("slice", plain(v.start), plain(v.stop), plain(v.step))
+        if isinstance(v, _PLAIN) or v is Ellipsis:
+            return (type(v), v)
+        raise _Unkeyed
+
+    items: list[Any] = []
+    try:
+        for i, n in enumerate(graph.nodes):
+            target = n.target if isinstance(n.target, str) else id(n.target)
+            items.append((n.op, n.name, repr(n.type), target, plain(n.args), plain(n.kwargs)))
+            if meta:
+                items.append((n.meta.get("source"), n.meta.get("owner_local")))
+            index[n] = i
+    except _Unkeyed:
+        return None
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One specialisation's generated code, for every owner whose graph, edits, in-place
+    children and mode are the same (the blocks of a stage): ``branches`` per outlined gate,
+    its branch's code, the global of ``code`` that passes the bound branch, and its spec."""
+
+    code: fx.graph.PythonCode
+    branches: tuple[tuple[str, fx.graph.PythonCode, str, Outline], ...]
+    masked: dict[str, str]
+
+
+_TEMPLATES: collections.OrderedDict[tuple[Any, ...], _Template] = collections.OrderedDict()
+
+
+def _template_key(
+    graph: fx.Graph, edits: list[tuple[Edit, str]], training: bool, modules: dict[str, nn.Module]
+) -> tuple[Any, ...] | None:
+    """What the edits of ``_edit_graph`` read: the owner's graph (with sources and owners),
+    the edits, the mode, and which called modules work in place (the outline analysis's only
+    question about modules, ``retrofit.analysis.branch``)."""
+    structure = _structure(graph, meta=True)
+    if structure is None:
+        return None
+    edits_key = tuple(
+        (e.kind, e.action, e.key, e.ordinal, e.source, e.arg, e.regroup, attr)
+        + (bool(getattr(e.settings, "subset", False)),)
+        for e, attr in edits
+    )
+    inplace = tuple(
+        module_inplace(modules[str(n.target)]) if str(n.target) in modules else None
+        for n in graph.nodes
+        if n.op == "call_module"
+    )
+    return (structure, edits_key, training, inplace)
 
 
 @functools.lru_cache(maxsize=512)
@@ -392,6 +511,10 @@ def _outline(
     return _Outlined(name, extracted, spec, branch)
 
 
+# Graph edits that only add a layer's call on a value (replace_call removes the model's own call).
+_INSERTIONS = frozenset({"wrap_arg", "insert_after", "outline"})
+
+
 def _copy(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
     new.output(new.graph_copy(graph, {}))
@@ -428,6 +551,15 @@ class RetrofitForward:
         self.edits = edits
         self._reset()
 
+    def as_written_in_eval(self) -> bool:
+        """In eval mode the owner's own forward gives what the edited code would: every edit
+        inserts a layer that returns its input in eval (module docstring)."""
+        children = self.owner._modules
+        return all(
+            edit.action in _INSERTIONS and getattr(children.get(attr), "identity_in_eval", False)
+            for edit, attr in self.edits
+        )
+
     def _reset(self) -> None:
         self.specialised: list[Specialised] = []
         self._pristine: list[tuple[CallKey, Traced]] = []
@@ -447,8 +579,11 @@ class RetrofitForward:
             self._pristine.append((traced.key, traced))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = tree_flatten((args, kwargs))
         training = self.owner.training
+        if not training and self.as_written_in_eval():
+            # The class's forward: the code fx traced (fx traces ``type(root).forward``).
+            return type(self.owner).forward(self.owner, *args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
         for s in self.specialised:
             if (s.training is None or s.training == training) and s.key.matches(leaves, spec):
                 return s.run(self.owner, leaves)
@@ -458,6 +593,41 @@ class RetrofitForward:
                 "for a call it has never run; run the model once on a real input first"
             )
         return self._specialise(Call(args, kwargs), training).run(self.owner, leaves)
+
+    def _generate(
+        self, traced: Traced, training: bool, modules: dict[str, nn.Module], label: str
+    ) -> tuple[Callable[..., Any], _Template | None, dict[str, str]]:
+        """The edited forward of ``traced``, and its template for other owners (None when a
+        branch's constant cannot be told apart in the generated globals)."""
+        graph = _copy(traced.graph)
+        outlined, masked = _edit_graph(graph, self.edits, training=training, modules=modules)
+        branches = []
+        for item in outlined:
+            code = _python_code(item.branch)
+            branch = _function(code.src, code.globals, f"{label} branch of {item.gate}")
+            # Bound to the owner and passed to the gate as a constant of the generated
+            # code: registered nowhere, so state_dict and parameters() are unchanged.
+            item.call.target = _constant(types.MethodType(branch, self.owner))
+            self.owner.get_submodule(item.gate).outlined = True
+            self.outlines[item.gate] = item.spec
+            branches.append((item, code))
+        main = _python_code(graph)
+        fn = _function(main.src, main.globals, f"{label} {_mode(training)}")
+        names = []
+        for item, _ in branches:
+            found = [k for k, v in main.globals.items() if v is item.call.target]
+            if len(found) != 1:
+                return fn, None, masked
+            names.append(found[0])
+        template = _Template(
+            main,
+            tuple(
+                (item.gate, code, name, item.spec)
+                for (item, code), name in zip(branches, names, strict=True)
+            ),
+            dict(masked),
+        )
+        return fn, template, masked
 
     def _traced(self, call: Call, training: bool) -> Traced:
         leaves, spec = call.flatten()
@@ -474,17 +644,25 @@ class RetrofitForward:
         label = f"{type(self.owner).__name__}.forward {self.name or '<root>'}"
         try:
             traced = self._traced(call, training)
-            graph = _copy(traced.graph)
             modules = dict(self.owner.named_modules())
-            outlined, masked = _edit_graph(graph, self.edits, training=training, modules=modules)
-            for item in outlined:
-                branch = _compile(item.branch, f"{label} branch of {item.gate}")
-                # Bound to the owner and passed to the gate as a constant of the generated
-                # code: registered nowhere, so state_dict and parameters() are unchanged.
-                item.call.target = _constant(types.MethodType(branch, self.owner))
-                self.owner.get_submodule(item.gate).outlined = True
-                self.outlines[item.gate] = item.spec
-            fn = _compile(graph, f"{label} {'train' if training else 'eval'}")
+            key = _template_key(traced.graph, self.edits, training, modules)
+            template = _TEMPLATES.get(key) if key is not None else None
+            if template is None:
+                fn, template, masked = self._generate(traced, training, modules, label)
+                if key is not None and template is not None:
+                    _TEMPLATES[key] = template
+                    if len(_TEMPLATES) > 512:
+                        _TEMPLATES.popitem(last=False)
+            else:  # the same edits on the same code: only the owner's own branches are new
+                _TEMPLATES.move_to_end(key)
+                scope = dict(template.code.globals)
+                for gate, code, name, spec in template.branches:
+                    branch = _function(code.src, code.globals, f"{label} branch of {gate}")
+                    scope[name] = _constant(types.MethodType(branch, self.owner))
+                    self.owner.get_submodule(gate).outlined = True
+                    self.outlines[gate] = spec
+                fn = _function(template.code.src, scope, f"{label} {_mode(training)}")
+                masked = dict(template.masked)
         except Exception as exc:
             raise RewriteError(
                 f"{self.name or '<root>'} ({type(self.owner).__name__}): its forward could not "
@@ -517,6 +695,10 @@ class RetrofitForward:
                 stacklevel=3,
             )
         return s
+
+
+def _mode(training: bool) -> str:
+    return "train" if training else "eval"
 
 
 def _install_forward(owner: nn.Module, name: str, edits: list[tuple[Edit, str]]) -> RetrofitForward:
