@@ -26,7 +26,7 @@ from retrofit.errors import (
 )
 from retrofit.plan import plan
 from retrofit.recipe import Recipe, load_recipe
-from retrofit.rewrite.execute import is_retrofitted, rewrite, strip
+from retrofit.rewrite.execute import edited_eval, is_retrofitted, rewrite, strip
 from retrofit.techniques import eval_neutral, liveness_paths
 from retrofit.verify.checks import (
     TrainingStepError,
@@ -132,7 +132,7 @@ def _apply(
         record = rewrite(model, the_plan, seeds=analysis.seed)
         if verify:
             phase = "verifying"
-            with eval_neutral(model), detection.verifying(model):
+            with eval_neutral(model), edited_eval(model), detection.verifying(model):
                 compare(reference, eval_output(model, x, watch=watch))
             try:
                 check_live(model, call, record.live(), paths=liveness_paths(model))

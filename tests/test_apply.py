@@ -198,8 +198,6 @@ def test_verify_restores_the_model_when_outputs_differ(monkeypatch):
         return x * 2
 
     monkeypatch.setattr(StochasticDepthGate, "forward", broken)
-    # Saying so, it runs in the owners' edited eval code (else eval runs the code as written).
-    monkeypatch.setattr(StochasticDepthGate, "identity_in_eval", False)
     with pytest.raises(VerifyError, match="eval output changed"):
         retrofit.apply(model, SD, example_input=x)
     monkeypatch.undo()

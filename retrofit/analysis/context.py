@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from retrofit.analysis.branch import NotOutlinable, branch_region
+from retrofit.analysis.branch import NotOutlinable, branch_region, module_inplace
 from retrofit.analysis.dataflow import locate
 from retrofit.analysis.dropout_bn import DropoutBNAnalysis, find_dropout_bn
 from retrofit.analysis.residual import ResidualSite, find_residual_sites
@@ -38,6 +38,7 @@ from retrofit.analysis.sums import regroup_sum
 from retrofit.capture.calls import Call, NoCall, record_calls
 from retrofit.capture.probe import default_example_input, probe_input_size
 from retrofit.capture.shapes import ShapePropError
+from retrofit.capture.structure import graph_key
 from retrofit.capture.trace import Traced, TraceResult, cut_owner, trace, trace_graph
 from retrofit.capture.training import training_mode
 
@@ -69,6 +70,7 @@ class Analysis:
         self._example_input = example_input
         self.counts: Counter[str] = Counter()
         self._owner_traces: dict[str, Traced | None] = {}
+        self._refusals: dict[tuple[Any, ...], str | None] = {}
         self.recording_error: str | None = None
         self._recorded_output: list[Any] = []
 
@@ -206,11 +208,33 @@ class Analysis:
         return find_dropout_bn(self.traced_training)
 
     def outline_refusal(self, site: ResidualSite, *, subset: bool) -> str | None:
-        """Why ``site``'s branch cannot be outlined (see retrofit.analysis.branch), or None."""
+        """Why ``site``'s branch cannot be outlined (see retrofit.analysis.branch), or None.
+        Asked once per kind of block: owners with one graph (``capture/structure.py``), one
+        site and the same in-place children get one answer."""
         traced = self.owner_trace(site.owner)
         if traced is None:
             return None
         modules = dict(self.model.get_submodule(site.owner).named_modules())
+        structure = graph_key(traced.graph, meta=True)
+        key = None
+        if structure is not None:
+            inplace = tuple(
+                module_inplace(modules[str(n.target)]) if str(n.target) in modules else None
+                for n in traced.graph.nodes
+                if n.op == "call_module"
+            )
+            key = (structure, inplace, site.key, site.ordinal, site.regroup, site.branch_arg)
+            key += (subset,)
+            if key in self._refusals:
+                return self._refusals[key]
+        refusal = self._outline_refusal(traced, modules, site, subset=subset)
+        if key is not None:
+            self._refusals[key] = refusal
+        return refusal
+
+    def _outline_refusal(
+        self, traced: Traced, modules: dict[str, nn.Module], site: ResidualSite, *, subset: bool
+    ) -> str | None:
         graph = traced.graph
         try:
             add = locate(graph, site.key, site.ordinal)

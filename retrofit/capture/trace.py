@@ -651,7 +651,13 @@ def _watch_training(module: nn.Module) -> Iterator[list[bool]]:
         )
         _WATCHED[cls] = watched
     module.__dict__["_retrofit_reads"] = reads
-    module.__class__ = watched
+    try:
+        module.__class__ = watched
+    except (TypeError, AttributeError, RuntimeError):  # a class that refuses the swap
+        del module.__dict__["_retrofit_reads"]
+        reads.append(True)
+        yield reads
+        return
     try:
         yield reads
     finally:

@@ -28,9 +28,10 @@ instead, and the rewrite's record (:class:`Rewrite`) says so; the plan is never 
 **Eval runs the code as written.** Every layer retrofit inserts into a graph is the identity in
 eval (``retrofit.layers.protocol.EvalIdentity``) except a stochastic-depth gate with the paper's
 test-time ×p_l. An owner whose edits only insert such layers (no call replaced) runs its class's
-own forward in eval mode: bit-identical to the original by construction, no gate overhead, and
-nothing to generate. Otherwise the eval graph gets the plain gate on the branch operand (×p_l),
-which verification compares with the original under the techniques' eval-neutral context.
+own forward in eval mode: bit-identical to the original, with no gate overhead. Otherwise the
+eval graph gets the plain gate on the branch operand (×p_l). Verification runs the edited eval
+code either way (:func:`edited_eval`), under the techniques' eval-neutral context: it is the
+graph the training forward is made from, so the comparison with the original checks the capture.
 
 Inserted modules hold no parameters or buffers, so ``state_dict`` keys and values are unchanged.
 Everything done is recorded on the touched module (``_retrofit_state``), which is how
@@ -47,11 +48,11 @@ import itertools
 import linecache
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -61,6 +62,7 @@ from retrofit.analysis.dataflow import locate, node_key
 from retrofit.analysis.sums import regroup_sum, sum_terms
 from retrofit.capture.calls import Call, CallKey
 from retrofit.capture.existing import drop_rate_attribute
+from retrofit.capture.structure import graph_key
 from retrofit.capture.trace import Traced, is_passthrough, trace_graph
 from retrofit.edit import ACTIONS
 from retrofit.errors import RewriteError
@@ -75,6 +77,7 @@ __all__ = [
     "RewriteError",
     "RetrofitForward",
     "applied_plan",
+    "edited_eval",
     "is_retrofitted",
     "rewrite",
     "strip",
@@ -199,11 +202,10 @@ def _function(src: str, scope: dict[str, Any], label: str) -> Callable[..., Any]
     return forward
 
 
-# Generated code by graph structure (``_structure``), most recent last: the blocks of a stage
+# Generated code by graph structure (``graph_key``), most recent last: the blocks of a stage
 # have the same graph, and fx's code generation (~0.5 ms for a 20-node block) is most of what
 # specialising a forward costs. Bounded like ``_compiled``.
 _SOURCES: collections.OrderedDict[tuple[Any, ...], fx.graph.PythonCode] = collections.OrderedDict()
-_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
 
 
 def clear_caches() -> None:
@@ -216,7 +218,7 @@ def clear_caches() -> None:
 
 def _python_code(graph: fx.Graph) -> fx.graph.PythonCode:
     """``graph.python_code(root_module="self")``, generated once per graph structure."""
-    key = _structure(graph)
+    key = graph_key(graph)
     if key is None:
         return graph.python_code(root_module="self")
     code = _SOURCES.get(key)
@@ -227,47 +229,6 @@ def _python_code(graph: fx.Graph) -> fx.graph.PythonCode:
     else:
         _SOURCES.move_to_end(key)
     return code
-
-
-class _Unkeyed(Exception):
-    pass
-
-
-def _structure(graph: fx.Graph, *, meta: bool = False) -> tuple[Any, ...] | None:
-    """Everything fx's code generation reads of ``graph``, hashable: per node its op, name,
-    type, target (a function by identity: the cached code's globals hold it, so the identity
-    is not reused while the entry lives) and arguments (nodes by position, constants by type
-    and value); with ``meta``, also what the edits read (each node's source line and owner).
-    None when an argument is not a plain constant (its text in the code is its repr, which
-    need not tell two objects apart)."""
-    if type(graph._codegen) is not fx.graph.CodeGen:
-        return None  # a pytree codegen: more state than the nodes
-    index: dict[fx.Node, int] = {}
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, fx.Node):
-            return ("%", index[v])
-        if isinstance(v, tuple | list):
-            return (type(v).__name__, *map(plain, v))
-        if isinstance(v, dict):
-            return ("dict", *((k, plain(x)) for k, x in v.items()))
-        if isinstance(v, slice):
-            return ("slice", plain(v.start), plain(v.stop), plain(v.step))
-        if isinstance(v, _PLAIN) or v is Ellipsis:
-            return (type(v), v)
-        raise _Unkeyed
-
-    items: list[Any] = []
-    try:
-        for i, n in enumerate(graph.nodes):
-            target = n.target if isinstance(n.target, str) else id(n.target)
-            items.append((n.op, n.name, repr(n.type), target, plain(n.args), plain(n.kwargs)))
-            if meta:
-                items.append((n.meta.get("source"), n.meta.get("owner_local")))
-            index[n] = i
-    except _Unkeyed:
-        return None
-    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -290,7 +251,7 @@ def _template_key(
     """What the edits of ``_edit_graph`` read: the owner's graph (with sources and owners),
     the edits, the mode, and which called modules work in place (the outline analysis's only
     question about modules, ``retrofit.analysis.branch``)."""
-    structure = _structure(graph, meta=True)
+    structure = graph_key(graph, meta=True)
     if structure is None:
         return None
     edits_key = tuple(
@@ -553,7 +514,10 @@ class RetrofitForward:
 
     def as_written_in_eval(self) -> bool:
         """In eval mode the owner's own forward gives what the edited code would: every edit
-        inserts a layer that returns its input in eval (module docstring)."""
+        inserts a layer that returns its input in eval (module docstring). Not while
+        verification runs the edited code (:func:`edited_eval`)."""
+        if self.edited_eval:
+            return False
         children = self.owner._modules
         return all(
             edit.action in _INSERTIONS and getattr(children.get(attr), "identity_in_eval", False)
@@ -561,6 +525,7 @@ class RetrofitForward:
         )
 
     def _reset(self) -> None:
+        self.edited_eval = False
         self.specialised: list[Specialised] = []
         self._pristine: list[tuple[CallKey, Traced]] = []
         self.masked: dict[str, str] = {}  # gate → why its planned outline was masked instead
@@ -695,6 +660,24 @@ class RetrofitForward:
                 stacklevel=3,
             )
         return s
+
+
+@contextmanager
+def edited_eval(model: nn.Module) -> Iterator[None]:
+    """While the body runs, every rewritten owner runs its edited code in eval too, the
+    inserted layers at their identity: what ``verify`` compares with the original. That graph
+    is the one the training forward is generated from (cut or traced, then edited), so the
+    comparison proves the capture, which running the code as written would not."""
+    forwards = [
+        f for m in model.modules() if isinstance(f := m.__dict__.get("forward"), RetrofitForward)
+    ]
+    for f in forwards:
+        f.edited_eval = True
+    try:
+        yield
+    finally:
+        for f in forwards:
+            f.edited_eval = False
 
 
 def _mode(training: bool) -> str:
