@@ -240,6 +240,9 @@ class _Template:
     code: fx.graph.PythonCode
     branches: tuple[tuple[str, fx.graph.PythonCode, str, Outline], ...]
     masked: dict[str, str]
+    # The functions the key names by identity (an edit may have removed one from the code):
+    # held, so that no other object takes one's id while the entry lives.
+    targets: tuple[Any, ...] = ()
 
 
 _TEMPLATES: collections.OrderedDict[tuple[Any, ...], _Template] = collections.OrderedDict()
@@ -591,6 +594,7 @@ class RetrofitForward:
                 for (item, code), name in zip(branches, names, strict=True)
             ),
             dict(masked),
+            tuple(n.target for n in traced.graph.nodes if n.op == "call_function"),
         )
         return fn, template, masked
 
