@@ -37,12 +37,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from retrofit.capture.calls import Call, CallKey
+from retrofit.capture.structure import PLAIN_CONSTANTS
 
-__all__ = ["Region", "Regions", "cut", "plain_call"]
+__all__ = ["OUTPUT_CONSTANTS", "Region", "Regions", "cut", "plain_call"]
 
-# Constants a cut graph may pass to a child as they are (what fx's create_arg keeps verbatim).
-_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
-_OUTPUT_LEAVES = (type(None), bool, int, float, str, torch.dtype)
+# Non-tensor values a specialised forward may return (rebuilt from the graph as constants).
+OUTPUT_CONSTANTS = (type(None), bool, int, float, str, torch.dtype)
 
 
 @dataclass
@@ -178,7 +178,7 @@ def _cut(graph: fx.Graph, regions: list[Region], region: Region, leaf_names: Any
             return type(v)(value(x) for x in v)
         if isinstance(v, dict):
             return {k: value(x) for k, x in v.items()}
-        if isinstance(v, _PLAIN):
+        if isinstance(v, PLAIN_CONSTANTS):  # passed to the child as they are
             return v
         raise _NotCut(f"a child is passed a {type(v).__name__}")
 
@@ -248,7 +248,7 @@ def _cut(graph: fx.Graph, regions: list[Region], region: Region, leaf_names: Any
     for leaf in out_leaves:
         if isinstance(leaf, fx.Proxy):
             flat.append(resolve(leaf.node))
-        elif isinstance(leaf, _OUTPUT_LEAVES):
+        elif isinstance(leaf, OUTPUT_CONSTANTS):
             flat.append(leaf)
         else:
             raise _NotCut(f"the forward returns a {type(leaf).__name__}")

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["graph_key"]
+__all__ = ["PLAIN_CONSTANTS", "graph_key"]
 
 # Constants compared by type and value (their text in generated code is their repr).
-_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
+PLAIN_CONSTANTS = (
+    type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format
+)  # fmt: skip
 
 
 class _Unkeyed(Exception):
@@ -40,7 +42,7 @@ def graph_key(graph: fx.Graph, *, meta: bool = False) -> tuple[Any, ...] | None:
             return ("dict", *((k, plain(x)) for k, x in v.items()))
         if isinstance(v, slice):
             return ("slice", plain(v.start), plain(v.stop), plain(v.step))
-        if isinstance(v, _PLAIN) or v is Ellipsis:
+        if isinstance(v, PLAIN_CONSTANTS) or v is Ellipsis:
             return (type(v), v)
         raise _Unkeyed
 

@@ -409,7 +409,7 @@ class _Attribute(_Unpacking, fx.proxy.Attribute):
 
 
 # What a specialised forward may return at its leaves: values the graph computes or constants.
-_OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, type(None), bool, int, float, str, torch.dtype)
+_OUTPUT_LEAVES = (fx.Proxy, torch.Tensor, *regions.OUTPUT_CONSTANTS)
 
 
 def _script_functions(root: nn.Module) -> list[Any]:

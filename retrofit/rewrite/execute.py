@@ -183,12 +183,6 @@ _MODULE_EDITS: dict[str, Callable[[nn.Module, Edit], None]] = {
 }
 
 
-def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
-    """Python source of ``graph`` as a function of ``self`` (the owner, not a GraphModule)."""
-    code = _python_code(graph)
-    return _function(code.src, code.globals, label)
-
-
 def _function(src: str, scope: dict[str, Any], label: str) -> Callable[..., Any]:
     """The ``forward`` defined by generated ``src``, run with the globals ``scope``."""
     filename = f"<retrofit {label} #{next(_counter)}>"
@@ -572,12 +566,7 @@ class RetrofitForward:
         branches = []
         for item in outlined:
             code = _python_code(item.branch)
-            branch = _function(code.src, code.globals, f"{label} branch of {item.gate}")
-            # Bound to the owner and passed to the gate as a constant of the generated
-            # code: registered nowhere, so state_dict and parameters() are unchanged.
-            item.call.target = _constant(types.MethodType(branch, self.owner))
-            self.owner.get_submodule(item.gate).outlined = True
-            self.outlines[item.gate] = item.spec
+            item.call.target = self._branch(item.gate, code, item.spec, label)
             branches.append((item, code))
         main = _python_code(graph)
         fn = _function(main.src, main.globals, f"{label} {_mode(training)}")
@@ -597,6 +586,17 @@ class RetrofitForward:
             tuple(n.target for n in traced.graph.nodes if n.op == "call_function"),
         )
         return fn, template, masked
+
+    def _branch(
+        self, gate: str, code: fx.graph.PythonCode, spec: Outline, label: str
+    ) -> Callable[[], Any]:
+        """The outlined branch of ``gate``, bound to this owner and made the constant the
+        generated forward passes the gate: registered nowhere, so state_dict and parameters()
+        are unchanged. The gate is told it is outlined."""
+        branch = _function(code.src, code.globals, f"{label} branch of {gate}")
+        self.owner.get_submodule(gate).outlined = True
+        self.outlines[gate] = spec
+        return _constant(types.MethodType(branch, self.owner))
 
     def _traced(self, call: Call, training: bool) -> Traced:
         leaves, spec = call.flatten()
@@ -626,10 +626,7 @@ class RetrofitForward:
                 _TEMPLATES.move_to_end(key)
                 scope = dict(template.code.globals)
                 for gate, code, name, spec in template.branches:
-                    branch = _function(code.src, code.globals, f"{label} branch of {gate}")
-                    scope[name] = _constant(types.MethodType(branch, self.owner))
-                    self.owner.get_submodule(gate).outlined = True
-                    self.outlines[gate] = spec
+                    scope[name] = self._branch(gate, code, spec, label)
                 fn = _function(template.code.src, scope, f"{label} {_mode(training)}")
                 masked = dict(template.masked)
         except Exception as exc:
