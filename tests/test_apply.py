@@ -235,6 +235,40 @@ def test_eval_runs_the_code_as_written_unless_a_layer_changes_eval():
     torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
 
 
+def test_verification_runs_the_outlined_training_code_in_eval(monkeypatch):
+    """Batch mode moves each branch into a function of its own that the gate calls. Under
+    inverted scaling the gate is the identity in eval, so one generated forward per block serves
+    both modes and verification's eval forward runs it: the outlined branch and the gate's add
+    are what the comparison with the original checks. A gate whose add is wrong is refused (the
+    model handed back as it came). Paper scaling changes eval: its eval code is its own."""
+    import importlib
+
+    sd_layer = importlib.import_module("retrofit.layers.stochastic_depth")  # the module
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = eval_out(model, x)
+    batch = {"stochastic_depth": {"mode": "batch"}}
+
+    def subtracted(shortcut, out, alpha, index, spec):
+        return shortcut - alpha * out
+
+    monkeypatch.setattr(sd_layer, "_residual_add", subtracted)
+    with pytest.raises(VerifyError, match="eval output changed"):
+        retrofit.apply(model, batch, example_input=x)
+    monkeypatch.undo()
+    assert not gates(model) and all("forward" not in m.__dict__ for m in model.modules())
+    for scaling, modes in (("inverted", [None]), ("paper", [False, True])):
+        recipe = {"stochastic_depth": {"mode": "batch", "scaling": scaling}}
+        retrofit.apply(model, recipe, example_input=x)
+        forwards = [m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__]
+        assert len(forwards) == 8 and all(g.outlined for g in gates(model))
+        assert [sorted(s.training for s in f.specialised) for f in forwards] == [modes] * 8
+    retrofit.strip(model)
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=0, atol=0)
+
+
 def test_meta_model_plans_but_apply_needs_weights():
     with torch.device("meta"):
         model = torchvision.models.resnet18()

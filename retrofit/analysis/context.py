@@ -38,7 +38,6 @@ from retrofit.analysis.sums import regroup_sum
 from retrofit.capture.calls import Call, NoCall, record_calls
 from retrofit.capture.probe import default_example_input, probe_input_size
 from retrofit.capture.shapes import ShapePropError
-from retrofit.capture.structure import graph_key
 from retrofit.capture.trace import Traced, TraceResult, cut_owner, trace, trace_graph
 from retrofit.capture.training import training_mode
 
@@ -215,7 +214,7 @@ class Analysis:
         if traced is None:
             return None
         modules = dict(self.model.get_submodule(site.owner).named_modules())
-        structure = graph_key(traced.graph, meta=True)
+        structure = traced.structure()
         key = None
         if structure is not None:
             inplace = tuple(

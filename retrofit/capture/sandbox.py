@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SMALL_BUFFER", "Snapshot", "mode", "preserved", "young_objects_only"]
+__all__ = ["SMALL_BUFFER", "Snapshot", "mode", "preserved", "set_training", "young_objects_only"]
 
 SMALL_BUFFER = 64
 
@@ -101,6 +101,20 @@ def preserved(root: nn.Module) -> Iterator[None]:
                     buffer.copy_(value)
 
 
+_MODULE_SETATTR = nn.Module.__setattr__
+
+
+def set_training(module: nn.Module, flag: bool) -> None:
+    """``module.training = flag`` without ``nn.Module.__setattr__``'s registry checks (a bool
+    is never a parameter, a buffer or a module; the checks are most of the cost of flipping
+    every module of a model, which an apply does several times). A class with a
+    ``__setattr__`` of its own (TorchScript's) is set through it."""
+    if type(module).__setattr__ is _MODULE_SETATTR:
+        object.__setattr__(module, "training", flag)
+    else:
+        module.training = flag
+
+
 @contextmanager
 def mode(root: nn.Module, training: bool) -> Iterator[None]:
     """Every module under ``root`` in training (True) or eval (False) mode, restored on exit.
@@ -110,12 +124,12 @@ def mode(root: nn.Module, training: bool) -> Iterator[None]:
     """
     flags = [(m, m.training) for m in root.modules()]
     for m, _ in flags:
-        m.training = training
+        set_training(m, training)
     try:
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            set_training(m, flag)
 
 
 _freeze_depth = 0  # young_objects_only bodies running (nested calls do nothing)

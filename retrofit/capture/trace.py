@@ -47,6 +47,7 @@ from retrofit.capture.existing import is_existing_regularizer, regularizer_types
 from retrofit.capture.patching import dispatching, traced_root
 from retrofit.capture.regions import Region, Regions, plain_call
 from retrofit.capture.sandbox import preserved
+from retrofit.capture.structure import graph_key
 
 __all__ = [
     "RetrofitTracer",
@@ -567,6 +568,15 @@ class Traced:
     key: CallKey | None = None
     out_spec: TreeSpec | None = None
     regions: list[Region] = field(default_factory=Regions)
+    _structure: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def structure(self) -> tuple[Any, ...] | None:
+        """``graph_key(graph, meta=True)`` (``capture/structure.py``), computed once: a traced
+        graph is never edited (the rewrite and the outline check edit copies), and both ask it
+        of every owner."""
+        if self._structure is None:
+            self._structure = (graph_key(self.graph, meta=True),)
+        return self._structure[0]
 
 
 def trace_graph(module: nn.Module, *, shallow: bool = False, call: Call | None = None) -> Traced:

@@ -243,12 +243,13 @@ _TEMPLATES: collections.OrderedDict[tuple[Any, ...], _Template] = collections.Or
 
 
 def _template_key(
-    graph: fx.Graph, edits: list[tuple[Edit, str]], training: bool, modules: dict[str, nn.Module]
+    traced: Traced, edits: list[tuple[Edit, str]], training: bool, modules: dict[str, nn.Module]
 ) -> tuple[Any, ...] | None:
     """What the edits of ``_edit_graph`` read: the owner's graph (with sources and owners),
     the edits, the mode, and which called modules work in place (the outline analysis's only
     question about modules, ``retrofit.analysis.branch``)."""
-    structure = graph_key(graph, meta=True)
+    graph = traced.graph
+    structure = traced.structure()
     if structure is None:
         return None
     edits_key = tuple(
@@ -598,6 +599,18 @@ class RetrofitForward:
         self.outlines[gate] = spec
         return _constant(types.MethodType(branch, self.owner))
 
+    def _serves_eval(self) -> bool:
+        """The training edits compute the eval edits' values in eval, bit for bit: the graphs
+        differ only in the outlined adds (no ``regroup``: a regrouped sum is summed in another
+        order), and an outlined gate at its identity in eval runs its branch and returns
+        ``torch.add(shortcut, branch, alpha=1)``, the add as written (``alpha`` 1 is exact)."""
+        children = self.owner._modules
+        return all(
+            e.regroup is None
+            and (e.action != "outline" or getattr(children.get(a), "identity_in_eval", False))
+            for e, a in self.edits
+        )
+
     def _traced(self, call: Call, training: bool) -> Traced:
         leaves, spec = call.flatten()
         for key, traced in self._pristine:
@@ -613,8 +626,12 @@ class RetrofitForward:
         label = f"{type(self.owner).__name__}.forward {self.name or '<root>'}"
         try:
             traced = self._traced(call, training)
+            # One specialisation for both modes where the training code gives the eval code's
+            # values in eval (``_serves_eval``): made once, and the eval check runs it.
+            shared = not traced.read_training and self._serves_eval()
+            training = training or shared
             modules = dict(self.owner.named_modules())
-            key = _template_key(traced.graph, self.edits, training, modules)
+            key = _template_key(traced, self.edits, training, modules)
             template = _TEMPLATES.get(key) if key is not None else None
             if template is None:
                 fn, template, masked = self._generate(traced, training, modules, label)
@@ -639,8 +656,9 @@ class RetrofitForward:
         for gate, reason in masked.items():
             if gate not in self.masked:
                 self.masked[gate] = reason
-        mode_dependent = traced.read_training or any(
-            e.action == "outline" or e.regroup is not None for e, _ in self.edits
+        mode_dependent = not shared and (
+            traced.read_training
+            or any(e.action == "outline" or e.regroup is not None for e, _ in self.edits)
         )
         slots = tuple(i for i, is_tensor in enumerate(traced.key.tensors) if is_tensor)
         s = Specialised(
@@ -668,7 +686,9 @@ def edited_eval(model: nn.Module) -> Iterator[None]:
     """While the body runs, every rewritten owner runs its edited code in eval too, the
     inserted layers at their identity: what ``verify`` compares with the original. That graph
     is the one the training forward is generated from (cut or traced, then edited), so the
-    comparison proves the capture, which running the code as written would not."""
+    comparison proves the capture, which running the code as written would not. Where the
+    training code serves eval (``RetrofitForward._serves_eval``) it is that code that runs,
+    outlined branches and gates' adds included."""
     forwards = [
         f for m in model.modules() if isinstance(f := m.__dict__.get("forward"), RetrofitForward)
     ]

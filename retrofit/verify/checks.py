@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from retrofit.capture.sandbox import mode
+from retrofit.capture.sandbox import mode, set_training
 from retrofit.errors import VerifyError
 from retrofit.verify.training_call import TrainingCall, as_training_call
 
@@ -122,7 +122,7 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
             for m in model.modules():
                 # Norms with running statistics stay in eval: they decide no control flow, and
                 # in training a probe of one sample (or a 1×1 map) is an error for them.
-                m.training = not isinstance(m, nn.modules.batchnorm._NormBase)
+                set_training(m, not isinstance(m, nn.modules.batchnorm._NormBase))
             yield
     finally:
         with torch.no_grad():
@@ -131,12 +131,15 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
         for m, state in states:
             m.__dict__.update(state)
         for m, flag in flags:
-            m.training = flag
+            set_training(m, flag)
 
 
-def _training_step(model: nn.Module, call: TrainingCall) -> None:
+def _training_step(
+    model: nn.Module, call: TrainingCall, params: list[nn.Parameter] | None = None
+) -> None:
     """One training forward and, when its loss depends on a trainable parameter, the backward
-    (gradients returned by ``autograd.grad`` and dropped; see :func:`_backward_targets`)."""
+    (gradients returned by ``autograd.grad`` and dropped; ``params``: the
+    :func:`_backward_targets`, when the caller has them)."""
     with torch.enable_grad():
         output = call.run(model)
         try:
@@ -145,7 +148,7 @@ def _training_step(model: nn.Module, call: TrainingCall) -> None:
             if call.loss is not None:
                 raise
             return  # no floating output (the default loss says so): nothing to run backward on
-        params = _backward_targets(model)
+        params = _backward_targets(model) if params is None else params
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad or not params:
             return
         torch.autograd.grad(loss, params, allow_unused=True)
@@ -225,6 +228,7 @@ def check_live(
         handles.append(module.register_forward_pre_hook(count))
     passes = list(paths) or [("", (), nullcontext)]
     layers += [m for _, forced, _ in passes for m in forced if m not in layers]
+    params = _backward_targets(model) if backward else []
     try:
         with _checking_only(model, layers):
             for i, (label, _, forcing) in enumerate(passes):
@@ -232,7 +236,7 @@ def check_live(
                 with forcing():
                     try:
                         if backward:
-                            _training_step(model, call)
+                            _training_step(model, call, params)
                         else:
                             with torch.no_grad():
                                 call.run(model)
