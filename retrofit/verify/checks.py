@@ -136,10 +136,11 @@ def _checking_only(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
 
 def _training_step(
     model: nn.Module, call: TrainingCall, params: list[nn.Parameter] | None = None
-) -> None:
+) -> list[nn.Parameter] | None:
     """One training forward and, when its loss depends on a trainable parameter, the backward
-    (gradients returned by ``autograd.grad`` and dropped; ``params``: the
-    :func:`_backward_targets`, when the caller has them)."""
+    (gradients returned by ``autograd.grad`` and dropped). Returns the parameters it
+    differentiated for (:func:`_backward_targets`, read after the forward: a lazy module makes
+    its parameters there), for the caller's next step to pass back as ``params``."""
     with torch.enable_grad():
         output = call.run(model)
         try:
@@ -147,11 +148,12 @@ def _training_step(
         except TypeError:
             if call.loss is not None:
                 raise
-            return  # no floating output (the default loss says so): nothing to run backward on
+            return params  # no floating output (the default loss says so): no backward
         params = _backward_targets(model) if params is None else params
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad or not params:
-            return
+            return params
         torch.autograd.grad(loss, params, allow_unused=True)
+        return params
 
 
 def _backward_targets(model: nn.Module) -> list[nn.Parameter]:
@@ -228,7 +230,7 @@ def check_live(
         handles.append(module.register_forward_pre_hook(count))
     passes = list(paths) or [("", (), nullcontext)]
     layers += [m for _, forced, _ in passes for m in forced if m not in layers]
-    params = _backward_targets(model) if backward else []
+    params = None  # the first step's backward targets, for the next steps
     try:
         with _checking_only(model, layers):
             for i, (label, _, forcing) in enumerate(passes):
@@ -236,7 +238,7 @@ def check_live(
                 with forcing():
                     try:
                         if backward:
-                            _training_step(model, call, params)
+                            params = _training_step(model, call, params)
                         else:
                             with torch.no_grad():
                                 call.run(model)
