@@ -240,6 +240,67 @@ def test_transformers_have_no_conv_stages(model, cls):
     assert isinstance(info.value, ValueError)
 
 
+class PlainConvStack(nn.Module):
+    """Each level made by one stride-2 conv, none at stride 1 (a DCGAN-style discriminator)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for out in (16, 32, 64, 128):
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ConvStemViT(nn.Module):
+    """The same stride-2 convs as a stem, their last map turned into tokens (Xiao et al. 2021,
+    "Early Convolutions Help Transformers See Better"): the tokens carry the network on."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for out in (16, 32, 64, 64):
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.ReLU()]
+            c = out
+        self.stem = nn.Sequential(*layers)
+        self.encoder = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def test_a_plain_conv_stack_has_a_stage_per_stride_two_conv():
+    """No conv runs at stride 1 inside a level, so each level's map is its strided conv's output.
+    Reductions 1 and 2 are the stem (the network reaches 16). DropBlock goes on those maps. A
+    transformer whose stem is the same convs has no conv stages: its tokens carry it on."""
+    torch.manual_seed(0)
+    model, x = PlainConvStack().eval(), torch.randn(2, 3, 64, 64)
+    found = stages(model, x)
+    assert [(s.index, s.module, s.shape, s.reduction) for s in found] == [
+        (1, "features.5", (2, 32, 16, 16), 4),
+        (2, "features.8", (2, 64, 8, 8), 8),
+        (3, "features.11", (2, 128, 4, 4), 16),
+    ]
+    reference = model(x)
+    retrofit.apply(model, {"dropblock": {"stages": [2, 3], "block_size": 3}}, example_input=x)
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)  # eval: unchanged
+    blocks = [m for m in model.modules() if type(m).__name__ == "DropBlock"]
+    seen = []
+    for b in blocks:
+        b.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    model.train()
+    model(x)
+    assert seen == [(2, 64, 8, 8), (2, 128, 4, 4)]
+    with pytest.raises(NoConvStagesError, match="no conv feature maps in ConvStemViT"):
+        stages(ConvStemViT(), x)
+
+
 def test_non_image_model_has_no_conv_stages():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(NoConvStagesError, match="no conv feature maps in Sequential"):

@@ -19,7 +19,10 @@ How stages are found (one pure analysis over the traced graph; nothing is rewrit
    power of two and equal along H and W (an NHWC map, (N, H, W, C), fails that test: Swin's
    stages are not conv stages). 1×1 maps (global pooling) are not feature maps. A resolution is a
    *level* only if a conv runs inside it (a weighted op with an input and its output at that
-   resolution): a ViT's patch embedding produces a 4-D map, but nothing convolves it.
+   resolution): a ViT's patch embedding produces a 4-D map, but nothing convolves it. In a
+   network where no conv runs inside any resolution (a plain stack of stride-2 convs, each
+   halving the map) and no token sequence is on the main path, each halving conv's output
+   makes a level.
 4. **The stem.** In a network that reaches reduction 16 or more (every ImageNet CNN), the levels
    at reductions 1 and 2 are the stem: the stages are the levels at 4, 8, 16, 32 — the C2–C5
    convention of feature pyramids, and timm's ``feature_info`` without its reduction-2 entry.
@@ -481,6 +484,22 @@ def _levels(
         and flow.weights[flow.order[n]]
         and any(reduction.get(a) == reduction[n] for a in n.all_input_nodes)
     }
+    if not convolved and rank == 4 and not _tokens_on(main, batch):
+        # No conv runs inside any level: every one changes the resolution (a plain stack of
+        # stride-2 convs). Each such conv's output is its level's feature map. Only then, and
+        # only with no token sequence on the main path: a transformer's conv stem or patch
+        # embeddings make maps that its tokens, not convolutions, carry on (and a network
+        # with levels of its own keeps them as they are: HRNet's, MobileNetV5's).
+        convolved = {
+            reduction[n]
+            for n in nodes
+            if reduction[n] is not None
+            and flow.weights[flow.order[n]]
+            and any(
+                (r := reduction.get(a)) is not None and reduction[n] == 2 * r
+                for a in n.all_input_nodes
+            )
+        }
     levels: list[tuple[int, list[fx.Node]]] = []
     for node in nodes:
         r = reduction[node]
@@ -496,6 +515,17 @@ def _levels(
     if stem_rule and rank == 4 and levels and max(r for r, _ in levels) >= _IMAGENET_DEPTH:
         levels = [(r, ns) for r, ns in levels if r >= _STEM_REDUCTION]
     return levels
+
+
+def _tokens_on(main: set[fx.Node], batch: int) -> bool:
+    """A main-path value is a sequence of tokens, (N, L, C) with L > 1: a transformer's."""
+    return any(
+        (shape := shape_of(n)) is not None
+        and len(shape) == 3
+        and shape[0] == batch
+        and shape[1] > 1
+        for n in main
+    )
 
 
 def _stage_end(
