@@ -301,6 +301,20 @@ def test_a_plain_conv_stack_has_a_stage_per_stride_two_conv():
         stages(ConvStemViT(), x)
 
 
+def test_reading_a_maps_size_is_no_jump_over_the_encoder():
+    """LRASPP's head resizes with ``F.interpolate(x, size=low.shape[-2:])``: the encoder's
+    reduction-8 map is read for its size just before the upsampling. A size read carries no data:
+    the encoder's maps at 8 and 16 stay on the main path (they were all off it, and the stages
+    read were reductions 2, 4 and the head's output at 8)."""
+    with torch.device("meta"):
+        model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+            weights=None, weights_backbone=None
+        )
+    found = stages(model, torch.empty(2, 3, 64, 64))
+    assert [(s.module, s.reduction) for s in found][:2] == [("backbone.3", 4), ("backbone.6", 8)]
+    assert [s.reduction for s in found] == [4, 8, 16]
+
+
 def test_non_image_model_has_no_conv_stages():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(NoConvStagesError, match="no conv feature maps in Sequential"):

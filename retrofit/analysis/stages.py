@@ -72,6 +72,7 @@ import torch.fx as fx
 from torch import nn
 
 from retrofit.analysis.dataflow import DataFlow, node_key
+from retrofit.capture.concrete import is_metadata
 from retrofit.capture.existing import regularizer_types
 from retrofit.capture.probe import probe_input_size
 from retrofit.capture.shapes import meta_like, propagate_shapes, shape_of
@@ -370,6 +371,9 @@ def _main_path(nodes: list[fx.Node], flow: DataFlow, *, handoff: bool = False) -
                 position[u]
                 for u in node.users
                 if u.op != "output"
+                # Reading a map's size (``F.interpolate(x, size=low.shape[-2:])``, LRASPP's
+                # head) is no data edge: the map itself is not carried past what follows.
+                and not is_metadata(u)
                 and not (handoff and top and _top(u) not in ("", top))
                 and position[u] <= decoder
             )
