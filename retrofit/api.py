@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from retrofit.analysis.context import Analysis
 from retrofit.capture import detection
 from retrofit.capture.patching import trace_session
-from retrofit.capture.sandbox import Snapshot, young_objects_only
+from retrofit.capture.sandbox import Snapshot, unchanged, young_objects_only
 from retrofit.errors import (
     ModelError,
     PartialError,
@@ -106,10 +106,14 @@ def _apply(
     snapshot = Snapshot(model)
     phase = "planning"
     try:
+        clean: Snapshot | None = snapshot
         if is_retrofitted(model):
             strip(model)
+            clean = None
         analysis = Analysis(model, example_input)
-        the_plan = plan(model, recipe, analysis=analysis)
+        # Planning only reads the model: its sandboxed traces restore to the snapshot above.
+        with unchanged(clean):
+            the_plan = plan(model, recipe, analysis=analysis)
         partial = the_plan.partial()
         if partial and not allow_partial:
             raise PartialError("; ".join(partial) + " (allow a partial result to proceed)")

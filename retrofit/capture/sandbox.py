@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SMALL_BUFFER", "Snapshot", "mode", "preserved", "set_training", "young_objects_only"]
+__all__ = [
+    "SMALL_BUFFER",
+    "Snapshot",
+    "mode",
+    "preserved",
+    "set_training",
+    "unchanged",
+    "young_objects_only",
+]
 
 SMALL_BUFFER = 64
 
@@ -71,6 +79,7 @@ class Snapshot:
     """
 
     def __init__(self, root: nn.Module) -> None:
+        self.root = root
         self.saved = [(m, _snapshot(m)) for m in root.modules()]
 
     def restore(self) -> None:
@@ -78,11 +87,39 @@ class Snapshot:
             _restore(module, state)
 
 
+# Roots known to be as a snapshot holds them whenever no preserved body runs (``unchanged``).
+_unchanged: dict[int, Snapshot] = {}
+_preserving = 0  # preserved bodies running
+
+
+@contextmanager
+def unchanged(snapshot: Snapshot | None) -> Iterator[None]:
+    """While the body runs, ``snapshot.root`` is as ``snapshot`` holds it except inside
+    :func:`preserved` bodies (the caller's promise: the body only reads the model, as a plan
+    does). A :func:`preserved` of that root then restores to ``snapshot`` instead of taking a
+    snapshot of its own: ``apply`` takes one before it changes anything, and the trace's
+    sandbox would take the same one again (half a millisecond on a small model). None: no
+    promise (the model was changed since, as by stripping an earlier retrofit)."""
+    if snapshot is None or id(snapshot.root) in _unchanged:
+        yield
+        return
+    _unchanged[id(snapshot.root)] = snapshot
+    try:
+        yield
+    finally:
+        del _unchanged[id(snapshot.root)]
+
+
 @contextmanager
 def preserved(root: nn.Module) -> Iterator[None]:
     """Restore every module under ``root`` (attributes and container contents, and the values of
     small buffers) on exit."""
-    snapshot = Snapshot(root)
+    global _preserving
+    # Inside another preserved body the model may be mid-way through a forward's writes: what
+    # is restored on exit is the state on entry, not the promised one.
+    snapshot = None if _preserving else _unchanged.get(id(root))
+    if snapshot is None or snapshot.root is not root:
+        snapshot = Snapshot(root)
     small = [
         (b, b._version, b.detach().clone())
         for b in root.buffers()
@@ -91,9 +128,11 @@ def preserved(root: nn.Module) -> Iterator[None]:
         and b.device.type != "meta"
         and b.numel() <= SMALL_BUFFER
     ]
+    _preserving += 1
     try:
         yield
     finally:
+        _preserving -= 1
         snapshot.restore()
         for buffer, version, value in small:
             if buffer._version != version:
