@@ -137,7 +137,7 @@ def bench_apply_verified(repeats: int) -> list[dict]:
             finally:
                 m.eval()
 
-        def verified(x=x):
+        def verified(x=x, fresh=fresh, done=done):
             # As the first apply in a process: no generated code kept from the previous round.
             clear_caches()
             done.append(retrofit.apply(fresh.pop(), recipe, example_input=x))
