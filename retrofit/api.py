@@ -91,7 +91,7 @@ def apply(
     recipe = load_recipe(recipe)
     # Every trace of the apply (the model, each block owner, each rewritten forward's first
     # call) under one patching of nn.Module (capture/patching.py).
-    with young_objects_only(), trace_session():
+    with young_objects_only(), trace_session(model):
         return _apply(model, recipe, example_input, verify, allow_partial, training_call)
 
 

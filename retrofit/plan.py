@@ -116,7 +116,7 @@ def plan(
     recipe = load_recipe(recipe)
     # Full collections would walk every object of the process to free nothing (see
     # young_objects_only): reading a model is most of a plan's time, as of apply's.
-    with young_objects_only(), trace_session():
+    with young_objects_only(), trace_session(model):
         return _plan(model, recipe, analysis or Analysis(model, example_input))
 
 

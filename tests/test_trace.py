@@ -282,6 +282,81 @@ def test_another_thread_traces_for_itself_during_a_session():
     assert seen == [alone]
 
 
+class OwnGetattr(nn.Module):
+    """A class with a ``__getattr__`` of its own (fx's patching of nn.Module's goes through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def __getattr__(self, name: str):
+        return super().__getattr__(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+def test_a_session_over_a_model_patches_its_classes_only_and_reads_the_same_graphs(
+    class_patches,
+):
+    """Given the model, a session leaves nn.Module's dunders alone (assigning them walks every
+    subclass in the process): calls are routed at ``_call_impl``, ``__getattr__`` is assigned on
+    the model's classes. The graphs are those read outside a session; fx patches nothing; a
+    plain fx trace inside the retrofit one and another thread's trace still patch for themselves;
+    everything is as it was afterwards."""
+    from retrofit.capture import patching
+
+    x = torch.randn(2, 3, 11, 11)
+    call = Call((x,), {})
+    own = dict(nn.Module.__dict__)
+    for model in (Sizes(), Tied()):
+        # Sizes branches on a child's output shape: specialised traces, which run it for real.
+        extra = {"call": call} if isinstance(model, Sizes) else {}
+        kinds = [extra, {"shallow": True, **extra}]
+        outside = [shape_of(trace_graph(model, **kind).graph) for kind in kinds]
+        patched = len(class_patches)
+        with trace_session(model):
+            assert nn.Module.__dict__["__call__"] is own["__call__"]
+            assert nn.Module.__dict__["__getattr__"] is own["__getattr__"]
+            assert nn.Module.__dict__["_call_impl"] is patching._call_impl
+            assert type(model).__dict__["__getattr__"] is patching._class_getattr
+            inside = [shape_of(trace_graph(model, **kind).graph) for kind in kinds]
+        assert inside == outside
+        assert len(class_patches) == patched  # fx patched nothing in the session
+        assert "__getattr__" not in type(model).__dict__
+    assert {k: nn.Module.__dict__[k] for k in own} == own
+    assert not hasattr(own["__call__"], "__fx_already_patched")
+
+    alone = shape_of(fx.symbolic_trace(Tied()).graph)
+    inner: list[fx.Graph] = []
+    outer = TracesInside(inner)
+    seen: list[list[tuple[str, str]]] = []
+    with trace_session(outer):
+        graph = trace_graph(outer, shallow=True).graph
+        worker = threading.Thread(target=lambda: seen.append(shape_of(trace_graph(Tied()).graph)))
+        worker.start()
+        worker.join()
+    assert [shape_of(g) for g in inner] == [alone] and seen == [shape_of(trace_graph(Tied()).graph)]
+    calls = [target for op, target in shape_of(graph) if op in ("call_module", "call_function")]
+    assert calls == ["uninstalled_module", "child", "add"]
+
+
+def test_a_model_class_with_its_own_getattr_gets_nn_module_patched():
+    """fx's patching of nn.Module's ``__getattr__`` runs under a class's own; assigning over
+    that class's would skip it, so such a model's session patches nn.Module, as without one."""
+    from retrofit.capture import patching
+
+    assert patching._model_classes(OwnGetattr()) is None
+    assert sorted(c.__name__ for c in patching._model_classes(Tied())) == ["Linear", "Tied"]
+    model = OwnGetattr()
+    outside = shape_of(trace_graph(model).graph)
+    with trace_session(model):
+        assert nn.Module.__dict__["__getattr__"] is patching._DISPATCHERS["__getattr__"]
+        assert nn.Module.__dict__["_call_impl"] is patching._CALL_IMPL
+        inside = shape_of(trace_graph(model).graph)
+    assert inside == outside == [("placeholder", "x"), ("call_module", "a"), ("output", "output")]
+
+
 # --- rewritten forwards: one compilation per generated source (rewrite/execute.py) -------------
 
 
