@@ -72,19 +72,28 @@ def _tracer() -> Any:
     return tracer if tracer is not None and fx_trace._get_is_fx_tracing() else None
 
 
-def _module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    tracer = _tracer()
-    if tracer is None:
-        return _installed["__call__"](module, *args, **kwargs)
+def _traced_call(
+    tracer: Any, module: nn.Module, run: Callable[..., Any], args: Any, kwargs: Any
+) -> Any:
+    """A module call handed to ``tracer``, as fx's own wrapper does it (with fx's autowrap check
+    of the callee's globals); ``run(module, ...)`` is the call as written, for a traced-through
+    module."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        return fx_trace._orig_module_call(module, *args, **kwargs)
+        return run(module, *args, **kwargs)
 
     patcher = fx_trace.CURRENT_PATCHER
     if patcher is not None:
         scope = getattr(getattr(module, "forward", module), "__globals__", {})
         fx_trace._autowrap_check(patcher, scope, tracer._autowrap_function_ids)
     return tracer.call_module(module, forward, args, kwargs)
+
+
+def _module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    tracer = _tracer()
+    if tracer is None:
+        return _installed["__call__"](module, *args, **kwargs)
+    return _traced_call(tracer, module, fx_trace._orig_module_call, args, kwargs)
 
 
 def _module_getattr(module: nn.Module, attr: str) -> Any:
@@ -116,15 +125,8 @@ def _call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # own wrapper, which reaches this through the method it replaced: the call is that trace's.
     if tracer is None or nn.Module.__dict__["__call__"] is not _CALL:
         return _CALL_IMPL(module, *args, **kwargs)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return _CALL_IMPL(module, *args, **kwargs)
-
-    patcher = fx_trace.CURRENT_PATCHER
-    if patcher is not None:
-        scope = getattr(getattr(module, "forward", module), "__globals__", {})
-        fx_trace._autowrap_check(patcher, scope, tracer._autowrap_function_ids)
-    return tracer.call_module(module, forward, args, kwargs)
+    # _CALL_IMPL, not nn.Module.__call__: that would come back here.
+    return _traced_call(tracer, module, _CALL_IMPL, args, kwargs)
 
 
 def _class_getattr(module: nn.Module, attr: str) -> Any:
