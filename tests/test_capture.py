@@ -194,6 +194,35 @@ def test_plan_changes_nothing_and_can_be_repeated():
         assert m.__dict__.keys() == before[name].keys(), name
 
 
+def test_applys_planning_restores_to_applys_own_snapshot(monkeypatch):
+    """apply snapshots the model before it changes anything; while it plans (reading only), the
+    trace's sandbox restores to that snapshot instead of taking another. The trace still puts
+    the cache it filled with a Proxy back: the one the verification's eval forward fills is a
+    real tensor. A retrofitted model is stripped first, so then the sandbox takes its own."""
+    from retrofit.capture import sandbox
+
+    roots: list[nn.Module] = []
+    original = sandbox.Snapshot.__init__
+
+    def counting(self, root):
+        roots.append(root)
+        original(self, root)
+
+    monkeypatch.setattr(sandbox.Snapshot, "__init__", counting)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Cached()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    reference = model(x)
+    model[1].cache.clear()
+    retrofit.apply(model, {"stochastic_depth": {}}, example_input=x)
+    # (Cached reads self.training: its own trace snapshots it, a part of the model.)
+    assert sum(r is model for r in roots) == 1
+    assert all(not isinstance(v, torch.fx.Proxy) for v in model[1].cache.values())
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+    roots.clear()
+    retrofit.apply(model, {"stochastic_depth": {}}, example_input=x)
+    assert sum(r is model for r in roots) == 2
+
+
 class Broken(Exception):
     pass
 
